@@ -1,0 +1,177 @@
+"""The modules a rewritten graph calls in place of each attention site.
+
+A site's Q, K, V arrive in whatever layout the user's code had at the matmul (any number of
+leading batch dims, K possibly transposed, masks spelled as fills or additions). `SiteCall`
+turns that into the canonical call of an attention module,
+
+    attention(q (B, H, N, d), k (B, Hkv, M, d), v (B, Hkv, M, e), mask=..., scale=..., causal=...,
+              dropout_p=...) -> (B, H, N, e)
+
+and gives the result back in the user's layout. The attention module is the variant chosen for
+the site (exact, agent, linear, mediator); this file knows nothing about variants.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .mha import encoder_layer_forward, multi_head_attention_forward
+
+
+def call_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None, *, scale: float, causal: bool, dropout_p: float,
+                   grouped: bool, head_split: tuple[int, int] | None = None) -> torch.Tensor:
+    """Call `attention` on tensors of shape (*L, N, d), (*L, M, d), (*L, M, e).
+
+    Leading dims broadcast as in matmul and are folded to (B, H). With `grouped`, the inputs
+    are already (B, H, N, d) and (B, Hkv, M, ·) with H a multiple of Hkv.
+    """
+    n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
+    if grouped:
+        lead = tuple(q.shape[:-2])
+        q4, k4, v4 = q, k, v
+        mask4 = mask
+    else:
+        mask_lead = tuple(mask.shape[:-2]) if mask is not None and mask.dim() > 2 else ()
+        lead = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], mask_lead))
+        batch, heads = _fold(lead, head_split)
+        q4 = _to_4d(q, lead, batch, heads)
+        k4 = _to_4d(k, lead, batch, heads)
+        v4 = _to_4d(v, lead, batch, heads)
+        mask4 = _mask_to_4d(mask, lead, batch, heads) if mask is not None else None
+    out = attention(q4, k4, v4, mask=mask4, scale=scale, causal=causal, dropout_p=dropout_p)
+    return out.reshape(*lead, n, e) if tuple(out.shape[:-2]) != lead else out
+
+
+def _fold(lead: tuple[int, ...], head_split: tuple[int, int] | None) -> tuple[int, int]:
+    if len(lead) == 2:
+        return lead
+    if len(lead) == 1 and head_split is not None and head_split[0] * head_split[1] == lead[0]:
+        return head_split
+    if len(lead) == 0:
+        return 1, 1
+    if len(lead) == 1:
+        return lead[0], 1
+    return math.prod(lead[:-1]), lead[-1]
+
+
+def _to_4d(x: torch.Tensor, lead: tuple[int, ...], batch: int, heads: int) -> torch.Tensor:
+    if tuple(x.shape[:-2]) == lead and len(lead) == 2:
+        return x
+    x = x.expand(*lead, *x.shape[-2:])
+    return x.reshape(batch, heads, *x.shape[-2:])
+
+
+def _mask_to_4d(mask: torch.Tensor, lead: tuple[int, ...], batch: int, heads: int) -> torch.Tensor:
+    if len(lead) == 2 or mask.dim() <= 2:
+        return mask  # already broadcastable to (B, H, N, M)
+    mask = mask.expand(*lead, *mask.shape[-2:])
+    return mask.reshape(batch, heads, *mask.shape[-2:])
+
+
+def _materialize(spec: tuple[str, Any], tensors: tuple[torch.Tensor, ...]) -> Any:
+    kind, value = spec
+    return tensors[value] if kind == "input" else value
+
+
+def combine_mask_terms(terms: list[dict[str, Any]], tensors: tuple[torch.Tensor, ...],
+                       dtype: torch.dtype) -> torch.Tensor | None:
+    """One mask for the attention op from the additive / fill terms found on the scores path.
+
+    A single `masked_fill(..., -inf)` becomes a boolean keep-mask (what fused kernels want);
+    anything else becomes one additive float mask.
+    """
+    if not terms:
+        return None
+    if len(terms) == 1 and terms[0]["kind"] in ("fill", "keep") and not terms[0]["factor_nodes"]:
+        term = terms[0]
+        fill = _materialize(term["fill"], tensors)
+        if isinstance(fill, (int, float)) and fill * term["factor"] == -math.inf:
+            condition = _materialize(term["value"], tensors).bool()
+            return ~condition if term["kind"] == "fill" else condition
+    total = None
+    for term in terms:
+        factor: Any = term["factor"]
+        for index in term["factor_nodes"]:
+            factor = factor * tensors[index]
+        value = _materialize(term["value"], tensors)
+        if term["kind"] == "add":
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                value = value.to(dtype)
+            additive = value * factor if not (isinstance(factor, float) and factor == 1.0) else value
+        else:
+            fill = _materialize(term["fill"], tensors)
+            fill = fill * factor
+            condition = value.bool()
+            zero = torch.zeros((), dtype=dtype, device=condition.device)
+            fill_tensor = torch.as_tensor(fill, dtype=dtype, device=condition.device)
+            if term["kind"] == "fill":
+                additive = torch.where(condition, fill_tensor, zero)
+            else:
+                additive = torch.where(condition, zero, fill_tensor)
+        total = additive if total is None else total + additive
+    if not isinstance(total, torch.Tensor):
+        total = torch.as_tensor(total, dtype=dtype)
+    return total
+
+
+class SiteCall(nn.Module):
+    """Base: holds the site's attention module and its static recipe."""
+
+    def __init__(self, attention: nn.Module, recipe: dict[str, Any], site_id: int):
+        super().__init__()
+        self.attention = attention
+        self.recipe = recipe
+        self.site_id = site_id
+
+    def extra_repr(self) -> str:
+        return f"site={self.site_id}"
+
+
+class MatmulSiteCall(SiteCall):
+    """Replaces `softmax(Q Kᵀ · s + masks) V` written with matmuls."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        recipe = self.recipe
+        for index in recipe["scale_inputs"]:
+            q = q * tensors[index]
+        if recipe["key_transposed"]:
+            k = k.transpose(-1, -2)
+        mask = combine_mask_terms(recipe["terms"], tensors, q.dtype)
+        out = call_attention(self.attention, q, k, v, mask, scale=recipe["scale"], causal=False,
+                             dropout_p=recipe["dropout_p"], grouped=recipe["grouped"],
+                             head_split=recipe["head_split"])
+        out_dtype = recipe["out_dtype"]
+        return out.to(out_dtype) if out_dtype is not None and out.dtype != out_dtype else out
+
+
+class SdpaSiteCall(SiteCall):
+    """Replaces `F.scaled_dot_product_attention`."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        recipe = self.recipe
+        out = call_attention(self.attention, q, k, v, mask, scale=recipe["scale"], causal=recipe["causal"],
+                             dropout_p=recipe["dropout_p"], grouped=recipe["grouped"])
+        out_dtype = recipe["out_dtype"]
+        return out.to(out_dtype) if out_dtype is not None and out.dtype != out_dtype else out
+
+
+class ModuleSiteCall(SiteCall):
+    """Replaces `F.multi_head_attention_forward` or the fused encoder layer.
+
+    `recipe["arguments"]` maps each argument name to ("input", position) or ("const", value).
+    """
+
+    _functions = {"mha": multi_head_attention_forward, "encoder-layer": encoder_layer_forward}
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        arguments = {name: _materialize(spec, tensors) for name, spec in self.recipe["arguments"].items()}
+        function = self._functions[self.recipe["kind"]]
+        return function(self.attention, **arguments)
+
+
+SITE_CALLS = {"matmul": MatmulSiteCall, "sdpa": SdpaSiteCall, "mha": ModuleSiteCall, "encoder-layer": ModuleSiteCall}

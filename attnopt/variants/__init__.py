@@ -1,0 +1,1 @@
+"""Variants of attention that a site can be rewritten into: exact, agent, linear, mediator."""

@@ -1,0 +1,1 @@
+"""FX graph passes: canonicalize, detect, verify, rewrite. Each is a function Graph -> Graph or Graph -> sites."""

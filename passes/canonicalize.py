@@ -1,0 +1,284 @@
+"""Rewrite equivalent spellings of the attention building blocks to one form each.
+
+After this pass, detection matches meaning, not spelling:
+
+    @ / matmul / Tensor.matmul / bmm / mm / einsum (two operands) → torch.matmul
+    baddbmm(input, b1, b2, beta, alpha)                        → alpha·(b1 @ b2) + beta·input
+    x / c                                                       → x · (1/c)
+    F.softmax / torch.softmax / Tensor.softmax(dtype=...)       → torch.softmax (after a cast)
+    exp(x - max(x)) / sum(exp(...))  (softmax written by hand)  → torch.softmax
+    .float() / .half() / .to(dtype) / .type_as(t)               → Tensor.to(dtype)
+    dropout in eval                                             → removed
+    in-place += *= /= masked_fill_ whose input has no other use → out-of-place
+
+Each canonical node remembers the spelling it replaced in `node.meta["attnopt_form"]`, so the
+report can say how the user wrote it. Every rule is exact (or differs by one rounding, for
+x/c → x·(1/c)); the rewritten model is checked end to end against the original afterwards.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .fx_utils import arg, copy_meta, is_scalar, op_name, shape_of, tensor_meta
+
+_MATMUL_SPELLINGS = {"matmul", "bmm", "mm", "__matmul__"}
+_CAST_TO = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+_INPLACE = {"add_": "add", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill"}
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Apply every rule once, in a fixed order, then clean up dead nodes."""
+    graph = gm.graph
+    for rule in (_inplace_to_outofplace, _einsum, _baddbmm, _matmul, _division, _casts,
+                 _softmax, _manual_softmax, _eval_dropout):
+        for node in list(graph.nodes):
+            if node.graph is graph:
+                rule(graph, node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _replace(graph: fx.Graph, node: fx.Node, build: Callable[[], fx.Node], form: str | None = None) -> fx.Node:
+    """Insert the canonical node(s) built by `build` before `node` and retire `node`."""
+    with graph.inserting_before(node):
+        new = build()
+    new.meta["attnopt_form"] = node.meta.get("attnopt_form") or form or op_name(node)
+    copy_meta(node, new)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
+    return graph.call_function(target, args, kwargs)
+
+
+def _inplace_to_outofplace(graph: fx.Graph, node: fx.Node) -> None:
+    name = op_name(node)
+    if name not in _INPLACE or not node.args or not isinstance(node.args[0], fx.Node):
+        return
+    mutated = node.args[0]
+    if len(mutated.users) != 1 or mutated.op == "placeholder":
+        return  # someone else sees the mutation: keep the in-place semantics
+    pure = _INPLACE[name]
+    if pure == "masked_fill":
+        target = torch.Tensor.masked_fill
+    else:
+        target = getattr(torch, pure)
+    _replace(graph, node, lambda: _call(graph, target, *node.args, **node.kwargs), form=name)
+
+
+def _matmul(graph: fx.Graph, node: fx.Node) -> None:
+    name = op_name(node)
+    if name not in _MATMUL_SPELLINGS or node.target is torch.matmul:
+        return
+    if len(node.args) != 2 or node.kwargs:
+        return
+    a, b = node.args
+    form = "matmul" if name == "__matmul__" else name
+    _replace(graph, node, lambda: _call(graph, torch.matmul, a, b), form=form)
+
+
+def _einsum(graph: fx.Graph, node: fx.Node) -> None:
+    """Two-operand einsum with one free label per side and one contracted label → matmul."""
+    if op_name(node) != "einsum" or len(node.args) != 3 or not isinstance(node.args[0], str):
+        return
+    equation, x, y = node.args
+    plan = _einsum_plan(equation)
+    if plan is None:
+        return
+    x_order, y_order, out_order = plan
+
+    def build() -> fx.Node:
+        left = _call(graph, torch.permute, x, x_order) if x_order != list(range(len(x_order))) else x
+        right = _call(graph, torch.permute, y, y_order) if y_order != list(range(len(y_order))) else y
+        product = _call(graph, torch.matmul, left, right)
+        if out_order != list(range(len(out_order))):
+            product.meta["attnopt_form"] = "einsum"
+            copy_meta(node, product)
+            return _call(graph, torch.permute, product, out_order)
+        return product
+
+    new = _replace(graph, node, build, form="einsum")
+    # The matmul itself is what detection looks at: make sure it carries the spelling.
+    for candidate in [new, *new.all_input_nodes]:
+        if candidate.target is torch.matmul:
+            candidate.meta["attnopt_form"] = "einsum"
+            copy_meta(node, candidate)
+
+
+def _einsum_plan(equation: str) -> tuple[list[int], list[int], list[int]] | None:
+    """Permutations that turn `x,y->out` into `(batch,i,c) @ (batch,c,j)` → out, or None."""
+    equation = equation.replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.split("->")
+    if inputs.count(",") != 1:
+        return None
+    xs, ys = inputs.split(",")
+    if any(len(set(s)) != len(s) for s in (xs, ys, out)) or not set(xs + ys + out) <= set(string.ascii_letters):
+        return None
+    batch = [c for c in xs if c in ys and c in out]
+    contracted = [c for c in xs if c in ys and c not in out]
+    x_free = [c for c in xs if c not in ys]
+    y_free = [c for c in ys if c not in xs]
+    if len(contracted) != 1 or len(x_free) != 1 or len(y_free) != 1:
+        return None
+    if set(out) != set(batch + x_free + y_free):
+        return None
+    x_order = [xs.index(c) for c in batch + x_free + contracted]
+    y_order = [ys.index(c) for c in batch + contracted + y_free]
+    produced = batch + x_free + y_free
+    out_order = [produced.index(c) for c in out]
+    return x_order, y_order, out_order
+
+
+def _baddbmm(graph: fx.Graph, node: fx.Node) -> None:
+    if op_name(node) != "baddbmm":
+        return
+    base, b1, b2 = node.args[:3]
+    beta = node.kwargs.get("beta", 1)
+    alpha = node.kwargs.get("alpha", 1)
+    if not all(isinstance(v, (int, float)) for v in (alpha, beta)):
+        return
+
+    def build() -> fx.Node:
+        product = _call(graph, torch.matmul, b1, b2)
+        product.meta["attnopt_form"] = "baddbmm"
+        copy_meta(node, product)
+        scaled = _call(graph, torch.mul, product, alpha) if alpha != 1 else product
+        if beta == 0:  # torch ignores `input` entirely when beta == 0
+            return scaled if scaled is not product else _call(graph, torch.mul, product, 1)
+        bias = _call(graph, torch.mul, base, beta) if beta != 1 else base
+        return _call(graph, torch.add, scaled, bias)
+
+    _replace(graph, node, build, form="baddbmm")
+
+
+def _division(graph: fx.Graph, node: fx.Node) -> None:
+    if op_name(node) not in ("div", "truediv") or len(node.args) != 2 or node.kwargs:
+        return
+    x, divisor = node.args
+    if not isinstance(x, fx.Node) or not is_scalar(divisor):
+        return
+    if isinstance(divisor, (int, float)):
+        if divisor == 0:
+            return
+        _replace(graph, node, lambda: _call(graph, torch.mul, x, 1.0 / divisor), form="div")
+    else:
+        _replace(graph, node, lambda: _call(graph, torch.mul, x, _call(graph, torch.reciprocal, divisor)), form="div")
+
+
+def _cast_target(node: fx.Node) -> torch.dtype | None:
+    """The dtype a cast node converts to, or None when `node` is not a pure dtype cast."""
+    name = op_name(node)
+    if name in _CAST_TO and len(node.args) == 1 and not node.kwargs:
+        return _CAST_TO[name]
+    if name == "type_as" and len(node.args) == 2:
+        meta = tensor_meta(node.args[1])
+        return meta.dtype if meta is not None else None
+    if name == "to" and node.op == "call_method":
+        dtypes = [a for a in [*node.args[1:], *node.kwargs.values()] if isinstance(a, torch.dtype)]
+        others = [a for a in node.args[1:] if not isinstance(a, torch.dtype)]
+        if len(dtypes) == 1 and not others and set(node.kwargs) <= {"dtype"}:
+            return dtypes[0]
+        if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], fx.Node):
+            meta = tensor_meta(node.args[1])
+            source = tensor_meta(node.args[0])
+            if meta is not None and source is not None and meta.device == source.device:
+                return meta.dtype
+    return None
+
+
+def _casts(graph: fx.Graph, node: fx.Node) -> None:
+    if node.target is torch.Tensor.to and node.op == "call_function":
+        return
+    dtype = _cast_target(node)
+    if dtype is None:
+        return
+    source = node.args[0]
+    _replace(graph, node, lambda: _call(graph, torch.Tensor.to, source, dtype), form=op_name(node))
+
+
+def _softmax(graph: fx.Graph, node: fx.Node) -> None:
+    if op_name(node) != "softmax" or node.target is torch.softmax:
+        return
+    x = node.args[0]
+    dim = arg(node, 1, "dim")
+    dtype = node.kwargs.get("dtype")
+    if len(node.args) > 3 and isinstance(node.args[3], torch.dtype):
+        dtype = node.args[3]
+    if not isinstance(dim, int):
+        return
+
+    def build() -> fx.Node:
+        source = _call(graph, torch.Tensor.to, x, dtype) if dtype is not None else x
+        return _call(graph, torch.softmax, source, dim)
+
+    _replace(graph, node, build, form="softmax")
+
+
+def _reduced_over(node: fx.Node, names: set[str]) -> tuple[fx.Node, int] | None:
+    """(input, dim) when `node` is a keepdim reduction named in `names` over one dim."""
+    if op_name(node) == "getitem" and node.args[1] in (0, "values"):
+        node = node.args[0]
+    elif op_name(node) == "getattr" and node.args[1] == "values":
+        node = node.args[0]
+    if op_name(node) not in names:
+        return None
+    dim = arg(node, 1, "dim")
+    keepdim = arg(node, 2, "keepdim", False)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or keepdim is not True:
+        return None
+    return node.args[0], dim
+
+
+def _manual_softmax(graph: fx.Graph, node: fx.Node) -> None:
+    """exp(x [- max(x, d)]) / sum(exp(...), d) → softmax(x, d)."""
+    if op_name(node) not in ("div", "truediv") or len(node.args) != 2:
+        return
+    numerator, denominator = node.args
+    if not isinstance(numerator, fx.Node) or op_name(numerator) != "exp":
+        return
+    summed = _reduced_over(denominator, {"sum"}) if isinstance(denominator, fx.Node) else None
+    if summed is None or summed[0] is not numerator:
+        return
+    dim = summed[1]
+    exponent = numerator.args[0]
+    x = exponent
+    if isinstance(exponent, fx.Node) and op_name(exponent) == "sub":
+        left, right = exponent.args
+        peak = _reduced_over(right, {"max", "amax"}) if isinstance(right, fx.Node) else None
+        if peak is not None and peak[0] is left and _same_dim(peak[1], dim, left):
+            x = left
+    if not _same_dim(dim, dim, x) or shape_of(x) != shape_of(node):
+        return
+    _replace(graph, node, lambda: _call(graph, torch.softmax, x, dim), form="manual-softmax")
+
+
+def _same_dim(a: int, b: int, node: fx.Node) -> bool:
+    shape = shape_of(node)
+    if shape is None:
+        return False
+    ndim = len(shape)
+    return (a % ndim) == (b % ndim)
+
+
+def _eval_dropout(graph: fx.Graph, node: fx.Node) -> None:
+    if op_name(node) not in ("dropout", "feature_dropout") or node.target is not torch.nn.functional.dropout:
+        return
+    training = arg(node, 2, "training", True)
+    p = arg(node, 1, "p", 0.5)
+    if training is False or p == 0:
+        source = node.args[0]
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)

@@ -1,0 +1,116 @@
+"""Match generically, verify concretely.
+
+Before a site is marked rewritable, its original subgraph (the nodes between the bound inputs
+and the site's output, lifted into a small GraphModule of their own) and the canonical call
+(`SiteCall` with exact attention) are both run on the same small random inputs of the site's
+shapes and dtypes. A binding that disagrees — a swapped Q and K, a mask applied to the wrong
+axis, a scale read wrongly — is refused with the measured error as its reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .detect import SiteMatch
+from .fx_utils import tensor_meta
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+TRIALS = 2
+
+
+def extract_subgraph(match: SiteMatch) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """The site's own nodes as a GraphModule whose placeholders are the site's inputs
+    followed by any other value the subgraph reads."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders: list[fx.Node] = []
+
+    def placeholder_for(node: fx.Node) -> fx.Node:
+        if node not in env:
+            env[node] = graph.placeholder(f"in_{len(placeholders)}")
+            placeholders.append(node)
+        return env[node]
+
+    for node in match.inputs:
+        placeholder_for(node)
+    inside = set(match.internal)
+    for node in match.internal:
+        for source in node.all_input_nodes:
+            if source not in inside:
+                placeholder_for(source)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[match.output])
+    root = match.output.graph.owning_module
+    return fx.GraphModule(root, graph), placeholders
+
+
+def _random_like(node: fx.Node, generator: torch.Generator) -> Any:
+    meta = tensor_meta(node)
+    if meta is None:
+        raise TypeError(f"`{node.name}` is not a tensor")
+    shape, dtype = tuple(meta.shape), meta.dtype
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) < 0.5
+    if dtype.is_floating_point:
+        value = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if meta.dim() == 0:
+            value = value.abs() + 0.5  # a scale: keep it positive and away from zero
+        return value.to(dtype)
+    return torch.randint(0, 2, shape, generator=generator).to(dtype)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖a − e‖ / ‖e‖ over the finite entries; inf when NaNs sit in different places."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    actual, expected = actual.double(), expected.double()
+    if not torch.equal(torch.isnan(actual), torch.isnan(expected)):
+        return float("inf")
+    finite = torch.isfinite(expected)
+    if not torch.equal(finite, torch.isfinite(actual)):
+        return float("inf")
+    diff = (actual - expected)[finite].norm()
+    scale = expected[finite].norm().clamp_min(1e-30)
+    return float(diff / scale)
+
+
+def _first(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
+    """None when the canonical call reproduces the subgraph; else a one-sentence reason."""
+    try:
+        subgraph, placeholders = extract_subgraph(match)
+    except Exception as error:  # a node we cannot copy out: refuse, never guess
+        return f"its subgraph could not be isolated for verification ({type(error).__name__}: {error})."
+    extra = placeholders[len(match.inputs):]
+    if extra:
+        names = ", ".join(f"`{n.name}`" for n in extra)
+        return f"the attention also reads {names}, which attnopt does not model."
+    dtype = tensor_meta(match.output)
+    dtype = dtype.dtype if dtype is not None else (tensor_meta(match.inputs[0]).dtype)
+    tolerance = TOLERANCE.get(dtype, 1e-4)
+    worst = 0.0
+    for trial in range(TRIALS):
+        generator = torch.Generator().manual_seed(seed + trial)
+        try:
+            values = [_random_like(node, generator) for node in placeholders]
+        except TypeError as error:
+            return f"an input of the site is not a tensor ({error}), so it cannot be verified."
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + trial)
+                expected = _first(subgraph(*values))
+                torch.manual_seed(seed + trial)
+                actual = _first(site_call(*values))
+        except Exception as error:
+            return f"verification raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        worst = max(worst, relative_error(actual, expected))
+    if worst > tolerance:
+        return f"verification failed: the canonical form differs from the original by {worst:.2e} (relative) on random inputs."
+    return None
