@@ -12,6 +12,7 @@ All sites, rewritten or not, land in the backend's `Report`.
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 from typing import Any, Callable, Protocol
@@ -113,6 +114,7 @@ class AttnoptBackend:
         self.report = Report()
         self._site_ids = itertools.count()
         self.compiled_signatures = 0
+        self._known: dict[tuple, Site] = {}  # a site seen again (grad mode changed, a guard failed)
         self.options_key: int | None = None  # set for backends made by torch.compile(backend="attnopt")
         self.parameter_ids: set[int] = set()  # parameters seen in its graphs, to find its report
 
@@ -129,9 +131,22 @@ class AttnoptBackend:
         _propagate_meta(work, args)
         canonicalize(work)
         _propagate_meta(work, args)
+        self._note_opaque_regions(work)
         replacements = []
         sites = []
+        occurrences: collections.Counter = collections.Counter()
         for match in detect(work):
+            # Dynamo recompiles the same code for a new grad mode or guard: same site, same id.
+            identity = (match.module, match.source, match.form, signature, tuple(sorted(match.shape.items())))
+            occurrences[identity] += 1
+            identity += (occurrences[identity],)
+            site = self._known.get(identity)
+            if site is not None:
+                sites.append(site)
+                if site.decision is not None:
+                    attention, _ = self.decider(site, match, list(args))
+                    replacements.append((match, SITE_CALLS[match.kind](attention, match.recipe, site.id), site.id))
+                continue
             site_id = next(self._site_ids)
             site = Site(id=site_id, module=match.module, source=match.source, form=match.form,
                         shape=dict(match.shape), causal=match.causal, mask=match.mask,
@@ -140,6 +155,7 @@ class AttnoptBackend:
             if match.reason is None:
                 site.reason = verify(match, SITE_CALLS[match.kind](ExactAttention(), match.recipe, site_id))
             site.rewritable = site.reason is None
+            self._known[identity] = site
             sites.append(site)
             self.report.sites.append(site)
             if site.rewritable and self.decider is not None:
@@ -161,6 +177,16 @@ class AttnoptBackend:
                         site.reason = mismatch
                 return gm
         return work
+
+    def _note_opaque_regions(self, gm: fx.GraphModule) -> None:
+        """Higher-order ops (torch.utils.checkpoint, cond, ...) hold subgraphs that are not
+        searched: say so in the report instead of implying they contain no attention."""
+        for node in gm.graph.nodes:
+            if isinstance(node.target, torch._ops.HigherOrderOperator):
+                note = (f"`{node.target.name()}` region at {node.meta.get('stack_trace', '').strip().splitlines()[-2:-1] or node.name}"
+                        " was not searched for attention (subgraphs of higher-order ops are not analysed).")
+                if note not in self.report.notes:
+                    self.report.notes.append(note)
 
     def _end_to_end_mismatch(self, original: fx.GraphModule, rewritten: fx.GraphModule, args: tuple[Any, ...]) -> str | None:
         """Run both graphs on the call's real inputs (inputs the graph mutates are cloned)."""

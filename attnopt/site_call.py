@@ -141,10 +141,39 @@ class MatmulSiteCall(SiteCall):
             q = q * tensors[index]
         if recipe["key_transposed"]:
             k = k.transpose(-1, -2)
+        if recipe["leads"] is not None:
+            return self._regrouped(q, k, v, tensors)
         mask = combine_mask_terms(recipe["terms"], tensors, q.dtype)
         out = call_attention(self.attention, q, k, v, mask, scale=recipe["scale"], causal=False,
                              dropout_p=recipe["dropout_p"], grouped=recipe["grouped"],
                              head_split=recipe["head_split"])
+        out_dtype = recipe["out_dtype"]
+        return out.to(out_dtype) if out_dtype is not None and out.dtype != out_dtype else out
+
+
+    def _regrouped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors) -> torch.Tensor:
+        """The scores were viewed with other leading dims between the matmuls (bmm round
+        trips): compute in the softmax's layout, masks brought to it term by term."""
+        recipe = self.recipe
+        qk_lead, softmax_lead, pv_lead = recipe["leads"]
+        n, m = q.shape[-2], k.shape[-2]
+        q = q.expand(*qk_lead, *q.shape[-2:]).reshape(*softmax_lead, *q.shape[-2:])
+        k = k.expand(*qk_lead, *k.shape[-2:]).reshape(*softmax_lead, *k.shape[-2:])
+        v = v.expand(*pv_lead, *v.shape[-2:]).reshape(*softmax_lead, *v.shape[-2:])
+        terms = []
+        values = list(tensors)
+        for term in recipe["terms"]:
+            term = dict(term)
+            if tuple(term["layout"]) != tuple(softmax_lead):
+                kind, value = term["value"]
+                if kind == "input":
+                    values.append(values[value].expand(*term["layout"], n, m).reshape(*softmax_lead, n, m))
+                    term["value"] = ("input", len(values) - 1)
+            terms.append(term)
+        mask = combine_mask_terms(terms, tuple(values), q.dtype)
+        out = call_attention(self.attention, q, k, v, mask, scale=recipe["scale"], causal=False,
+                             dropout_p=recipe["dropout_p"], grouped=False, head_split=recipe["head_split"])
+        out = out.reshape(*pv_lead, n, v.shape[-1])
         out_dtype = recipe["out_dtype"]
         return out.to(out_dtype) if out_dtype is not None and out.dtype != out_dtype else out
 

@@ -7,9 +7,10 @@ After this pass, detection matches meaning, not spelling:
     x / c                                                       → x · (1/c)
     F.softmax / torch.softmax / Tensor.softmax(dtype=...)       → torch.softmax (after a cast)
     exp(x - max(x)) / sum(exp(...))  (softmax written by hand)  → torch.softmax
-    .float() / .half() / .to(dtype) / .type_as(t)               → Tensor.to(dtype)
+    .float() / .half() / .to(dtype) / .type(dtype) / .type_as(t) → Tensor.to(dtype)
     dropout in eval                                             → removed
     in-place += *= /= masked_fill_ whose input has no other use → out-of-place
+    a.expand_as(s), zeros_like(s)                               → the same, with s's shape spelled out
 
 Each canonical node remembers the spelling it replaced in `node.meta["attnopt_form"]`, so the
 report can say how the user wrote it. Every rule is exact (or differs by one rounding, for
@@ -34,7 +35,7 @@ _INPLACE = {"add_": "add", "mul_": "mul", "div_": "div", "masked_fill_": "masked
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Apply every rule once, in a fixed order, then clean up dead nodes."""
     graph = gm.graph
-    for rule in (_inplace_to_outofplace, _einsum, _baddbmm, _matmul, _division, _casts,
+    for rule in (_shape_only_uses, _inplace_to_outofplace, _einsum, _baddbmm, _matmul, _division, _casts,
                  _softmax, _manual_softmax, _eval_dropout):
         for node in list(graph.nodes):
             if node.graph is graph:
@@ -58,6 +59,25 @@ def _replace(graph: fx.Graph, node: fx.Node, build: Callable[[], fx.Node], form:
 
 def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
     return graph.call_function(target, args, kwargs)
+
+
+_LIKE = {"zeros_like": torch.zeros, "ones_like": torch.ones, "empty_like": torch.empty}
+
+
+def _shape_only_uses(graph: fx.Graph, node: fx.Node) -> None:
+    """`a.expand_as(s)` and `zeros_like(s)` read only the shape of `s`: spell the shape out, so
+    that the scores are not kept alive (nor mistaken as used) by a mask built from their shape."""
+    name = op_name(node)
+    if name == "expand_as" and len(node.args) == 2 and shape_of(node.args[1]) is not None:
+        source, shape = node.args[0], shape_of(node.args[1])
+        _replace(graph, node, lambda: graph.call_method("expand", (source, *shape)), form="expand_as")
+    elif name in _LIKE and len(node.args) == 1 and set(node.kwargs) <= {"dtype"}:
+        meta = tensor_meta(node.args[0])
+        if meta is None:
+            return
+        dtype = node.kwargs.get("dtype", meta.dtype)
+        factory = _LIKE[name]
+        _replace(graph, node, lambda: _call(graph, factory, tuple(meta.shape), dtype=dtype, device=meta.device), form=name)
 
 
 def _inplace_to_outofplace(graph: fx.Graph, node: fx.Node) -> None:
@@ -181,6 +201,8 @@ def _cast_target(node: fx.Node) -> torch.dtype | None:
     name = op_name(node)
     if name in _CAST_TO and len(node.args) == 1 and not node.kwargs:
         return _CAST_TO[name]
+    if name == "type" and node.op == "call_method" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype):
+        return node.args[1]
     if name == "type_as" and len(node.args) == 2:
         meta = tensor_meta(node.args[1])
         return meta.dtype if meta is not None else None
@@ -274,11 +296,18 @@ def _same_dim(a: int, b: int, node: fx.Node) -> bool:
 
 
 def _eval_dropout(graph: fx.Graph, node: fx.Node) -> None:
-    if op_name(node) not in ("dropout", "feature_dropout") or node.target is not torch.nn.functional.dropout:
+    """Dropout that does nothing goes; live dropout becomes F.dropout(x, p, True)."""
+    if node.target is torch.nn.functional.dropout:
+        p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
+    elif node.target is torch.dropout or (node.op == "call_method" and node.target == "dropout"):
+        p, training = arg(node, 1, "p"), arg(node, 2, "train")
+    else:
         return
-    training = arg(node, 2, "training", True)
-    p = arg(node, 1, "p", 0.5)
+    if not isinstance(p, (int, float)) or not isinstance(training, bool):
+        return
+    source = node.args[0]
     if training is False or p == 0:
-        source = node.args[0]
         node.replace_all_uses_with(source)
         graph.erase_node(node)
+    elif node.target is not torch.nn.functional.dropout or len(node.args) != 3 or node.kwargs:
+        _replace(graph, node, lambda: _call(graph, torch.nn.functional.dropout, source, float(p), True), form="dropout")

@@ -48,6 +48,7 @@ class MaskTerm:
     fill: Any = None
     factor: float = 1.0
     factor_nodes: list[fx.Node] = dataclasses.field(default_factory=list)
+    layout: tuple[int, ...] = ()  # leading dims of the scores where the term is applied
 
 
 @dataclasses.dataclass
@@ -67,6 +68,10 @@ class SiteMatch:
     dropout: float = 0.0
     scale: float | None = None
     reason: str | None = None
+    # Inputs that only ever hold 0/-inf (or bool) masks; verification draws such values for them.
+    mask_inputs: list[fx.Node] = dataclasses.field(default_factory=list)
+    # Inputs that hold the value masked scores are filled with; verification uses finfo.min.
+    fill_inputs: list[fx.Node] = dataclasses.field(default_factory=list)
 
     @property
     def module(self) -> str:
@@ -79,7 +84,7 @@ class SiteMatch:
 
     @property
     def dtype(self) -> str:
-        dtype = dtype_of(self.output) or dtype_of(self.anchor)
+        dtype = dtype_of(self.output) or dtype_of(self.anchor) or (dtype_of(self.inputs[0]) if self.inputs else None)
         return str(dtype).replace("torch.", "") if dtype is not None else "?"
 
 
@@ -135,7 +140,7 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
         return _refuse(match, up_reason)
     if scores_shape is None or len(scores_shape) < 2:
         return _refuse(match, "the scores have no known shape of rank ≥ 2.")
-    dim = normalize_dim(softmax.args[1], len(scores_shape))
+    dim = normalize_dim(arg(softmax, 1, "dim"), len(scores_shape))
     if dim != len(scores_shape) - 1:
         return _refuse(match, f"softmax is taken over dimension {dim}, not over the keys (the last dimension of QKᵀ).")
 
@@ -149,7 +154,7 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
             return _refuse(match, f"the attention weights are {where} ({_user_names(node) or 'no users'}), so the site cannot be replaced.")
         user = users[0]
         name = op_name(user)
-        if name in _PASSTHROUGH and user.args[0] is node:
+        if (name in _PASSTHROUGH or (name in ("view", "reshape") and _same_last_two(node, user))) and user.args[0] is node:
             down.append(user)
         elif user.target is torch.nn.functional.dropout and user.args[0] is node:
             dropout = float(arg(user, 1, "p", 0.5))
@@ -162,9 +167,11 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     pv_matmul = user
     v_operand = pv_matmul.args[1]
 
+    qk_lead, softmax_lead, pv_lead = shape_of(scores_matmul)[:-2], shape_of(softmax)[:-2], shape_of(pv_matmul)[:-2]
+    regrouped = not (qk_lead == softmax_lead == pv_lead) or any(t.layout != softmax_lead for t in terms)
     k_operand, k_peeled, kv_heads = _unwrap_key(kt_operand)
     v_source, v_peeled = _peel_repeat(v_operand)
-    if k_peeled is not None and v_peeled is not None and kv_heads == shape_of(v_peeled)[1]:
+    if k_peeled is not None and not regrouped and v_peeled is not None and kv_heads == shape_of(v_peeled)[1]:
         key_input, value_input, grouped = k_peeled, v_peeled, True
     else:
         key_input, value_input, grouped = kt_operand, v_operand, False
@@ -177,7 +184,8 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     tensor_inputs = []
     term_specs = []
     for term in terms:
-        spec = {"kind": term.kind, "factor": term.factor, "factor_nodes": [], "value": None, "fill": None}
+        spec = {"kind": term.kind, "factor": term.factor, "factor_nodes": [], "value": None, "fill": None,
+                "layout": term.layout}
         for key in ("value", "fill"):
             item = getattr(term, key)
             if isinstance(item, fx.Node):
@@ -188,12 +196,14 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
         term_specs.append(spec)
     scale_inputs = [_index(tensor_inputs, f) for f in factor_nodes]
     match.inputs += tensor_inputs
-    heads = _head_split(q_operand, scores_shape)
+    heads = _head_split(q_operand, scores_shape, softmax_lead)
     match.recipe = {
         "key_transposed": not grouped, "grouped": grouped, "scale": scale,
         "scale_inputs": scale_inputs, "terms": term_specs, "dropout_p": dropout,
         "head_split": heads, "out_dtype": dtype_of(pv_matmul),
+        "leads": (qk_lead, softmax_lead, pv_lead) if regrouped else None,
     }
+    match.fill_inputs = [term.fill for term in terms if isinstance(term.fill, fx.Node)]
     match.shape = _partial_shape(q_operand, kt_operand, v_operand, heads=heads, kv_heads=kv_heads)
     match.mask, match.causal = _mask_kind(terms, scores_shape, dag)
     match.scale = scale * _upstream_factor(q_operand) * _upstream_factor(kt_operand)
@@ -219,6 +229,10 @@ def _walk_up(node: Any):
         if current.target is torch.matmul:
             break
         if name in _PASSTHROUGH:
+            current = current.args[0]
+            continue
+        if name in ("view", "reshape") and _same_last_two(current.args[0], current):
+            steps.append(("layout", shape_of(current)[:-2]))
             current = current.args[0]
             continue
         if name == "mul" and len(current.args) == 2:
@@ -256,27 +270,39 @@ def _walk_up(node: Any):
     chain.reverse()
     scale, factor_nodes, terms = 1.0, [], []
     reason = None
+    layout = shape_of(chain[0])[:-2]
     for kind, item in reversed(steps):  # from the matmul towards the softmax
+        if kind == "layout":
+            layout = item
+            continue
         if kind == "scale":
             if isinstance(item, (int, float)):
                 scale *= float(item)
                 for term in terms:
                     term.factor *= float(item)
-            elif _scales_per_head(item, shape_of(chain[-1])):
+            elif _scales_per_head(item, shape_of(chain[-1])) and layout == shape_of(chain[0])[:-2]:
                 factor_nodes.append(item)
                 for term in terms:
                     term.factor_nodes.append(item)
             else:
                 reason = f"the scores are multiplied by `{item.name}`, which varies over queries or keys, so it is not a scale."
         elif kind == "add":
-            terms.append(MaskTerm("add", item))
+            terms.append(MaskTerm("add", item, layout=layout))
         else:
             cond, fill = item
+            if isinstance(fill, (int, float)) and fill > -1e4:
+                reason = f"the scores are filled with {fill}, which is not a mask value (-inf or a large negative number)."
             if isinstance(cond, tuple):
-                terms.append(MaskTerm("keep", cond[1], fill))
+                terms.append(MaskTerm("keep", cond[1], fill, layout=layout))
             else:
-                terms.append(MaskTerm("fill", cond, fill))
+                terms.append(MaskTerm("fill", cond, fill, layout=layout))
     return chain[0], chain, terms, scale, factor_nodes, reason
+
+
+def _same_last_two(a: Any, b: Any) -> bool:
+    """A view that only regroups leading (batch/head) dims, keeping (queries, keys)."""
+    sa, sb = shape_of(a), shape_of(b)
+    return sa is not None and sb is not None and len(sa) >= 2 and len(sb) >= 2 and sa[-2:] == sb[-2:]
 
 
 def _split_operands(node: fx.Node, allow_full: bool = False) -> tuple[fx.Node | None, Any]:
@@ -296,7 +322,8 @@ def _reaches_matmul(node: Any, depth: int = 12) -> bool:
         if node.target is torch.matmul:
             return True
         name = op_name(node)
-        if name in _PASSTHROUGH or name == "masked_fill":
+        if name in _PASSTHROUGH or name == "masked_fill" or (
+                name in ("view", "reshape") and _same_last_two(node.args[0], node)):
             node = node.args[0]
         elif name in ("mul", "add") and len(node.args) == 2:
             return any(_reaches_matmul(a, depth - 1) for a in node.args
@@ -336,13 +363,17 @@ def _term_inputs(terms: list[MaskTerm]) -> list[fx.Node]:
 
 
 def _between(dag: nx.DiGraph, inputs: list[Any], output: fx.Node) -> list[fx.Node]:
-    """Nodes that lie on a path from any of `inputs` to `output` (inputs excluded), in order."""
-    ancestors = nx.ancestors(dag, output) | {output}
+    """Nodes on a path from one of `inputs` to `output` that passes through no other input,
+    in graph order. (A mask shared by every layer must not pull earlier layers in.)"""
+    boundary = {n for n in inputs if isinstance(n, fx.Node)}
+    cut = dag.subgraph(n for n in dag.nodes if n not in boundary)
+    ancestors = nx.ancestors(cut, output) | {output}
     reached: set[fx.Node] = set()
-    for node in inputs:
-        if isinstance(node, fx.Node):
-            reached |= nx.descendants(dag, node)
-    inside = (ancestors & reached) - {n for n in inputs if isinstance(n, fx.Node)}
+    for node in boundary:
+        for user in dag.successors(node):
+            if user not in boundary:
+                reached |= nx.descendants(cut, user) | {user}
+    inside = ancestors & reached
     return [n for n in output.graph.nodes if n in inside]
 
 
@@ -407,8 +438,10 @@ def _unsqueezed_at_2(node: Any) -> fx.Node | None:
     return None
 
 
-def _head_split(q_operand: fx.Node, scores_shape: tuple[int, ...]) -> tuple[int, int] | None:
+def _head_split(q_operand: fx.Node, scores_shape: tuple[int, ...], softmax_lead: tuple[int, ...] = ()) -> tuple[int, int] | None:
     """(B, H) when 3-D scores come from a (B, H, N, d) tensor folded to (B·H, N, d)."""
+    if len(softmax_lead) == 2:
+        return softmax_lead
     if len(scores_shape) != 3:
         return None
     node = q_operand
@@ -598,7 +631,8 @@ def _match_mha(node: fx.Node) -> SiteMatch:
     inputs, spec = argument_recipe(args)
     match = SiteMatch(kind="mha", anchor=node, output=node, form="mha", inputs=inputs, internal=[node],
                       recipe={"kind": "mha", "arguments": spec}, shape=shape, causal=bool(args["is_causal"]) and mask_node is not None,
-                      mask=mask, dropout=dropout, scale=1.0 / math.sqrt(embed // heads))
+                      mask=mask, dropout=dropout, scale=1.0 / math.sqrt(embed // heads),
+                      mask_inputs=[n for n in (mask_node, padding) if isinstance(n, fx.Node)])
     weights_used = [u for u in node.users if op_name(u) == "getitem" and u.args[1] == 1 and u.users]
     if weights_used:
         return _refuse(match, "nn.MultiheadAttention's attention weights are used, so the site cannot be replaced.")
@@ -640,7 +674,8 @@ def _match_encoder_layer(node: fx.Node) -> SiteMatch:
     inputs, spec = argument_recipe(args)
     match = SiteMatch(kind="encoder-layer", anchor=node, output=node, form="encoder-layer",
                       inputs=inputs, internal=[node], recipe={"kind": "encoder-layer", "arguments": spec}, shape=shape,
-                      mask=mask, scale=1.0 / math.sqrt(embed // heads))
+                      mask=mask, scale=1.0 / math.sqrt(embed // heads),
+                      mask_inputs=[args["mask"]] if isinstance(args["mask"], fx.Node) else [])
     if len(src_shape) != 3:
         return _refuse(match, "the fused encoder layer is supported for batched (B, N, E) inputs only.")
     return match

@@ -48,11 +48,18 @@ def extract_subgraph(match: SiteMatch) -> tuple[fx.GraphModule, list[fx.Node]]:
     return fx.GraphModule(root, graph), placeholders
 
 
-def _random_like(node: fx.Node, generator: torch.Generator) -> Any:
+def _random_like(node: fx.Node, generator: torch.Generator, mask_like: bool = False, fill: bool = False) -> Any:
     meta = tensor_meta(node)
     if meta is None:
         raise TypeError(f"`{node.name}` is not a tensor")
     shape, dtype = tuple(meta.shape), meta.dtype
+    if fill and dtype.is_floating_point:
+        return torch.full(shape, torch.finfo(dtype).min, dtype=dtype)
+    if mask_like and dtype.is_floating_point:
+        blocked = torch.rand(shape, generator=generator) < 0.3
+        if blocked.dim() > 0:
+            blocked[..., 0] = False  # never a row with every key masked
+        return torch.zeros(shape, dtype=dtype).masked_fill(blocked, float("-inf"))
     if dtype == torch.bool:
         return torch.rand(shape, generator=generator) < 0.5
     if dtype.is_floating_point:
@@ -67,7 +74,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖a − e‖ / ‖e‖ over the finite entries; inf when NaNs sit in different places."""
     if actual.shape != expected.shape:
         return float("inf")
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double(), expected.detach().double()
     if not torch.equal(torch.isnan(actual), torch.isnan(expected)):
         return float("inf")
     finite = torch.isfinite(expected)
@@ -99,7 +106,9 @@ def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
     for trial in range(TRIALS):
         generator = torch.Generator().manual_seed(seed + trial)
         try:
-            values = [_random_like(node, generator) for node in placeholders]
+            values = [_random_like(node, generator, any(node is m for m in match.mask_inputs),
+                                   any(node is f for f in match.fill_inputs))
+                      for node in placeholders]
         except TypeError as error:
             return f"an input of the site is not a tensor ({error}), so it cannot be verified."
         try:
