@@ -43,7 +43,13 @@ class CompiledCall:
 
     def __init__(self, model: Callable, backend: AttnoptBackend, fullgraph: bool = False):
         self.backend = backend
-        self.compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=fullgraph)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return model(*args, **kwargs)
+
+        # Compiling a closure rather than the module leaves the module itself untouched
+        # (torch.compile(module) marks the module with an attribute).
+        self.compiled = torch.compile(run, backend=backend, dynamic=False, fullgraph=fullgraph)
         self.seen: set[tuple] = set()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
