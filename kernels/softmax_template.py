@@ -1,0 +1,272 @@
+"""Template of the softmax-attention Triton kernel, specialised into exact and agent attention.
+
+One FlashAttention-2 style forward: a program owns BLOCK_M queries of one (batch, head), streams
+the keys in BLOCK_N tiles and keeps an online softmax (running max, running sum, fp32
+accumulator) in the exp2 domain. Everything that can be decided before launch is written into
+the text instead of being tested at run time: head dims and their padding, causality, the mask
+kind and which of its dims broadcast, the dtype of the matmul operands, block sizes.
+
+Agent attention is two such kernels in one module. Stage 1 (agents over keys, per-key mask) has
+few query rows and many keys, so it also splits the keys across programs (split-K, as in
+flash-decoding): each writes its unnormalised accumulator with its running max and sum, and the
+launcher merges the splits. Stage 2 (queries over agents) uses a key tile covering every agent,
+so it is a single pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from string import Template
+
+from .template_parts import DTYPES, MODULE_HEADER, block_width, check_choice, dot_precision, triton_dtype
+
+MASK_KINDS = ("none", "bool", "additive")
+
+
+@dataclass(frozen=True)
+class SoftmaxKernelSpec:
+    """What one generated softmax-attention kernel is specialised on."""
+
+    name: str
+    head_dim: int
+    value_dim: int
+    dot_dtype: str
+    causal: bool
+    mask: str
+    mask_broadcast: tuple[bool, bool, bool, bool]
+    block_m: int
+    block_n: int
+    split_keys: bool = False
+
+
+_KERNEL = Template('''
+@triton.jit
+def $name(
+    Q, K, V, Out, Mask,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_ve,
+    stride_ob, stride_oh, stride_on, stride_oe,
+    stride_mb, stride_mh, stride_mn, stride_mk,
+    n_heads, kv_group, n_queries, n_keys, qk_scale,$split_params
+):
+    """$summary"""
+    query_block = tl.program_id(0)
+    batch = tl.program_id(1) // n_heads
+    head = tl.program_id(1) % n_heads
+    kv_head = head // kv_group
+    offs_m = query_block * $block_m + tl.arange(0, $block_m)
+    offs_d = tl.arange(0, $d_pad)
+    offs_e = tl.arange(0, $e_pad)
+    query_ok = offs_m < n_queries
+    q = tl.load(
+        Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=query_ok[:, None]$d_load_mask, other=0.0,
+    )
+    row_max = tl.full([$block_m], float("-inf"), tl.float32)
+    row_sum = tl.zeros([$block_m], tl.float32)
+    acc = tl.zeros([$block_m, $e_pad], tl.float32)
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+$mask_setup$key_range
+    for start_n in range(key_start, key_limit, $block_n):
+        offs_n = start_n + tl.arange(0, $block_n)
+        key_ok = offs_n < n_keys
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=key_ok[:, None]$d_load_mask, other=0.0,
+        )
+        scores = tl.dot(q, tl.trans(k)$precision) * qk_scale
+        visible = query_ok[:, None] & key_ok[None, :]$causal_visible
+$apply_mask        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # rows with no visible key yet keep max -inf; shift by 0 so exp2 gives 0, not NaN
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - shift)
+        probs = tl.exp2(scores - shift[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_e[None, :] * stride_ve,
+            mask=key_ok[:, None]$e_load_mask, other=0.0,
+        )
+        acc = acc * rescale[:, None] + tl.dot(probs.to($dot_dtype), v.to($dot_dtype)$precision)
+        row_max = new_max
+$finish''')
+
+_FINISH = '''    # a row whose keys are all masked divides 0 by 0: NaN, as torch.softmax gives
+    out = acc / row_sum[:, None]
+    tl.store(
+        Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_e[None, :] * stride_oe,
+        out.to(Out.dtype.element_ty),
+        mask=query_ok[:, None]$e_load_mask,
+    )
+'''
+
+# split-K: keep this split's accumulator, max (log2 units) and sum for the launcher to merge
+_FINISH_SPLIT = '''    split_row = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * n_queries + offs_m
+    tl.store(RowMax + split_row, row_max, mask=query_ok)
+    tl.store(RowSum + split_row, row_sum, mask=query_ok)
+    tl.store(
+        Out + tl.program_id(2) * stride_os + batch * stride_ob + head * stride_oh
+        + offs_m[:, None] * stride_on + offs_e[None, :] * stride_oe,
+        acc,
+        mask=query_ok[:, None]$e_load_mask,
+    )
+'''
+
+_MASK_TILE = "mask_base + mask_rows[:, None] + mask_cols[None, :]"
+
+_BOOL_MASK = f'''{{cols}}
+        allowed = tl.load({_MASK_TILE}, mask=query_ok[:, None] & key_ok[None, :], other=0)
+        visible = visible & (allowed != 0)
+'''
+
+# the mask is in natural-log units, the scores in log2 units (qk_scale holds log2(e))
+_ADDITIVE_MASK = f'''{{cols}}
+        bias = tl.load({_MASK_TILE}, mask=query_ok[:, None] & key_ok[None, :], other=0.0)
+        scores = scores + bias.to(tl.float32) * 1.4426950408889634
+'''
+
+
+def _mask_setup(spec: SoftmaxKernelSpec) -> str:
+    """Mask base pointer and row offsets; dims the mask broadcasts over (size 1) are left out."""
+    if spec.mask == "none":
+        return ""
+    batch_b, head_b, row_b, _ = spec.mask_broadcast
+    base = ["Mask"] + (["batch * stride_mb"] if not batch_b else []) + (["head * stride_mh"] if not head_b else [])
+    rows = f"tl.zeros([{spec.block_m}], tl.int32)" if row_b else "offs_m * stride_mn"
+    return f"    mask_base = {' + '.join(base)}\n    mask_rows = {rows}\n"
+
+
+def _mask_apply(spec: SoftmaxKernelSpec) -> str:
+    """Per key tile: load the mask tile and apply it (bool: hide keys; additive: add to scores)."""
+    if spec.mask == "none":
+        return ""
+    cols = f"tl.zeros([{spec.block_n}], tl.int32)" if spec.mask_broadcast[3] else "offs_n * stride_mk"
+    template = _BOOL_MASK if spec.mask == "bool" else _ADDITIVE_MASK
+    return template.format(cols=f"        mask_cols = {cols}")
+
+
+def render_softmax_kernel(spec: SoftmaxKernelSpec, summary: str) -> str:
+    """Text of one @triton.jit softmax-attention kernel specialised on `spec`."""
+    check_choice("mask", spec.mask, MASK_KINDS)
+    d_pad, e_pad = block_width(spec.head_dim), block_width(spec.value_dim)
+    if spec.causal and spec.split_keys:
+        raise ValueError("split_keys kernels are not causal")
+    if spec.split_keys:
+        key_range = (
+            "    key_start = tl.program_id(2) * keys_per_split\n"
+            "    key_limit = tl.minimum(n_keys, key_start + keys_per_split)"
+        )
+    elif spec.causal:
+        key_range = f"    key_start = 0\n    key_limit = tl.minimum(n_keys, (query_block + 1) * {spec.block_m})"
+    else:
+        key_range = "    key_start = 0\n    key_limit = n_keys"
+    e_load_mask = "" if e_pad == spec.value_dim else f" & (offs_e[None, :] < {spec.value_dim})"
+    return _KERNEL.substitute(
+        name=spec.name,
+        summary=summary,
+        block_m=spec.block_m,
+        block_n=spec.block_n,
+        d_pad=d_pad,
+        e_pad=e_pad,
+        d_load_mask="" if d_pad == spec.head_dim else f" & (offs_d[None, :] < {spec.head_dim})",
+        e_load_mask=e_load_mask,
+        key_range=key_range,
+        split_params="\n    RowMax, RowSum, stride_os, keys_per_split," if spec.split_keys else "",
+        finish=Template(_FINISH_SPLIT if spec.split_keys else _FINISH).substitute(e_load_mask=e_load_mask),
+        causal_visible=" & (offs_n[None, :] <= offs_m[:, None])" if spec.causal else "",
+        mask_setup=_mask_setup(spec),
+        apply_mask=_mask_apply(spec),
+        dot_dtype=triton_dtype(spec.dot_dtype),
+        precision=dot_precision(spec.dot_dtype),
+    )
+
+
+@dataclass(frozen=True)
+class ExactKernelConfig:
+    """Specialisation of the exact-attention module (see attnopt.kernels.source)."""
+
+    head_dim: int
+    value_dim: int
+    dtype: str = "float16"
+    causal: bool = False
+    mask: str = "none"
+    mask_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    block_m: int = 64
+    block_n: int = 64
+
+
+def render_exact_module(config: ExactKernelConfig) -> str:
+    """Module text holding `exact_attention_kernel`."""
+    check_choice("dtype", config.dtype, DTYPES)
+    spec = SoftmaxKernelSpec(
+        name="exact_attention_kernel",
+        head_dim=config.head_dim,
+        value_dim=config.value_dim,
+        dot_dtype=config.dtype,
+        causal=config.causal,
+        mask=config.mask,
+        mask_broadcast=tuple(config.mask_broadcast),
+        block_m=config.block_m,
+        block_n=config.block_n,
+    )
+    summary = "softmax(q kᵀ·scale + mask) v for BLOCK_M queries of one (batch, head)."
+    return MODULE_HEADER + render_softmax_kernel(spec, summary)
+
+
+@dataclass(frozen=True)
+class AgentKernelConfig:
+    """Specialisation of the agent-attention module (see attnopt.kernels.source).
+
+    agent_block is the stage-2 key tile: the launcher makes it cover all agents (a power of two
+    >= n_agents, up to 128) so that stage 2 is one pass; stage 1
+    tiles the agents by `agent_rows` and the keys by block_n, split across programs.
+    """
+
+    head_dim: int
+    value_dim: int
+    agent_block: int
+    dtype: str = "float16"
+    mask: str = "none"
+    mask_broadcast: tuple[bool, bool, bool, bool] = (False, False, True, False)
+    block_m: int = 64
+    block_n: int = 64
+
+    @property
+    def agent_rows(self) -> int:
+        """Agents per stage-1 program."""
+        return min(self.block_m, self.agent_block)
+
+
+def render_agent_module(config: AgentKernelConfig) -> str:
+    """Module text holding `agent_stage1_kernel` and `agent_stage2_kernel`."""
+    check_choice("dtype", config.dtype, DTYPES)
+    stage1 = SoftmaxKernelSpec(
+        name="agent_stage1_kernel",
+        head_dim=config.head_dim,
+        value_dim=config.value_dim,
+        dot_dtype=config.dtype,
+        causal=False,
+        mask=config.mask,
+        mask_broadcast=tuple(config.mask_broadcast),
+        block_m=config.agent_rows,
+        block_n=config.block_n,
+        split_keys=True,
+    )
+    stage2 = SoftmaxKernelSpec(
+        name="agent_stage2_kernel",
+        head_dim=config.head_dim,
+        value_dim=config.value_dim,
+        dot_dtype=config.dtype,
+        causal=False,
+        mask="none",
+        mask_broadcast=(False, False, False, False),
+        block_m=config.block_m,
+        block_n=config.agent_block,
+    )
+    return (
+        MODULE_HEADER
+        + render_softmax_kernel(stage1, "Stage 1, one key split: partial softmax(agents kᵀ·scale + mask) v.")
+        + render_softmax_kernel(stage2, "Stage 2: softmax(q agentsᵀ·agent_scale) agent_v, all agents in one tile.")
+    )

@@ -1,0 +1,209 @@
+"""Every generated Triton kernel against its reference (interpreted on CPU, native on CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnopt.kernels import (
+    agent_attention,
+    agent_attention_reference,
+    exact_attention,
+    exact_attention_reference,
+    linear_attention,
+    linear_attention_reference,
+)
+
+# bf16 is left out: Triton's interpreter computes tl.dot on bfloat16 operands wrongly
+DTYPES = [torch.float32, torch.float16]
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+
+
+def _randn(device, dtype, *shape):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+def _assert_matches(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, equal_nan=True, **TOLERANCE[expected.dtype])
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_exact_kernel_across_head_dims(triton_device, head_dim):
+    q = _randn(triton_device, torch.float32, 1, 2, 19, head_dim)
+    k, v = _randn(triton_device, torch.float32, 1, 1, 23, head_dim), _randn(triton_device, torch.float32, 1, 1, 23, head_dim)
+    scale = head_dim**-0.5
+    _assert_matches(exact_attention(q, k, v, scale=scale), exact_attention_reference(q, k, v, scale=scale))
+
+
+MASK_SHAPES = {
+    "per_key": lambda b, h, n, m: (b, 1, 1, m),
+    "full": lambda b, h, n, m: (b, h, n, m),
+    "query_key": lambda b, h, n, m: (n, m),
+    "head_key": lambda b, h, n, m: (h, 1, m),
+}
+
+
+# triton_device only switches the Triton path on; sharing it across examples is intended
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n_queries=st.integers(1, 40),
+    n_keys=st.integers(1, 40),
+    group=st.sampled_from([1, 2]),
+    causal=st.booleans(),
+    mask_kind=st.sampled_from(["none", "bool", "additive"]),
+    mask_shape=st.sampled_from(sorted(MASK_SHAPES)),
+    dtype=st.sampled_from(DTYPES),
+    value_dim=st.sampled_from([16, 24]),
+)
+def test_exact_kernel_matches_reference_on_random_configurations(
+    triton_device, n_queries, n_keys, group, causal, mask_kind, mask_shape, dtype, value_dim
+):
+    batch, heads = 2, 2 * group
+    q = _randn(triton_device, dtype, batch, heads, n_queries, 16)
+    k = _randn(triton_device, dtype, batch, 2, n_keys, 16)
+    v = _randn(triton_device, dtype, batch, 2, n_keys, value_dim)
+    shape = MASK_SHAPES[mask_shape](batch, heads, n_queries, n_keys)
+    mask = {
+        "none": None,
+        "bool": torch.rand(shape, device=triton_device) > 0.3,
+        "additive": torch.randn(shape, device=triton_device).to(dtype),
+    }[mask_kind]
+    options = dict(scale=0.25, causal=causal)
+    _assert_matches(exact_attention(q, k, v, mask, **options), exact_attention_reference(q, k, v, mask, **options))
+
+
+@pytest.mark.parametrize("n_queries, n_keys", [(37, 21), (21, 37), (33, 33)])
+def test_exact_kernel_causal_is_top_left_aligned(triton_device, n_queries, n_keys):
+    q = _randn(triton_device, torch.float16, 1, 2, n_queries, 24)  # padded head dim
+    k, v = _randn(triton_device, torch.float16, 1, 2, n_keys, 24), _randn(triton_device, torch.float16, 1, 2, n_keys, 40)
+    options = dict(scale=0.2, causal=True)
+    _assert_matches(exact_attention(q, k, v, **options), exact_attention_reference(q, k, v, **options))
+
+
+def test_exact_kernel_rows_with_every_key_masked_are_nan_like_softmax(triton_device):
+    q, k, v = (_randn(triton_device, torch.float32, 1, 2, 18, 16) for _ in range(3))
+    allowed = torch.rand(1, 2, 18, 18, device=triton_device) > 0.5
+    allowed[0, 1, 3] = False
+    bias = torch.zeros(18, 18, device=triton_device)
+    bias[5] = float("-inf")
+    for mask in (allowed, bias):
+        out = exact_attention(q, k, v, mask, scale=0.3)
+        assert out.isnan().any()
+        _assert_matches(out, exact_attention_reference(q, k, v, mask, scale=0.3))
+
+
+def test_exact_kernel_reads_strided_inputs(triton_device):
+    # (B, N, H, d) projections viewed as (B, H, N, d), as models produce them
+    q = _randn(triton_device, torch.float32, 2, 17, 2, 32).transpose(1, 2)
+    k = _randn(triton_device, torch.float32, 2, 20, 2, 32).transpose(1, 2)
+    v = _randn(triton_device, torch.float32, 2, 32, 2, 20).permute(0, 2, 3, 1)
+    mask = (torch.rand(2, 1, 20, 17, device=triton_device) > 0.2).transpose(-1, -2)
+    _assert_matches(exact_attention(q, k, v, mask, scale=0.2), exact_attention_reference(q, k, v, mask, scale=0.2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("agents_batch", [1, 2])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("n_agents", [3, 20])
+def test_agent_kernels_match_reference(triton_device, dtype, agents_batch, mask_kind, n_agents):
+    q = _randn(triton_device, dtype, 2, 4, 19, 32)
+    k, v = _randn(triton_device, dtype, 2, 2, 40, 32), _randn(triton_device, dtype, 2, 2, 40, 16)
+    agents = _randn(triton_device, dtype, agents_batch, 4, n_agents, 32)
+    mask = {
+        "none": None,
+        "bool": torch.rand(2, 1, 1, 40, device=triton_device) > 0.4,
+        "additive": torch.randn(4, 1, 40, device=triton_device).to(dtype),
+    }[mask_kind]
+    options = dict(scale=0.18, agent_scale=0.3)
+    _assert_matches(agent_attention(q, k, v, agents, mask, **options), agent_attention_reference(q, k, v, agents, mask, **options))
+
+
+def test_agent_kernels_give_nan_where_every_key_is_masked(triton_device):
+    q, k, v = (_randn(triton_device, torch.float32, 2, 2, 20, 16) for _ in range(3))
+    agents = _randn(triton_device, torch.float32, 1, 2, 4, 16)
+    mask = torch.rand(2, 1, 1, 20, device=triton_device) > 0.5
+    mask[1] = False
+    out = agent_attention(q, k, v, agents, mask, scale=0.3, agent_scale=0.3)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+    _assert_matches(out, agent_attention_reference(q, k, v, agents, mask, scale=0.3, agent_scale=0.3))
+
+
+def _linear_inputs(device, dtype, n_queries, n_keys, head_dim=24, value_dim=16, feature_map="elu1"):
+    q = _randn(device, dtype, 2, 4, n_queries, head_dim)
+    k = _randn(device, dtype, 2, 2, n_keys, head_dim)
+    v = _randn(device, dtype, 2, 2, n_keys, value_dim)
+    if feature_map == "identity":  # features a learned map would give: positive
+        q, k = q.abs(), k.abs()
+    return q, k, v
+
+
+def _assert_linear_matches(actual, expected):
+    # InLine outputs are unnormalised sums; compare relative to the output's scale
+    scale = expected.float().abs().amax().clamp_min(1).item()
+    tolerance = TOLERANCE[expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=tolerance["atol"] * scale, rtol=tolerance["rtol"])
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "focused", "identity"])
+@pytest.mark.parametrize("normalization", ["sum", "inline"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_kernels_match_reference_with_key_mask(triton_device, feature_map, normalization, causal):
+    n_keys = 37 if causal else 29
+    q, k, v = _linear_inputs(triton_device, torch.float32, 37, n_keys, feature_map=feature_map)
+    key_mask = torch.rand(2, n_keys, device=triton_device) > 0.3
+    key_mask[1, :20] = False  # causal rows of batch 1 before key 20 see no valid key
+    options = dict(feature_map=feature_map, normalization=normalization, causal=causal, key_mask=key_mask, power=2.5)
+    _assert_linear_matches(linear_attention(q, k, v, **options), linear_attention_reference(q, k, v, **options))
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_kernels_across_head_dims(triton_device, head_dim, causal):
+    q, k, v = _linear_inputs(triton_device, torch.float32, 21, 21, head_dim=head_dim, value_dim=head_dim)
+    options = dict(feature_map="focused", causal=causal)
+    _assert_linear_matches(linear_attention(q, k, v, **options), linear_attention_reference(q, k, v, **options))
+
+
+@pytest.mark.parametrize("normalization", ["sum", "inline"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_kernels_in_half_precision(triton_device, normalization, causal):
+    q, k, v = _linear_inputs(triton_device, torch.float16, 40, 40 if causal else 51)
+    options = dict(normalization=normalization, causal=causal)
+    _assert_linear_matches(linear_attention(q, k, v, **options), linear_attention_reference(q, k, v, **options))
+
+
+def test_gradients_through_the_triton_path_match_the_reference(triton_device):
+    def leaves(*shapes):
+        return [torch.randn(*shape, device=triton_device, requires_grad=True) for shape in shapes]
+
+    q, k, v, agents = leaves((1, 2, 17, 16), (1, 1, 17, 16), (1, 1, 17, 16), (1, 2, 5, 16))
+    calls = [
+        (exact_attention, exact_attention_reference, (q, k, v), dict(scale=0.3, causal=True)),
+        (agent_attention, agent_attention_reference, (q, k, v, agents), dict(scale=0.3, agent_scale=0.4)),
+        (linear_attention, linear_attention_reference, (q, k, v), dict(causal=True, normalization="inline")),
+    ]
+    for op, reference, inputs, options in calls:
+        weights = torch.randn(1, 2, 17, 16, device=triton_device)
+        grads = torch.autograd.grad((op(*inputs, **options) * weights).sum(), inputs)
+        expected = torch.autograd.grad((reference(*inputs, **options) * weights).sum(), inputs)
+        for grad, want in zip(grads, expected):
+            torch.testing.assert_close(grad, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_triton_fixture_really_routes_ops_to_the_generated_kernels(triton_device, monkeypatch):
+    import attnopt.kernels.agent_triton as agent_triton
+    import attnopt.kernels.exact_triton as exact_triton
+    import attnopt.kernels.linear_triton as linear_triton
+
+    launched = []
+    for module, name in ((exact_triton, "exact_attention_triton"), (agent_triton, "agent_attention_triton"), (linear_triton, "linear_attention_triton")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: launched.append(_n) or _f(*a, **kw))
+    q = _randn(triton_device, torch.float32, 1, 1, 16, 16)
+    exact_attention(q, q, q, scale=1.0)
+    agent_attention(q, q, q, q[:, :, :2], scale=1.0, agent_scale=1.0)
+    linear_attention(q, q, q)
+    assert launched == ["exact_attention_triton", "agent_attention_triton", "linear_attention_triton"]
