@@ -1052,6 +1052,13 @@ def manual_softmax_max_values(m, q, k, v):
     return torch.matmul(exps.div(torch.sum(exps, dim=-1, keepdim=True)), v)
 
 
+@functional("manual-softmax-at-operator-no-scale", bhsd, ref_bhsd(scale=1.0), {"manual-softmax", "matmul-op", "no-scale"}, form="manual-softmax")
+def manual_softmax_at_operator(m, q, k, v):
+    scores = q @ k.transpose(-2, -1)
+    exps = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    return (exps / exps.sum(dim=-1, keepdim=True)) @ v
+
+
 # --- scaled_dot_product_attention ---------------------------------------------------------------
 
 

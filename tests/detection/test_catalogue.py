@@ -176,6 +176,9 @@ def test_exact_rewrite_keeps_dropout_live_and_unbiased(idiom: Idiom):
     assert bias <= 2 * noise, f"mean output off by {bias:.3g}; sampling noise is {noise:.3g}"
     spread = rewrite.std(0).mean() / original.std(0).mean()
     assert 0.85 <= spread <= 1.18, f"dropout noise is {spread:.2f}× the original's: another p?"
+    sites = attnopt.report_of(rewritten).sites
+    assert len(sites) == idiom.sites
+    assert all(site.decision is not None and site.decision.variant == "exact" for site in sites)
 
 
 @pytest.mark.parametrize("name", GRADIENT_IDIOMS)
