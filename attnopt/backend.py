@@ -78,19 +78,13 @@ def _describe(signature: tuple) -> str:
     return ",".join(parts)
 
 
-def _propagate_meta(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
-    """Fill node.meta['val'] with fake tensors of the call's concrete shapes."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(*args)
-
-
-def _mutated_inputs(gm: fx.GraphModule, args: tuple[Any, ...]) -> set[int]:
-    """Positions of tensor inputs the graph writes to in place (seen on fake copies)."""
+def _propagate_meta(gm: fx.GraphModule, args: tuple[Any, ...]) -> set[int]:
+    """Fill node.meta['val'] with fake tensors of the call's concrete shapes; return the
+    positions of tensor inputs the graph writes to in place (their fake version moved)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     versions = [f._version if isinstance(f, torch.Tensor) else None for f in fakes]
-    with mode:
-        fx.Interpreter(gm).run(*fakes)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     return {i for i, (f, v) in enumerate(zip(fakes, versions)) if isinstance(f, torch.Tensor) and f._version != v}
 
 
@@ -128,7 +122,7 @@ class AttnoptBackend:
         self.compiled_signatures += 1
         signature = _describe(signature_of(args))
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        _propagate_meta(work, args)
+        mutated = _propagate_meta(work, args)
         canonicalize(work)
         _propagate_meta(work, args)
         self._note_opaque_regions(work)
@@ -143,9 +137,9 @@ class AttnoptBackend:
             site = self._known.get(identity)
             if site is not None:
                 sites.append(site)
-                if site.decision is not None:
-                    attention, _ = self.decider(site, match, list(args))
-                    replacements.append((match, SITE_CALLS[match.kind](attention, match.recipe, site.id), site.id))
+                chosen = self.decider(site, match, list(args)) if site.decision is not None else None
+                if chosen is not None:
+                    replacements.append((match, SITE_CALLS[match.kind](chosen[0], match.recipe, site.id), site.id))
                 continue
             site_id = next(self._site_ids)
             site = Site(id=site_id, module=match.module, source=match.source, form=match.form,
@@ -168,7 +162,7 @@ class AttnoptBackend:
             return gm
         rewrite(work, replacements)
         if self.check and all(s.decision.variant == "exact" for s in sites if s.decision is not None):
-            mismatch = self._end_to_end_mismatch(gm, work, args)
+            mismatch = self._end_to_end_mismatch(gm, work, args, mutated)
             if mismatch is not None:
                 for site in sites:
                     if site.decision is not None:
@@ -188,9 +182,9 @@ class AttnoptBackend:
                 if note not in self.report.notes:
                     self.report.notes.append(note)
 
-    def _end_to_end_mismatch(self, original: fx.GraphModule, rewritten: fx.GraphModule, args: tuple[Any, ...]) -> str | None:
+    def _end_to_end_mismatch(self, original: fx.GraphModule, rewritten: fx.GraphModule, args: tuple[Any, ...],
+                             mutated: set[int]) -> str | None:
         """Run both graphs on the call's real inputs (inputs the graph mutates are cloned)."""
-        mutated = _mutated_inputs(original, args)
 
         def run(gm: fx.GraphModule) -> Any:
             inputs = [a.clone() if i in mutated else a for i, a in enumerate(args)]

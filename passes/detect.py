@@ -169,8 +169,8 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
 
     qk_lead, softmax_lead, pv_lead = shape_of(scores_matmul)[:-2], shape_of(softmax)[:-2], shape_of(pv_matmul)[:-2]
     regrouped = not (qk_lead == softmax_lead == pv_lead) or any(t.layout != softmax_lead for t in terms)
-    k_operand, k_peeled, kv_heads = _unwrap_key(kt_operand)
-    v_source, v_peeled = _peel_repeat(v_operand)
+    _, k_peeled, kv_heads = _unwrap_key(kt_operand)
+    _, v_peeled = _peel_repeat(v_operand)
     if k_peeled is not None and not regrouped and v_peeled is not None and kv_heads == shape_of(v_peeled)[1]:
         key_input, value_input, grouped = k_peeled, v_peeled, True
     else:
