@@ -74,61 +74,116 @@ def _two_stage(n_tokens: Expr) -> CostFormula:
         elementwise_ops=small_scores,
         bytes_moved=dtype_bytes * (
             B * (H * N * (d + e) + Hkv * M * (d + e))  # Q, K, V, O
-            + 4 * small_scores  # both score matrices written, softmaxed in place of a copy, read
+            + 4 * small_scores  # both score matrices written, softmaxed, read
             + 2 * B * H * n_tokens * (d + e)  # the tokens and their values, written then read
         ),
         kernel_calls=6,  # per stage: scores matmul, softmax, values matmul
     )
 
 
-def _pool_selection(n_tokens: Expr) -> CostFormula:
-    """Agents as 1-D adaptive average pooling of Q: one pass over Q."""
+def _value_shortcut(n_offsets: int) -> CostFormula:
+    """out = w₀·attention + Σ_o w_o·v_(i+o): shift, stack and weigh N·e values per offset."""
+    return CostFormula(
+        flops=0,
+        elementwise_ops=B * H * N * e * (1 + 3 * n_offsets),
+        bytes_moved=dtype_bytes * B * H * N * e * (2 + 6 * n_offsets),
+        kernel_calls=1 + 3 * n_offsets,
+    )
+
+
+def _pooling(n_tokens: Expr) -> CostFormula:
+    """Tokens as means of N/n consecutive queries (adaptive average pooling): one pass over Q."""
     return CostFormula(
         flops=0,
         elementwise_ops=B * H * N * d,
         bytes_moved=dtype_bytes * B * H * (N + n_tokens) * d,
-        kernel_calls=1,
+        kernel_calls=3,
     )
 
 
-def _kmeans_selection(n_tokens: Expr, iterations: int) -> CostFormula:
-    """Agents as k-means centroids of Q: per iteration, N·n·d distances, an argmin and a centroid sum."""
+def _kmeans(n_tokens: Expr, iterations: int, window: int | None) -> CostFormula:
+    """Lloyd iterations from the pooled tokens: assign each query to its nearest token, re-average.
+
+    Global assignment is a matmul Q·Tᵀ (N·n·d multiply-adds); local assignment (`window` nearest
+    tokens per query) gathers N·window·d candidate features and reduces them element-wise.
+    """
+    assignment = (
+        CostFormula(flops=2 * B * H * N * n_tokens * d, elementwise_ops=2 * B * H * N * n_tokens,
+                    bytes_moved=dtype_bytes * B * H * N * (d + 3 * n_tokens), kernel_calls=5)
+        if window is None else
+        CostFormula(flops=0, elementwise_ops=5 * B * H * N * sympy.Min(window, n_tokens) * d,
+                    bytes_moved=3 * dtype_bytes * B * H * N * sympy.Min(window, n_tokens) * d, kernel_calls=8)
+    )
+    per_iteration = assignment + _pooling(n_tokens)
+    return CostFormula(*(iterations * term for term in dataclasses.astuple(per_iteration)))
+
+
+def _bipartite(n_tokens: Expr) -> CostFormula:
+    """ToMe-style merging: rounds halve the T tokens, each with a (T/2)×(T/2) cosine similarity.
+
+    Summed over the rounds from N down to n, the similarities cost (N² − n²)/3 · d multiply-adds —
+    quadratic in N, like the attention it replaces — and the gathers about 8·N·d element ops.
+    """
+    pairs = (N**2 - n_tokens**2) / 3
     return CostFormula(
-        flops=2 * iterations * B * H * N * n_tokens * d,
-        elementwise_ops=iterations * B * H * N * (n_tokens + d),
-        bytes_moved=iterations * dtype_bytes * B * H * N * (n_tokens + 2 * d),
-        kernel_calls=4 * iterations,
+        flops=2 * B * H * pairs * d,
+        elementwise_ops=B * H * (2 * pairs + 8 * N * d),
+        bytes_moved=dtype_bytes * B * H * (2 * pairs + 8 * N * d),
+        kernel_calls=16 * sympy.log(N / n_tokens, 2),
     )
 
 
-def _agent(n_agents: Expr = n, selection: str = "pool", kmeans_iterations: int = 3, **cost_free_params: Any) -> CostFormula:
-    """Agent attention: n agents selected from Q of this call ("pool" or "kmeans"), then two stages."""
-    selections = {"pool": _pool_selection(n_agents), "kmeans": _kmeans_selection(n_agents, kmeans_iterations)}
-    return _lookup(selections, selection, "agent selection") + _two_stage(n_agents)
+def _agent(
+    n_agents: Expr = n,
+    selection: str = "pool",
+    kmeans_iterations: int = 3,
+    kmeans_window: int | None = None,
+    shortcut_offsets: tuple[int, ...] = (),
+    **cost_free_params: Any,
+) -> CostFormula:
+    """Agent attention: n agents selected from Q of this call, two stages, and the V shortcut if any."""
+    selections = {
+        "pool": lambda: _pooling(n_agents),
+        "kmeans": lambda: _pooling(n_agents) + _kmeans(n_agents, kmeans_iterations, kmeans_window),
+        "bipartite": lambda: _bipartite(n_agents),
+    }
+    select = _lookup(selections, selection, "agent selection")
+    return select() + _two_stage(n_agents) + _value_shortcut(len(shortcut_offsets))
 
 
-def _mediator(n_mediators: Expr = n, **cost_free_params: Any) -> CostFormula:
-    """Mediator attention: learned tokens (no selection cost), then the two-stage attention."""
-    return _two_stage(n_mediators)
+def _mediator(n_mediators: Expr = n, shortcut_offsets: tuple[int, ...] = (), **cost_free_params: Any) -> CostFormula:
+    """Mediator attention: learned tokens (no selection cost), two stages, and the V shortcut if any."""
+    return _two_stage(n_mediators) + _value_shortcut(len(shortcut_offsets))
 
 
-FEATURE_MAP_OPS: dict[str, int] = {"identity": 0, "relu": 1, "elu1": 2, "focused": 8}
-"""Element ops per feature of φ: elu then +1; focused = relu, power, two norms, a ratio and a product."""
+FEATURE_MAPS: dict[str, tuple[int, Expr]] = {
+    "identity": (0, 0),
+    "relu": (1, 0),
+    "elu1": (2, 0),
+    "focused": (6, 0),
+    "learned": (2, d),
+}
+"""Feature map φ → (element ops, multiply-adds) per feature: elu then +1; focused = relu, power,
+two norms and a rescale; learned = a d×d matmul then elu+1."""
 
 
-def _linear(feature_map: str = "elu1", **cost_free_params: Any) -> CostFormula:
-    """Linear attention φ(Q)(φ(K)ᵀV) / φ(Q)·Σφ(K), computed through the d×e state per kv head."""
-    feature_ops = _lookup(FEATURE_MAP_OPS, feature_map, "feature map")
-    query_features, key_features = B * H * N * d, B * Hkv * M * d
+def _linear(feature_map: str = "elu1", normalization: str = "sum", **cost_free_params: Any) -> CostFormula:
+    """Linear attention φ(Q)(φ(K)ᵀV) normalised by φ(Q)·Σφ(K), through the d×e state per kv head.
+
+    Counted as attnopt.kernels' FLOP formula counts it (the key sum Σφ(K) as M·d multiply-adds);
+    "inline" normalisation adds Σv and a mean correction per output row.
+    """
+    feature_ops, feature_macs = _lookup(FEATURE_MAPS, feature_map, "feature map")
+    queries, keys = B * H * N, B * Hkv * M
+    normalizations = {"sum": queries * d + keys * d, "inline": (queries + keys) * (d + e)}
+    normaliser_macs = _lookup(normalizations, normalization, "normalization")
     return CostFormula(
-        # state φ(K)ᵀV per kv head, φ(Q)·state, and the normaliser φ(Q)·Σφ(K)
-        flops=2 * (B * Hkv * M * d * e + B * H * N * d * e + query_features),
-        # feature maps, the key sum Σφ(K), the division by the normaliser
-        elementwise_ops=feature_ops * (query_features + key_features) + key_features + B * H * N * e,
+        flops=2 * ((keys + queries) * d * e + normaliser_macs + (queries + keys) * d * feature_macs),
+        elementwise_ops=feature_ops * (queries + keys) * d + queries * e,  # φ, then the division
         bytes_moved=dtype_bytes * (
-            2 * (query_features + key_features)  # feature maps read and write
-            + 2 * key_features + B * Hkv * M * e + B * Hkv * d * e  # state and key sum read φ(K), V
-            + 2 * query_features + B * H * N * (1 + 3 * e)  # output and normaliser read φ(Q); divide
+            2 * (queries + keys) * d  # feature maps read Q, K and write φ(Q), φ(K)
+            + 2 * keys * d + keys * e + B * Hkv * d * (e + 1)  # state and key sum read φ(K), V
+            + 2 * queries * d + queries * (1 + 3 * e)  # output and normaliser read φ(Q); division
         ),
         kernel_calls=9,  # φ(Q), φ(K) two each (map, +1); state, key sum, output, normaliser, divide
     )
@@ -144,7 +199,7 @@ FORMULAS: dict[str, Callable[..., CostFormula]] = {
 """Variant name → builder of its CostFormula from the variant's params.
 
 "softmax" is the model's own attention, costed as exact. Builders ignore params that do not change
-the cost (scale, agent_scale, power, normalization, eps), so a variant's full params can be passed.
+the cost (scale, temperature, power, eps, ...), so a variant's full params can be passed.
 """
 
 
@@ -167,21 +222,21 @@ def _substitutions(shape: Mapping[str, int], dtype: torch.dtype) -> dict[sympy.S
     }
 
 
-def _evaluate(expression: Expr, shape: Mapping[str, int], dtype: torch.dtype) -> int:
+def _evaluate(expression: Expr, shape: Mapping[str, int], dtype: torch.dtype) -> sympy.Expr:
     value = sympy.sympify(expression).subs(_substitutions(shape, dtype))
     if value.free_symbols:
         raise ValueError(f"shape {dict(shape)} leaves {sorted(map(str, value.free_symbols))} unset")
-    return int(value)
+    return value
 
 
 def flops(variant: str, shape: Mapping[str, int], **params: Any) -> int:
     """FLOPs (2 per multiply-add of the matmuls) of one call of `variant` at `shape` {B,H,Hkv,N,M,d,e}."""
-    return _evaluate(formula(variant, **params).flops, shape, torch.float32)
+    return int(round(_evaluate(formula(variant, **params).flops, shape, torch.float32)))
 
 
 def bytes_moved(variant: str, shape: Mapping[str, int], dtype: torch.dtype = torch.float32, **params: Any) -> int:
     """Bytes read and written by one call of `variant` at `shape` with tensors of `dtype`."""
-    return _evaluate(formula(variant, **params).bytes_moved, shape, dtype)
+    return int(round(_evaluate(formula(variant, **params).bytes_moved, shape, dtype)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,16 +261,19 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int = 15) -> float:
-    """Fastest of `repeats` timed runs after one warm-up: on a shared machine the fastest is the least disturbed."""
+def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int = 15, budget_s: float = 0.3) -> float:
+    """Fastest of up to `repeats` timed runs (fewer once `budget_s` is spent) after one warm-up.
+
+    On a shared machine the fastest run is the least disturbed one.
+    """
     def synchronize() -> None:
         if device.type != "cpu":
             torch.accelerator.synchronize(device)
 
     run()
     synchronize()
-    timings = []
-    for _ in range(repeats):
+    timings: list[float] = []
+    while len(timings) < repeats and sum(timings) < budget_s:
         start = time.perf_counter()
         run()
         synchronize()
@@ -262,7 +320,11 @@ def cache_path(device: torch.device, dtype: torch.dtype = torch.float32) -> Path
 
 
 def device_profile(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DeviceProfile:
-    """The cached profile of `device`, measured (and cached) when missing or unreadable."""
+    """The cached profile of `device`, measured (and cached) when missing or unreadable.
+
+    A profile measured while other work loaded the machine stays too slow; delete its file
+    (cache_path) to measure again.
+    """
     device = torch.device(device)
     path = cache_path(device, dtype)
     try:
@@ -280,12 +342,15 @@ def _resolve_profile(device: DeviceProfile | torch.device | str | None, dtype: t
     return device_profile(device or "cpu", dtype)
 
 
-def _roofline_terms(
-    cost: CostFormula, profile: DeviceProfile
-) -> tuple[Expr, Expr, Expr]:
+def _roofline_terms(cost: CostFormula, profile: DeviceProfile) -> tuple[Expr, Expr, Expr]:
     """(compute seconds, memory seconds, overhead seconds): plain numbers or sympy expressions."""
     compute = cost.flops / profile.matmul_flops_per_s + cost.elementwise_ops / profile.elementwise_ops_per_s
     return compute, cost.bytes_moved / profile.bandwidth_bytes_per_s, cost.kernel_calls * profile.call_overhead_s
+
+
+def _seconds(cost: CostFormula, profile: DeviceProfile) -> float:
+    compute, memory, overhead = _roofline_terms(cost, profile)
+    return float(max(compute, memory) + overhead)
 
 
 def roofline_seconds(
@@ -297,10 +362,11 @@ def roofline_seconds(
     device: DeviceProfile | torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Roofline time of the given work on `device` (a DeviceProfile, a device, or None for the CPU)."""
-    cost = CostFormula(flops, elementwise_ops, bytes_moved, kernel_calls)
-    compute, memory, overhead = _roofline_terms(cost, _resolve_profile(device, dtype))
-    return float(max(compute, memory) + overhead)
+    """Roofline time of the given work on `device` (a DeviceProfile, a device, or None for the CPU).
+
+    For the rest of a model, pass count_flops of its forward minus the sites' flops.
+    """
+    return _seconds(CostFormula(flops, elementwise_ops, bytes_moved, kernel_calls), _resolve_profile(device, dtype))
 
 
 def estimate_seconds(
@@ -312,10 +378,8 @@ def estimate_seconds(
 ) -> float:
     """Predicted seconds of one call of `variant` at `shape` on `device` (None: this machine's CPU)."""
     cost = formula(variant, **params)
-    values = [_evaluate(term, shape, dtype) for term in dataclasses.astuple(cost)]
-    return roofline_seconds(
-        values[0], values[2], elementwise_ops=values[1], kernel_calls=values[3], device=device, dtype=dtype
-    )
+    evaluated = CostFormula(*(float(_evaluate(term, shape, dtype)) for term in dataclasses.astuple(cost)))
+    return _seconds(evaluated, _resolve_profile(device, dtype))
 
 
 def count_flops(run: Callable[..., object], *args: Any, **kwargs: Any) -> int:
@@ -323,6 +387,23 @@ def count_flops(run: Callable[..., object], *args: Any, **kwargs: Any) -> int:
     with FlopCounterMode(display=False) as counter:
         run(*args, **kwargs)
     return counter.get_total_flops()
+
+
+def _positive_roots(expression: sympy.Expr) -> list[float]:
+    """Positive real roots in N: sympy's polynomial root finder, or for a non-polynomial (a log of N
+    in a kernel-call count) sympy's bisection inside each sign change over N = 2^(k/8) up to 2^30."""
+    if expression.is_polynomial(N):
+        polynomial = sympy.Poly(sympy.expand(expression), N)
+        roots = polynomial.nroots() if polynomial.degree() > 0 else []
+        return [float(sympy.re(root)) for root in roots if abs(sympy.im(root)) < 1e-9 and sympy.re(root) > 0]
+    evaluate = sympy.lambdify(N, expression, "math")
+    grid = [2 ** (k / 8) for k in range(8 * 30 + 1)]
+    values = [evaluate(length) for length in grid]
+    return [
+        float(sympy.nsolve(expression, N, (low, high), solver="bisect"))
+        for low, high, value_low, value_high in zip(grid, grid[1:], values, values[1:])
+        if value_low * value_high < 0
+    ]
 
 
 def break_even_length(
@@ -335,38 +416,35 @@ def break_even_length(
     """Smallest N (with M = N) from which `variant` is predicted faster than fused exact attention.
 
     `shape` supplies B, H, Hkv, d, e (its N and M are ignored). Each roofline time is the larger of
-    two polynomials in N plus a constant, so the difference of the two times can only change sign
-    where two of those four polynomials cross; sympy finds those roots, and the sign on each
-    interval between them decides. None when the variant never becomes (and stays) faster.
+    two terms in N (compute, memory) plus a constant, so which variant is faster can only change
+    where two of the four terms cross; sympy finds those crossings, and the sign on each interval
+    between them decides. None when the variant never becomes (and stays) faster.
     """
     profile = _resolve_profile(device, dtype)
     fixed = {symbol: value for symbol, value in _substitutions(shape, dtype).items() if symbol not in (N, M)}
 
-    def pieces(name: str, variant_params: Mapping[str, Any]) -> list[sympy.Expr]:
+    def terms(name: str, variant_params: Mapping[str, Any]) -> list[sympy.Expr]:
         compute, memory, overhead = _roofline_terms(formula(name, **variant_params), profile)
         return [sympy.sympify(term + overhead).subs(fixed).subs(M, N) for term in (compute, memory)]
 
-    exact_pieces, variant_pieces = pieces("exact", {}), pieces(variant, params)
+    exact_terms, variant_terms = terms("exact", {}), terms(variant, params)
 
     def variant_faster(length: float) -> bool:
-        def time(parts: list[sympy.Expr]) -> float:
+        def seconds(parts: list[sympy.Expr]) -> float:
             return max(float(part.subs(N, length)) for part in parts)
 
-        return time(variant_pieces) < time(exact_pieces)
+        return seconds(variant_terms) < seconds(exact_terms)
 
     crossings = sorted(
         {
-            float(root.as_real_imag()[0])
-            for first, second in itertools.combinations(exact_pieces + variant_pieces, 2)
-            if (difference := sympy.Poly(sympy.expand(first - second), N)).degree() > 0
-            for root in difference.nroots()
-            if abs(root.as_real_imag()[1]) < 1e-9 and root.as_real_imag()[0] > 0
+            root
+            for first, second in itertools.combinations(exact_terms + variant_terms, 2)
+            for root in _positive_roots(first - second)
         }
     )
-    bounds = [0.0, *crossings]
-    # walk the intervals from the last (unbounded) one down while the variant stays faster
+    # walk the intervals between crossings from the last (unbounded) one down while the variant stays faster
     threshold = None
-    for low, high in reversed(list(zip(bounds, [*crossings, 2 * bounds[-1] + 2]))):
+    for low, high in reversed(list(zip([0.0, *crossings], [*crossings, 2 * max(crossings, default=1.0) + 2]))):
         if not variant_faster((low + high) / 2):
             break
         threshold = low

@@ -22,9 +22,9 @@ matches or beats on every budgeted axis and on error: adding the same later choi
 the second no better. The survivors within the caps are compared by (error, costs in axis order,
 choices in lexicographic order), so ties go to the candidate listed first and the result is
 deterministic. This is exact while every front holds at most `max_front` plans (tens of sites give
-hundreds to a few thousand). A larger front is thinned to the least-error and the cheapest plans
-per 1/max_front of the first cap: the cheapest partial plans survive, so with one budgeted axis
-whether the budget can be met stays exact, while the error may then miss the optimum.
+hundreds to a few thousand). A larger front is thinned to its least-error plan per 1/max_front of
+the first cap; the error may then miss the optimum, but every plan left can still be completed
+within the caps, so with one budgeted axis whether the budget can be met stays exact.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ class Plan:
     seconds_after: float
     flops_before: float
     flops_after: float
-    error: float
+    total_error: float
+    """Sum of the chosen candidates' measured errors."""
 
 
 AXES = {"time": "est_seconds", "flops": "flops"}
@@ -131,6 +132,14 @@ def _allowed(site: SiteCandidates, max_error: float | None) -> list[Candidate]:
         if candidate.est_seconds <= site.baseline.est_seconds
         and (max_error is None or candidate.error <= max_error)
     ]
+
+
+def _fastest(candidates: list[Candidate], primary: str) -> int:
+    """Index of the cheapest candidate on `primary`, then on seconds and FLOPs; the first listed on ties."""
+    return min(
+        range(len(candidates)),
+        key=lambda index: (getattr(candidates[index], primary), candidates[index].est_seconds, candidates[index].flops),
+    )
 
 
 def _undominated(costs: np.ndarray) -> np.ndarray:
@@ -159,18 +168,10 @@ def _undominated(costs: np.ndarray) -> np.ndarray:
 
 
 def _thin(costs: np.ndarray, caps: np.ndarray, max_front: int) -> np.ndarray:
-    """Rows to keep of a front (in key order) that outgrew max_front.
-
-    Per 1/max_front of the first cap: the least-error row and the cheapest row on each axis, so
-    the cheapest partial plans, and with them the fastest plan, always survive.
-    """
+    """Rows to keep of a front (in key order) that outgrew max_front: the least-error row per
+    1/max_front of the first cap."""
     bucket = np.floor(costs[:, 0] / max(caps[0], np.finfo(float).tiny) * max_front)
-    rows = np.arange(len(costs))
-    keep = [np.unique(bucket, return_index=True)[1]]
-    for axis in range(costs.shape[1]):
-        cheapest_first = np.lexsort((rows, costs[:, axis], bucket))
-        keep.append(cheapest_first[np.unique(bucket[cheapest_first], return_index=True)[1]])
-    return np.unique(np.concatenate(keep))
+    return np.sort(np.unique(bucket, return_index=True)[1])
 
 
 def _least_error_plan(
@@ -219,7 +220,7 @@ def _least_error_plan(
     feasible = np.flatnonzero(np.all(costs <= caps_array, axis=1))
     if len(feasible) == 0:
         return None
-    row = feasible[np.lexsort((ranks[feasible], *costs[feasible].T[::-1], errors[feasible]))[0]]
+    row = feasible[0]  # fronts stay in key order
     picks = []
     for parent, choice in reversed(trail):
         picks.append(int(choice[row]))
@@ -255,10 +256,7 @@ def plan(
     caps = tuple(getattr(budget, name) * totals_before[name][1] for name in budgeted)
 
     primary = fields[0] if fields else "est_seconds"
-    fastest = tuple(
-        min(range(len(candidates)), key=lambda i, c=candidates: (getattr(c[i], primary), c[i].est_seconds, c[i].flops))
-        for candidates in options
-    )
+    fastest = tuple(_fastest(candidates, primary) for candidates in options)
     choices = _least_error_plan(options, start_costs, caps, fields, max_front) if fields else fastest
     budget_met = choices is not None
     if not budget_met:
@@ -272,7 +270,7 @@ def plan(
         seconds_after=sum((candidate.est_seconds for candidate in chosen), other_seconds),
         flops_before=flops_before,
         flops_after=sum((candidate.flops for candidate in chosen), other_flops),
-        error=sum(candidate.error for candidate in chosen),
+        total_error=sum(candidate.error for candidate in chosen),
     )
     if not budget_met:
         message = (

@@ -1,0 +1,212 @@
+"""Agent attention without training: the agents are summaries of this call's own queries.
+
+Stage 1 lets n agents read all keys and values; stage 2 lets every query read the agents:
+out = softmax(q Aᵀ·scale·temperature + bias) · softmax(A kᵀ·scale + mask) v, cost ∝ n·(N + M).
+The agents A come from the queries by one of the `SELECTIONS` — adaptive pooling (1-D, or 2-D on
+a known token grid with the class token kept as its own agent), k-means (optionally local: a
+query may only join the agents pooled near it) or bipartite merging — over valid queries only;
+then the queries farthest from their agent become agents of their own (outliers).
+The stage-2 bias makes queries listen to their nearest agents weighted by cluster size (see
+two_stage.py), and a calibrated V shortcut (shortcut.py) restores fixed-offset heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .clustering import bipartite_merge, grid_groups, group_means, kmeans, pooled_groups, split_outliers
+from .masks import valid_queries
+from .reasons import causal_reason, dropout_reason, first_reason, per_query_mask_reason
+from .registry import Example, register_variant
+from .site import SiteInfo, TokenGrid, infer_grid
+from .two_stage import TwoStageSiteAttention, agent_bias, two_stage_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentLayout:
+    """How the agents of one call are laid out.
+
+    The (patch) tokens are pooled onto an agent grid — one row of `cols` agents for a 1-D
+    sequence, rows × cols over a token grid — then `n_outliers` more agents are single queries
+    (those farthest from their agent), and a grid's class token is an agent of its own.
+    """
+
+    n_tokens: int
+    grid: TokenGrid | None
+    rows: int
+    cols: int
+    n_outliers: int
+
+    @classmethod
+    def for_tokens(cls, n_tokens: int, n_wanted: int, n_outliers: int, grid: TokenGrid | None) -> AgentLayout:
+        """The layout closest to `n_wanted` agents in all, `n_outliers` of them outliers."""
+        n_class = int(grid is not None and grid.has_class_token)
+        n_patches = n_tokens - n_class
+        n_outliers = max(0, min(n_outliers, n_wanted - n_class - 1, n_patches - 1))
+        pooled = max(1, min(n_wanted - n_class - n_outliers, n_patches))
+        if grid is None:
+            return cls(n_tokens, None, 1, pooled, n_outliers)
+        rows = min(grid.height, max(1, round(math.sqrt(pooled * grid.height / grid.width))))
+        cols = min(grid.width, max(1, round(pooled / rows)))
+        return cls(n_tokens, grid, rows, cols, min(n_outliers, n_patches - rows * cols))
+
+    @property
+    def n_class_tokens(self) -> int:
+        return int(self.grid is not None and self.grid.has_class_token)
+
+    @property
+    def n_pooled(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def n_agents(self) -> int:
+        return self.n_pooled + self.n_outliers + self.n_class_tokens
+
+    def initial_groups(self, valid: torch.Tensor) -> torch.Tensor:
+        """Pooling groups of the patch tokens (valid (…, P)); invalid tokens get −1."""
+        if self.grid is None:
+            return pooled_groups(valid, self.n_pooled)
+        return grid_groups(valid, self.grid.height, self.grid.width, self.rows, self.cols)
+
+    def neighbours(self, window: int, device: torch.device) -> torch.Tensor:
+        """(n_pooled, W): for each agent, the W agents nearest to it on the agent grid, itself first."""
+        index = torch.arange(self.n_pooled, device=device)
+        position = torch.stack([index // self.cols, index % self.cols], dim=-1).float()
+        distance = torch.cdist(position, position)
+        return distance.argsort(dim=-1, stable=True)[:, : min(window, self.n_pooled)]
+
+
+def _pooled_agents(queries, valid, layout, config):
+    groups = layout.initial_groups(valid)
+    means, sizes = group_means(queries, groups, layout.n_pooled)
+    return means, sizes, groups
+
+
+def _kmeans_agents(queries, valid, layout, config):
+    groups = layout.initial_groups(valid)
+    candidates = None
+    if config.kmeans_window is not None:
+        candidates = layout.neighbours(config.kmeans_window, queries.device)[groups.clamp_min(0)]
+    return kmeans(queries, valid, groups, layout.n_pooled, config.kmeans_iterations, candidates)
+
+
+def _merged_agents(queries, valid, layout, config):
+    return bipartite_merge(queries, valid, layout.n_pooled)
+
+
+SELECTIONS: dict[str, Callable] = {"pool": _pooled_agents, "kmeans": _kmeans_agents, "bipartite": _merged_agents}
+"""Agent selection name → function (queries (B, H, P, d) fp32, valid (B, H, P), layout, config)
+returning agents (B, H, n_pooled, d), their sizes (B, H, n_pooled) and each query's agent (B, H, P)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """Training-free agent attention; defaults measured on all-MiniLM-L6-v2 (bench/RESULTS.md).
+
+    agent_fraction: agents per query token (n = ⌈fraction·N⌉ of the padded N), unless
+        agent_count fixes n. The two stages cost 2n(N+M)(d+e) FLOPs against 2NM(d+e).
+    selection: "pool", "kmeans" (initialised by pooling) or "bipartite" (ToMe-style merging).
+    kmeans_iterations; kmeans_window: a query may only join the `window` agents pooled nearest
+        to it (local k-means, cost N·window·d per iteration), or any agent when None.
+    outlier_fraction: ⌈fraction·N⌉ of the agents are the single queries farthest from their
+        agent (they would be served worst), taken out of their clusters; part of the n above.
+    temperature: stage-2 sharpness, agent_scale = scale × temperature.
+    distance_weighting / size_weighting: the stage-2 bias of two_stage.py.
+    shortcut_offsets: token offsets of the V shortcut, calibrated on the example ((): none).
+    infer_grid: pool 2-D when N is h·h or 1 + h·h and the site gives no grid.
+    """
+
+    agent_fraction: float = 0.2
+    agent_count: int | None = None
+    selection: str = "kmeans"
+    kmeans_iterations: int = 3
+    kmeans_window: int | None = 17
+    outlier_fraction: float = 0.05
+    temperature: float = 4.0
+    distance_weighting: bool = True
+    size_weighting: bool = True
+    shortcut_offsets: tuple[int, ...] = (-1, 0, 1)
+    infer_grid: bool = False
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown agent selection {self.selection!r}; expected one of {sorted(SELECTIONS)}")
+        if not 0 < self.agent_fraction <= 1 or not 0 <= self.outlier_fraction < 1:
+            raise ValueError(f"agent_fraction must be in (0, 1] and outlier_fraction in [0, 1), got "
+                             f"{self.agent_fraction} and {self.outlier_fraction}")
+        if self.agent_count is not None and self.agent_count < 1:
+            raise ValueError(f"agent_count must be at least 1, got {self.agent_count}")
+        if self.temperature <= 0 or self.kmeans_iterations < 0 or (self.kmeans_window or 1) < 1:
+            raise ValueError("temperature must be positive, kmeans_iterations ≥ 0 and kmeans_window ≥ 1")
+
+    def grid_for(self, n_tokens: int, site_info: SiteInfo) -> TokenGrid | None:
+        """The token grid to pool on for a call with n_tokens queries (None: pool 1-D)."""
+        if site_info.grid is not None and site_info.grid.n_tokens == n_tokens:
+            return site_info.grid
+        return infer_grid(n_tokens) if self.infer_grid else None
+
+    def layout(self, n_tokens: int, site_info: SiteInfo) -> AgentLayout:
+        """The agent layout for a call with n_tokens queries at this site."""
+        wanted = self.agent_count if self.agent_count is not None else math.ceil(self.agent_fraction * n_tokens)
+        outliers = math.ceil(self.outlier_fraction * n_tokens)
+        return AgentLayout.for_tokens(n_tokens, wanted, outliers, self.grid_for(n_tokens, site_info))
+
+    def n_agents(self, site_info: SiteInfo) -> int:
+        """The number of agents this config uses at the site's N."""
+        return self.layout(site_info.N, site_info).n_agents
+
+    def cost_params(self, site_info: SiteInfo) -> dict:
+        """Parameters for attnopt.costmodel's "agent" formula at this site."""
+        return {"n_agents": self.n_agents(site_info), "selection": self.selection,
+                "kmeans_iterations": self.kmeans_iterations, "kmeans_window": self.kmeans_window}
+
+
+class AgentAttention(TwoStageSiteAttention):
+    """One site's agent attention; forward takes the canonical (q, k, v, mask) layout."""
+
+    variant = "agent"
+
+    def __init__(self, config: AgentConfig, site_info: SiteInfo):
+        super().__init__(site_info, config.shortcut_offsets)
+        self.config = config
+
+    def agents(self, q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Agents (B, H, n, d) in fp32 and their sizes (B, H, n) for queries q (B, H, N, d)."""
+        batch, n_heads, n_tokens, _ = q.shape
+        layout = self.config.layout(n_tokens, self.site_info)
+        valid = valid_queries(key_mask, batch, n_heads, n_tokens, self.site_info.is_self_attention, q.device)
+        queries, skip = q.float(), layout.n_class_tokens
+        patches, patch_valid = queries[..., skip:, :], valid[..., skip:]
+        centroids, _, groups = SELECTIONS[self.config.selection](patches, patch_valid, layout, self.config)
+        agents, sizes = split_outliers(patches, patch_valid, groups, centroids, layout.n_outliers)
+        if skip:
+            agents = torch.cat([queries[..., :skip, :], agents], dim=-2)
+            sizes = torch.cat([valid[..., :skip].float(), sizes], dim=-1)
+        return agents, sizes
+
+    def reduced(self, q, k, v, key_mask, scale: float) -> torch.Tensor:
+        token_scale = scale * self.config.temperature
+        agents, sizes = self.agents(q, key_mask)
+        agents, bias = agent_bias(agents, sizes, token_scale, distance_weighting=self.config.distance_weighting,
+                                  size_weighting=self.config.size_weighting)
+        return two_stage_attention(q, k, v, agents.to(q.dtype), bias, key_mask, scale=scale, token_scale=token_scale)
+
+
+def _refusal(config: AgentConfig, site_info: SiteInfo) -> str | None:
+    return first_reason(causal_reason(site_info, "agent", "agents"), per_query_mask_reason(site_info, "agent"),
+                        dropout_reason(site_info, "agent"))
+
+
+def _build(config: AgentConfig, site_info: SiteInfo, example: Example | None) -> nn.Module:
+    module = AgentAttention(config, site_info)
+    if example is not None:
+        module.to(example[0].device).calibrate(example, site_info.softmax_scale)
+    return module
+
+
+register_variant("agent", AgentConfig, refusal=_refusal, build=_build)

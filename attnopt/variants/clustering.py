@@ -1,0 +1,139 @@
+"""Grouping tokens into fewer tokens: pooling, k-means and bipartite (ToMe-style) merging.
+
+All functions work on x (…, N, d) with a bool `valid` (…, N) and give each valid token a group
+in [0, n_groups) (invalid tokens get −1, so they never shape a group), with the groups' means
+and sizes. `split_outliers` then gives the tokens worst served by their group groups of their
+own. Everything is deterministic: no random init, ties broken by index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pooled_groups(valid: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """1-D adaptive pooling over the valid tokens only: the r-th valid token of c goes to ⌊r·n/c⌋."""
+    rank = valid.long().cumsum(-1) - 1
+    count = valid.sum(-1, keepdim=True).clamp_min(1)
+    return torch.where(valid, rank * n_groups // count, -1)
+
+
+def grid_groups(valid: torch.Tensor, height: int, width: int, rows: int, cols: int) -> torch.Tensor:
+    """2-D pooling of a row-major height × width grid into rows × cols cells (invalid tokens: −1)."""
+    row = torch.arange(height, device=valid.device) * rows // height
+    col = torch.arange(width, device=valid.device) * cols // width
+    cell = (row[:, None] * cols + col[None, :]).reshape(-1)
+    return torch.where(valid, cell, -1)
+
+
+def group_means(x: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (…, n, d) and size (…, n) of each group; an empty group has mean 0 and size 0."""
+    index = torch.where(groups < 0, n_groups, groups)  # invalid tokens go to a discarded extra group
+    sums = x.new_zeros(*x.shape[:-2], n_groups + 1, x.shape[-1])
+    sums.scatter_add_(-2, index.unsqueeze(-1).expand_as(x), x)
+    sizes = x.new_zeros(*x.shape[:-2], n_groups + 1).scatter_add_(-1, index, torch.ones_like(x[..., 0]))
+    sizes = sizes[..., :n_groups]
+    return sums[..., :n_groups, :] / sizes.clamp_min(1).unsqueeze(-1), sizes
+
+
+def nearest_groups(x: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor,
+                   candidates: torch.Tensor | None) -> torch.Tensor:
+    """Index of the nearest non-empty centroid (Euclidean) per token, among its candidates if given.
+
+    candidates (…, N, W): the centroid indices each token may join (local k-means); None: all.
+    """
+    if candidates is None:
+        scores = x @ centroids.transpose(-1, -2) - 0.5 * centroids.pow(2).sum(-1).unsqueeze(-2)
+        return scores.masked_fill((sizes <= 0).unsqueeze(-2), float("-inf")).argmax(-1)
+    n_tokens, window = candidates.shape[-2:]
+    flat = candidates.reshape(*candidates.shape[:-2], n_tokens * window)
+    chosen = centroids.gather(-2, flat.unsqueeze(-1).expand(*flat.shape, centroids.shape[-1]))
+    chosen = chosen.reshape(*candidates.shape, centroids.shape[-1])
+    scores = (x.unsqueeze(-2) * chosen).sum(-1) - 0.5 * chosen.pow(2).sum(-1)
+    scores = scores.masked_fill(sizes.gather(-1, flat).reshape(candidates.shape) <= 0, float("-inf"))
+    return candidates.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def kmeans(x: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor, n_groups: int, iterations: int,
+           candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means from the initial `groups`: centroids (…, n, d), sizes (…, n), groups (…, N).
+
+    A centroid that loses all its tokens keeps its place (it may win tokens back) with size 0.
+    """
+    centroids, sizes = group_means(x, groups, n_groups)
+    for _ in range(iterations):
+        groups = torch.where(valid, nearest_groups(x, centroids, sizes, candidates), -1)
+        new_centroids, sizes = group_means(x, groups, n_groups)
+        centroids = torch.where((sizes > 0).unsqueeze(-1), new_centroids, centroids)
+    return centroids, sizes, groups
+
+
+def bipartite_merge(x: torch.Tensor, valid: torch.Tensor,
+                    n_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge tokens down to n_groups by rounds of bipartite soft matching (as ToMe does).
+
+    Each round splits the current tokens alternately into sets A and B, links every token of A
+    to its most cosine-similar token of B, and merges the most similar links (at most |A| per
+    round) into their B token as size-weighted means. Invalid tokens are size-0 members of A
+    that are merged first, which drops them without moving anything. Returns means, sizes and
+    each original token's group.
+    """
+    sums = x * valid.unsqueeze(-1)
+    sizes = valid.to(x.dtype)
+    slot = torch.arange(x.shape[-2], device=x.device).expand(valid.shape)  # each token's current token
+    while sums.shape[-2] > n_groups:
+        a_sums, b_sums = sums[..., ::2, :], sums[..., 1::2, :]
+        a_sizes, b_sizes = sizes[..., ::2], sizes[..., 1::2]
+        n_merged = min(sums.shape[-2] - n_groups, a_sums.shape[-2])
+        similarity = F.normalize(a_sums, dim=-1) @ F.normalize(b_sums, dim=-1).transpose(-1, -2)
+        similarity = similarity.masked_fill((b_sizes <= 0).unsqueeze(-2), float("-inf"))
+        best_similarity, best_b = similarity.max(-1)
+        best_similarity = best_similarity.masked_fill(a_sizes <= 0, float("inf"))
+        order = best_similarity.argsort(dim=-1, descending=True, stable=True)
+        merged, kept = order[..., :n_merged], order[..., n_merged:]
+        target = best_b.gather(-1, merged)
+        moved = a_sums.gather(-2, merged.unsqueeze(-1).expand(*merged.shape, x.shape[-1]))
+        b_sums = b_sums.scatter_add(-2, target.unsqueeze(-1).expand_as(moved), moved)
+        b_sizes = b_sizes.scatter_add(-1, target, a_sizes.gather(-1, merged))
+        kept_sums = a_sums.gather(-2, kept.unsqueeze(-1).expand(*kept.shape, x.shape[-1]))
+        slot = _renumbered(slot, kept, merged, target, b_sums.shape[-2])
+        sums = torch.cat([kept_sums, b_sums], dim=-2)
+        sizes = torch.cat([a_sizes.gather(-1, kept), b_sizes], dim=-1)
+    return sums / sizes.clamp_min(1).unsqueeze(-1), sizes, torch.where(valid, slot, -1)
+
+
+def _renumbered(slot: torch.Tensor, kept: torch.Tensor, merged: torch.Tensor, target: torch.Tensor,
+                n_b: int) -> torch.Tensor:
+    """Token indices after a merge round: kept A tokens first (in `kept` order), then the B tokens."""
+    n_kept = kept.shape[-1]
+    new_a = torch.empty_like(slot[..., : kept.shape[-1] + merged.shape[-1]])
+    new_a.scatter_(-1, kept, torch.arange(n_kept, device=slot.device).expand_as(kept))
+    new_a.scatter_(-1, merged, n_kept + target)
+    new_b = (n_kept + torch.arange(n_b, device=slot.device)).expand(*slot.shape[:-1], n_b)
+    mapping = torch.stack([new_a[..., :n_b], new_b], dim=-1).flatten(-2)
+    if new_a.shape[-1] > n_b:  # an odd count: A holds the last token too
+        mapping = torch.cat([mapping, new_a[..., n_b:]], dim=-1)
+    return mapping.gather(-1, slot)
+
+
+def split_outliers(x: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor, centroids: torch.Tensor,
+                   n_outliers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give the n_outliers valid tokens farthest from their group's centroid a group of their own.
+
+    Returns means (…, n + n_outliers, d) and sizes: the groups recomputed without the outliers,
+    then the outliers themselves (size 1, or 0 where there were fewer valid tokens than that).
+    """
+    n_groups = centroids.shape[-2]
+    if n_outliers == 0:
+        means, sizes = group_means(x, groups, n_groups)
+        return torch.where((sizes > 0).unsqueeze(-1), means, centroids), sizes
+    own_centroid = centroids.gather(-2, groups.clamp_min(0).unsqueeze(-1).expand_as(x))
+    distance = (x - own_centroid).pow(2).sum(-1).masked_fill(groups < 0, -1.0)
+    outliers = distance.topk(n_outliers, dim=-1).indices
+    is_outlier = torch.zeros_like(valid).scatter(-1, outliers, True) & (groups >= 0)
+    means, sizes = group_means(x, torch.where(is_outlier, -1, groups), n_groups)
+    means = torch.where((sizes > 0).unsqueeze(-1), means, centroids)
+    outlier_tokens = x.gather(-2, outliers.unsqueeze(-1).expand(*outliers.shape, x.shape[-1]))
+    outlier_sizes = is_outlier.gather(-1, outliers).to(sizes.dtype)
+    return torch.cat([means, outlier_tokens], dim=-2), torch.cat([sizes, outlier_sizes], dim=-1)

@@ -1,0 +1,41 @@
+"""Exact attention: the site's own softmax attention computed by attnopt's op (never refused)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from attnopt.kernels import exact_attention
+
+from .registry import Example, register_variant
+from .site import SiteInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactConfig:
+    """Same function as the model's softmax attention; only the kernel changes."""
+
+    def cost_params(self, site_info: SiteInfo) -> dict:
+        """Parameters for attnopt.costmodel (exact has none)."""
+        return {}
+
+
+class ExactAttention(nn.Module):
+    """softmax(q kᵀ·scale + mask) v, with causality and dropout exactly as the site had them."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+                scale: float, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+        return exact_attention(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p)
+
+
+def _refusal(config: ExactConfig, site_info: SiteInfo) -> str | None:
+    return None
+
+
+def _build(config: ExactConfig, site_info: SiteInfo, example: Example | None) -> nn.Module:
+    return ExactAttention()
+
+
+register_variant("exact", ExactConfig, refusal=_refusal, build=_build)

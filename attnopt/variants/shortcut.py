@@ -1,0 +1,71 @@
+"""The V shortcut: a per-head mix of the reduced attention's output and a few nearby tokens' values.
+
+out_i = w₀·attention_i + Σ_o w_o·v_{i+o}   (o in `offsets`, e.g. −1, 0, +1; per head h)
+
+Agents and mediators summarise many queries, so they blur heads that look at fixed neighbours
+(BERT's previous/next-token heads, a token's own value). The shortcut gives such heads their
+neighbours back at N·e cost. The weights start as (1, 0, …) — no shortcut — and `fit` sets them
+by least squares against exact attention on example inputs (closed form, no training); they are
+an nn.Parameter so later calibration can move them. Positions i+o outside the sequence or on a
+masked key contribute nothing, so masked keys are never read. Only for self-attention (N == M).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnopt.kernels.exact_reference import repeat_kv_heads
+
+
+def shifted_values(values: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
+    """(…, N, e, len(offsets)): entry i of offset o is values_{i+o}, or 0 outside the sequence."""
+    n_tokens = values.shape[-2]
+    shifted = []
+    for offset in offsets:
+        kept = values[..., max(offset, 0):n_tokens + min(offset, 0), :]
+        shifted.append(F.pad(kept, (0, 0, max(-offset, 0), max(offset, 0))))
+    return torch.stack(shifted, dim=-1)
+
+
+class ValueShortcut(nn.Module):
+    """Learnable per-head weights of the attention output and of the values at fixed offsets."""
+
+    def __init__(self, n_heads: int, offsets: tuple[int, ...]):
+        super().__init__()
+        self.offsets = tuple(offsets)
+        initial = torch.zeros(n_heads, 1 + len(self.offsets))
+        initial[:, 0] = 1.0
+        self.weights = nn.Parameter(initial)
+
+    def features(self, attention_out: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """(B, H, N, e, 1 + len(offsets)): the attention output and the shifted values per query head.
+
+        v (B, Hkv, N, e) is read by query head h through kv head h // (H // Hkv); key_valid
+        (B or 1, H or 1, N) zeroes masked keys before shifting.
+        """
+        values = repeat_kv_heads(v, attention_out.shape[1]).to(attention_out.dtype)
+        if key_valid is not None:
+            values = values * key_valid.to(values.dtype).unsqueeze(-1)
+        return torch.cat([attention_out.unsqueeze(-1), shifted_values(values, self.offsets)], dim=-1)
+
+    def forward(self, attention_out: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        features = self.features(attention_out, v, key_valid)
+        return (features * self.weights.to(features.dtype)[:, None, None, :]).sum(-1)
+
+    @torch.no_grad()
+    def fit(self, attention_out: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+            target: torch.Tensor, query_valid: torch.Tensor, ridge: float = 1e-4) -> None:
+        """Least-squares weights per head so the shortcut's output best matches `target` (exact).
+
+        query_valid (B, H, N) picks the rows that count (padded queries do not). A small ridge,
+        relative to the features' scale, keeps the solve stable when a feature is all zero.
+        """
+        features = self.features(attention_out.float(), v.float(), key_valid)
+        rows = query_valid.to(features.dtype)[..., None, None]
+        gram = torch.einsum("bhnef,bhneg->hfg", features * rows, features)
+        moment = torch.einsum("bhnef,bhne->hf", features * rows, target.float())
+        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+        identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        self.weights.copy_(torch.linalg.solve(gram + ridge * scale[:, None, None] * identity, moment))

@@ -1,0 +1,85 @@
+"""What a variant needs to know about one attention site: shapes, mask kind, causality, token grid.
+
+The lead fills a `SiteInfo` from a detected site; variants read it to decide whether they apply
+(`refusal`) and how to build themselves (head counts, scale, the token grid for 2-D pooling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import torch
+
+PER_QUERY_MASK_KINDS = frozenset({"boolean", "additive"})
+"""Mask kinds (as the detector names them) that differ between query rows in no known pattern.
+
+"causal" is not among them: it comes with `causal=True`, which each variant judges on its own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGrid:
+    """Tokens laid out as an image: height × width patches, row-major, optionally after one class token."""
+
+    height: int
+    width: int
+    has_class_token: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return self.height * self.width + int(self.has_class_token)
+
+
+def infer_grid(n_tokens: int) -> TokenGrid | None:
+    """The square grid that `n_tokens` spells (h·h, or 1 + h·h with a class token), or None."""
+    for has_class_token in (False, True):
+        side = math.isqrt(n_tokens - int(has_class_token))
+        if side > 1 and side * side == n_tokens - int(has_class_token):
+            return TokenGrid(side, side, has_class_token)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteInfo:
+    """One attention site as the variants see it.
+
+    Shapes follow the canonical layout q (B, H, N, d), k (B, Hkv, M, d), v (B, Hkv, M, e).
+    mask_kind uses the detector's names: None, "key_padding" (one value per key), "causal",
+    "boolean" or "additive" (values that differ per query). dropout is the attention-dropout
+    probability the site applies (0 in eval mode). scale is the softmax scale (None: 1/√d).
+    grid is the token layout when known (vision models); self_attention None means "N == M".
+    """
+
+    B: int
+    H: int
+    Hkv: int
+    N: int
+    M: int
+    d: int
+    e: int
+    causal: bool = False
+    mask_kind: str | None = None
+    dropout: float = 0.0
+    dtype: torch.dtype = torch.float32
+    scale: float | None = None
+    grid: TokenGrid | None = None
+    self_attention: bool | None = None
+
+    @classmethod
+    def from_shape(cls, shape: Mapping[str, int], **fields) -> SiteInfo:
+        """From a report's shape dict {B, H, Hkv, N, M, d, e}; Hkv, M and e default to H, N and d."""
+        return cls(B=shape["B"], H=shape["H"], Hkv=shape.get("Hkv", shape["H"]), N=shape["N"],
+                   M=shape.get("M", shape["N"]), d=shape["d"], e=shape.get("e", shape["d"]), **fields)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.d**-0.5
+
+    @property
+    def is_self_attention(self) -> bool:
+        return self.self_attention if self.self_attention is not None else self.N == self.M
+
+    @property
+    def mask_varies_per_query(self) -> bool:
+        return self.mask_kind in PER_QUERY_MASK_KINDS

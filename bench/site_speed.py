@@ -1,0 +1,138 @@
+"""One attention site on CPU: torch SDPA against agent (64 agents) and linear (elu+1) attention.
+
+Timed, with H = 6, d = 64, B = 1, fp32 and torch.set_num_threads(2):
+- "module": what users get, the attnopt.variants site module — AgentConfig(agent_count=64,
+  selection="pool") with its defaults otherwise (agent bias, V shortcut), LinearConfig() (elu+1);
+- "op": the bare kernel op it calls — agent_attention with agents pooled from q
+  (1-D adaptive average pooling, timed too), linear_attention(feature_map="elu1").
+The gap between the two is the module's own overhead. Every ratio is SDPA's time over the
+variant's, measured in the same run: the candidates take turns, round after round, each repeated
+for a quarter second per turn, and each keeps its fastest call. The FLOP limit is
+SDPA's FLOPs over the variant's (attnopt.costmodel), the ratio a perfect implementation reaches.
+
+    python bench/site_speed.py                                # N = 1024, 4096, 16384
+    python bench/site_speed.py --lengths 1024 4096 --seconds 2  # quicker, for debugging
+
+The CPU linear_attention reference builds the N×M weight matrix, so linear is timed only up to
+--linear-max-length (4096: at 16384 that matrix alone is 6 GiB per copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from attnopt import costmodel
+from attnopt.kernels import agent_attention, linear_attention
+from attnopt.variants import AgentConfig, LinearConfig, SiteInfo, build_site_module
+
+HEADS, HEAD_DIM, N_AGENTS, THREADS = 6, 64, 64, 2
+TARGETS = {("agent module", 4096): 25.0, ("agent module", 16384): 100.0, ("linear module", 4096): 30.0}
+"""(candidate, N) → the speed-up over SDPA it must reach."""
+
+
+def interleaved_best_seconds(
+    runs: Mapping[str, Callable[[], object]], seconds: float, min_rounds: int = 3, slice_s: float = 0.25
+) -> dict[str, float]:
+    """Fastest time of each run, after one warm-up each.
+
+    Round after round, each run in turn is repeated for `slice_s` (at least once), until `seconds`
+    have passed and at least `min_rounds` rounds are done. Load from other processes then falls
+    on all runs alike, and quick runs get many chances at an undisturbed moment.
+    """
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, math.inf)
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_rounds or time.perf_counter() - start < seconds:
+        for name, run in runs.items():
+            slice_end = time.perf_counter() + slice_s
+            while True:
+                began = time.perf_counter()
+                run()
+                finished = time.perf_counter()
+                best[name] = min(best[name], finished - began)
+                if finished >= slice_end:
+                    break
+        rounds += 1
+    return best
+
+
+def pooled_agents(q: torch.Tensor, n_agents: int) -> torch.Tensor:
+    """(B, H, n, d): the means of n runs of consecutive queries (1-D adaptive average pooling)."""
+    batch, heads, length, dim = q.shape
+    flat = q.reshape(batch * heads, length, dim).transpose(1, 2)
+    return F.adaptive_avg_pool1d(flat, n_agents).transpose(1, 2).reshape(batch, heads, n_agents, dim)
+
+
+def site_runs(length: int, with_linear: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    """The candidates at one sequence length, each a closure over the same q, k, v."""
+    generator = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, generator=generator) for _ in range(3))
+    scale = HEAD_DIM**-0.5
+    site = SiteInfo.from_shape({"B": 1, "H": HEADS, "N": length, "d": HEAD_DIM}, scale=scale)
+    agent_module = build_site_module(AgentConfig(agent_count=N_AGENTS, selection="pool"), site)
+    runs = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale),
+        "agent module": lambda: agent_module(q, k, v, scale=scale),
+        "agent op": lambda: agent_attention(q, k, v, pooled_agents(q, N_AGENTS), scale=scale, agent_scale=scale),
+    }
+    if with_linear:
+        linear_module = build_site_module(LinearConfig(feature_map="elu1"), site)
+        runs["linear module"] = lambda: linear_module(q, k, v, scale=scale)
+        runs["linear op"] = lambda: linear_attention(q, k, v, feature_map="elu1")
+    return runs
+
+
+def flop_limits(length: int) -> dict[str, float]:
+    """SDPA's FLOPs over each variant's at this length: the speed-up a perfect implementation reaches."""
+    shape = {"B": 1, "H": HEADS, "N": length, "d": HEAD_DIM}
+    exact = costmodel.flops("exact", shape)
+    return {"agent": exact / costmodel.flops("agent", shape, n_agents=N_AGENTS), "linear": exact / costmodel.flops("linear", shape)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per length (at least 3 rounds)")
+    parser.add_argument("--linear-max-length", type=int, default=4096)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+
+    table = Table(title=f"attention site on CPU ({THREADS} threads, torch {torch.__version__}): B=1, H={HEADS}, d={HEAD_DIM}, fp32")
+    for column in ("N", "SDPA ms", "agent module ms (×)", "agent op ms (×)", "agent FLOP limit",
+                   "linear module ms (×)", "linear op ms (×)", "linear FLOP limit"):
+        table.add_column(column, justify="right")
+    verdicts = []
+    with torch.inference_mode():
+        for length in args.lengths:
+            best = interleaved_best_seconds(site_runs(length, length <= args.linear_max_length), args.seconds)
+            speedup = {name: best["sdpa"] / seconds for name, seconds in best.items()}
+
+            def cell(name: str) -> str:
+                return f"{best[name] * 1e3:.2f} ({speedup[name]:.1f}×)" if name in best else "not timed"
+
+            limits = flop_limits(length)
+            table.add_row(str(length), f"{best['sdpa'] * 1e3:.1f}", cell("agent module"), cell("agent op"),
+                          f"{limits['agent']:.0f}×", cell("linear module"), cell("linear op"), f"{limits['linear']:.0f}×")
+            verdicts += [
+                f"{name} at N={length}: {speedup[name]:.1f}× (target ≥ {target:.0f}×) "
+                + ("met" if speedup[name] >= target else "NOT met")
+                for (name, target_length), target in TARGETS.items()
+                if target_length == length and name in speedup
+            ]
+    console = Console(width=160)
+    console.print(table)
+    for verdict in verdicts:
+        console.print(verdict)
+
+
+if __name__ == "__main__":
+    main()

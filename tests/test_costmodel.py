@@ -1,0 +1,209 @@
+"""The cost model's formulas against hand counts and FlopCounterMode, its roofline, break-even and cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnopt import costmodel
+from attnopt.costmodel import DeviceProfile
+from attnopt.kernels import agent_attention, linear_attention
+
+SHAPE = {"B": 2, "H": 4, "Hkv": 2, "N": 96, "M": 80, "d": 32, "e": 16}
+COMPUTE_ONLY = DeviceProfile("compute only", matmul_flops_per_s=1e11, bandwidth_bytes_per_s=math.inf,
+                             elementwise_ops_per_s=math.inf, call_overhead_s=0.0)
+REALISTIC = DeviceProfile("cpu-like", matmul_flops_per_s=1e11, bandwidth_bytes_per_s=2e10,
+                          elementwise_ops_per_s=2e9, call_overhead_s=5e-6)
+
+
+def qkv(shape: dict[str, int], dtype: torch.dtype = torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(shape["B"], shape["H"], shape["N"], shape["d"]), (shape["B"], shape["Hkv"], shape["M"], shape["d"]),
+             (shape["B"], shape["Hkv"], shape["M"], shape["e"])]
+    return [torch.randn(size, generator=generator, dtype=dtype) for size in sizes]
+
+
+def test_exact_flops_are_two_per_multiply_add_of_both_matmuls():
+    assert costmodel.flops("exact", SHAPE) == 2 * 2 * 4 * 96 * 80 * (32 + 16)
+
+
+def test_exact_flops_equal_flop_counter_of_plain_softmax_attention_and_sdpa():
+    q, k, v = qkv(SHAPE)
+    k, v = (x.repeat_interleave(SHAPE["H"] // SHAPE["Hkv"], dim=1) for x in (k, v))
+
+    def plain():
+        return torch.softmax(q @ k.transpose(-1, -2) * SHAPE["d"] ** -0.5, dim=-1) @ v
+
+    expected = costmodel.flops("exact", SHAPE)
+    assert costmodel.count_flops(plain) == expected
+    assert costmodel.count_flops(F.scaled_dot_product_attention, q, k, v) == expected
+
+
+def test_two_stage_flops_equal_flop_counter_of_the_agent_kernel():
+    q, k, v = qkv(SHAPE)
+    agents = q[:, :, :8]
+    counted = costmodel.count_flops(agent_attention, q, k, v, agents, scale=0.2, agent_scale=0.2)
+    assert costmodel.flops("mediator", SHAPE, n_mediators=8) == counted
+    assert costmodel.flops("agent", SHAPE, n_agents=8, selection="pool") == counted  # pooling is no matmul
+
+
+@pytest.mark.parametrize("normalization", ["sum", "inline"])
+def test_linear_flops_equal_flop_counter_of_the_linear_kernel(normalization):
+    shape = {**SHAPE, "Hkv": SHAPE["H"]}
+    q, k, v = qkv(shape)
+    counted = costmodel.count_flops(linear_attention, q, k, v, normalization=normalization)
+    assert costmodel.flops("linear", shape, normalization=normalization) == counted
+
+
+def test_agent_flops_by_hand_with_global_kmeans():
+    n_agents, iterations = 8, 2
+    b_h = SHAPE["B"] * SHAPE["H"]
+    two_stages = 2 * b_h * n_agents * (SHAPE["M"] + SHAPE["N"]) * (SHAPE["d"] + SHAPE["e"])
+    distances = iterations * 2 * b_h * SHAPE["N"] * n_agents * SHAPE["d"]
+    params = {"n_agents": n_agents, "selection": "kmeans", "kmeans_iterations": iterations}
+    assert costmodel.flops("agent", SHAPE, **params) == two_stages + distances
+
+
+def test_bytes_of_fused_exact_are_q_k_v_and_o_and_unfused_adds_four_passes_over_the_scores():
+    b, h, hkv, n, m, d, e = (SHAPE[key] for key in ("B", "H", "Hkv", "N", "M", "d", "e"))
+    tensors = b * (h * n * d + hkv * m * d + hkv * m * e + h * n * e)
+    assert costmodel.bytes_moved("exact", SHAPE) == 4 * tensors
+    assert costmodel.bytes_moved("exact", SHAPE, dtype=torch.bfloat16) == 2 * tensors
+    assert costmodel.bytes_moved("exact", SHAPE, fused=False) == 4 * tensors + 4 * 4 * b * h * n * m
+
+
+def test_hkv_m_and_e_default_to_h_n_and_d():
+    short = {"B": 1, "H": 3, "N": 64, "d": 16}
+    full = {**short, "Hkv": 3, "M": 64, "e": 16}
+    for variant, params in [("exact", {}), ("agent", {"n_agents": 4}), ("linear", {})]:
+        assert costmodel.flops(variant, short, **params) == costmodel.flops(variant, full, **params)
+
+
+def test_an_unset_token_count_and_an_unknown_name_are_reported():
+    with pytest.raises(ValueError, match="n"):
+        costmodel.flops("agent", SHAPE)
+    with pytest.raises(KeyError, match="attention variant"):
+        costmodel.flops("sparse", SHAPE)
+    with pytest.raises(KeyError, match="feature map"):
+        costmodel.flops("linear", SHAPE, feature_map="cosine")
+
+
+def test_estimate_is_the_roofline_of_the_formula():
+    cost = costmodel.formula("agent", n_agents=8)
+    flops, ops, moved, calls = (costmodel._evaluate(term, SHAPE, torch.float32) for term in
+                                (cost.flops, cost.elementwise_ops, cost.bytes_moved, cost.kernel_calls))
+    compute = flops / REALISTIC.matmul_flops_per_s + ops / REALISTIC.elementwise_ops_per_s
+    memory = moved / REALISTIC.bandwidth_bytes_per_s
+    expected = max(compute, memory) + calls * REALISTIC.call_overhead_s
+    assert costmodel.estimate_seconds("agent", SHAPE, REALISTIC, n_agents=8) == pytest.approx(expected)
+
+
+def test_memory_bound_work_is_timed_by_bandwidth():
+    slow_memory = DeviceProfile("slow memory", 1e15, 1e6, 1e15, 0.0)
+    seconds = costmodel.estimate_seconds("exact", SHAPE, slow_memory, fused=False)
+    assert seconds == pytest.approx(costmodel.bytes_moved("exact", SHAPE, fused=False) / 1e6)
+
+
+def test_non_attention_flops_are_counted_and_timed_by_the_same_roofline():
+    layer = torch.nn.Linear(64, 32)
+    counted = costmodel.count_flops(layer, torch.randn(10, 64))
+    assert counted == 2 * 10 * 64 * 32
+    assert costmodel.roofline_seconds(counted, device=COMPUTE_ONLY) == pytest.approx(counted / 1e11)
+
+
+@pytest.mark.parametrize("n_agents", [16, 64])
+def test_agent_pays_off_on_flops_once_n_is_below_half_of_n(n_agents):
+    shape = {"B": 1, "H": 6, "d": 64}
+    assert costmodel.break_even_length("agent", shape, COMPUTE_ONLY, n_agents=n_agents) == 2 * n_agents + 1
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_linear_pays_off_on_flops_once_n_exceeds_d(head_dim):
+    # 2N²(d+e) against 4N(de + d) with e = d: faster from N > d + 1
+    shape = {"B": 1, "H": 6, "d": head_dim}
+    assert costmodel.break_even_length("linear", shape, COMPUTE_ONLY) == head_dim + 2
+
+
+@pytest.mark.parametrize(
+    "variant, params",
+    [
+        ("agent", {"n_agents": 64}),
+        ("agent", {"n_agents": 32, "selection": "kmeans", "kmeans_window": 9}),
+        ("agent", {"n_agents": 64, "selection": "bipartite"}),  # a log of N in its call count
+        ("mediator", {"n_mediators": 128, "shortcut_offsets": (-1, 0, 1)}),
+        ("linear", {"feature_map": "focused"}),
+    ],
+)
+def test_break_even_is_where_the_estimates_cross(variant, params):
+    shape = {"B": 1, "H": 6, "d": 64}
+    length = costmodel.break_even_length(variant, shape, REALISTIC, **params)
+
+    def faster(n: int) -> bool:
+        at = {**shape, "N": n}
+        return costmodel.estimate_seconds(variant, at, REALISTIC, **params) < costmodel.estimate_seconds("exact", at, REALISTIC)
+
+    assert length is not None and length > 1
+    assert faster(length) and not faster(length - 1)
+    assert all(faster(length * factor) for factor in (2, 10, 1000))
+
+
+def test_a_variant_that_is_never_faster_has_no_break_even():
+    assert costmodel.break_even_length("exact", {"B": 1, "H": 6, "d": 64}, REALISTIC, fused=False) is None
+
+
+@pytest.fixture
+def counted_measurements(monkeypatch, tmp_path):
+    """Profiles cached under tmp_path; measuring returns REALISTIC and is counted."""
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_measure(device, dtype=torch.float32):
+        calls.append(device)
+        return REALISTIC
+
+    monkeypatch.setattr(costmodel, "measure_device", fake_measure)
+    return calls
+
+
+def test_profile_is_measured_once_then_read_from_the_cache(counted_measurements, tmp_path):
+    assert costmodel.device_profile("cpu") == REALISTIC
+    assert costmodel.device_profile("cpu") == REALISTIC
+    assert len(counted_measurements) == 1
+    path = costmodel.cache_path(torch.device("cpu"))
+    assert path.parent == tmp_path and path.name.startswith("device-")
+    assert json.loads(path.read_text())["matmul_flops_per_s"] == REALISTIC.matmul_flops_per_s
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"name": "cpu"}', "[]"])
+def test_an_unreadable_cache_file_is_measured_again_and_rewritten(counted_measurements, content):
+    path = costmodel.cache_path(torch.device("cpu"))
+    path.write_text(content)
+    assert costmodel.device_profile("cpu") == REALISTIC
+    assert len(counted_measurements) == 1
+    assert DeviceProfile(**json.loads(path.read_text())) == REALISTIC
+
+
+def test_cache_files_differ_by_dtype_and_thread_count():
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    first = costmodel.cache_path(cpu)
+    try:
+        torch.set_num_threads(threads + 1)
+        assert costmodel.cache_path(cpu) != first
+    finally:
+        torch.set_num_threads(threads)
+    assert costmodel.cache_path(cpu, torch.bfloat16) != first
+
+
+def test_measuring_the_cpu_is_quick_and_gives_positive_rates():
+    start = time.perf_counter()
+    profile = costmodel.measure_device(torch.device("cpu"))
+    assert time.perf_counter() - start < 2.0
+    rates = (profile.matmul_flops_per_s, profile.bandwidth_bytes_per_s, profile.elementwise_ops_per_s)
+    assert all(math.isfinite(rate) and rate > 0 for rate in rates)
+    assert 0 < profile.call_overhead_s < 1e-3
