@@ -1,18 +1,50 @@
 """attnopt: find every softmax attention in a PyTorch model, audit it, and rewrite it.
 
     report = attnopt.inspect(model, args=(x,))
-    fast = attnopt.rewrite(model, "exact", args=(x,))
+    exact = attnopt.rewrite(model, "exact", args=(x,))
+    fast = attnopt.optimize(model, budget=0.5, args=(x,))      # or attnopt.Budget(max_error=0.05)
     attnopt.report_of(fast)
-    torch.compile(model, backend="attnopt")
+    torch.compile(model, backend="attnopt", options={"budget": 0.5})
 """
 
 import torch._dynamo
 
-from .api import AttnoptModule, attnopt_backend, inspect, report_of, rewrite
+from .api import AttnoptModule, attnopt_backend, inspect, optimize, report_of, rewrite
 from .backend import AttnoptError
-from .report import Decision, Report, Site
+from .planner import Budget, BudgetError, BudgetNotMetWarning
+from .report import Decision, GraphPlan, Report, Site
+from .variants import (
+    AgentConfig,
+    ExactConfig,
+    LinearConfig,
+    MediatorConfig,
+    MediatorSchedule,
+    mediator_count,
+    mediator_timestep,
+)
 
 if "attnopt" not in torch._dynamo.list_backends(exclude_tags=()):
     torch._dynamo.register_backend(attnopt_backend, name="attnopt")
 
-__all__ = ["AttnoptError", "AttnoptModule", "Decision", "Report", "Site", "inspect", "report_of", "rewrite"]
+__all__ = [
+    "AgentConfig",
+    "AttnoptError",
+    "AttnoptModule",
+    "Budget",
+    "BudgetError",
+    "BudgetNotMetWarning",
+    "Decision",
+    "ExactConfig",
+    "GraphPlan",
+    "LinearConfig",
+    "MediatorConfig",
+    "MediatorSchedule",
+    "Report",
+    "Site",
+    "inspect",
+    "mediator_count",
+    "mediator_timestep",
+    "optimize",
+    "report_of",
+    "rewrite",
+]

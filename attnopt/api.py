@@ -1,18 +1,20 @@
-"""The public verbs: inspect, rewrite, report_of, and the `attnopt` torch.compile backend."""
+"""The public verbs: inspect, rewrite, optimize, report_of, and the `attnopt` torch.compile backend."""
 
 from __future__ import annotations
 
-import functools
+import inspect as python_inspect
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .backend import AttnoptBackend, AttnoptError, exact_decider
+from .backend import AttnoptBackend, AttnoptError
 from .capture import CompiledCall, capture
+from .planner import Budget
+from .policies import BudgetPolicy, ExactPolicy, Policy, VariantPolicy
 from .report import Report
-
-_DECIDERS: dict[str, Callable] = {"exact": exact_decider}
+from .variants import config_for, mediator_timestep
 
 
 def inspect(model: nn.Module | Callable, args: tuple = (), kwargs: dict | None = None) -> Report:
@@ -25,37 +27,113 @@ class AttnoptModule(nn.Module):
 
     The original module is held, not copied: parameters are shared and the original is not
     modified. Graphs are compiled per input signature on first use (decisions are per shape).
+    When the model's forward takes a `timestep` argument (diffusers), each call runs inside
+    `mediator_timestep(timestep)`, so mediator sites follow their schedule.
     """
 
-    def __init__(self, model: nn.Module, backend: AttnoptBackend):
+    def __init__(self, model: nn.Module, backend: AttnoptBackend, timestep_arg: str | None = "timestep"):
         super().__init__()
         self.model = model
         object.__setattr__(self, "_attnopt_backend", backend)
         object.__setattr__(self, "_attnopt_call", CompiledCall(model, backend))
+        object.__setattr__(self, "_timestep_arg", timestep_arg if _takes(model, timestep_arg) else None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._attnopt_call(*args, **kwargs)
+        timestep = self._timestep(args, kwargs)
+        if timestep is None:
+            return self._attnopt_call(*args, **kwargs)
+        with mediator_timestep(timestep):
+            return self._attnopt_call(*args, **kwargs)
+
+    def _timestep(self, args: tuple, kwargs: dict) -> Any:
+        if self._timestep_arg is None:
+            return None
+        try:
+            bound = python_inspect.signature(self.model.forward).bind_partial(*args, **kwargs)
+        except TypeError:
+            return None
+        return bound.arguments.get(self._timestep_arg)
 
 
-def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: dict | None = None,
-            **variant_params: Any) -> AttnoptModule:
-    """Rewrite every rewritable site of `model` into `variant` (e.g. "exact").
+def _takes(model: nn.Module, name: str | None) -> bool:
+    if name is None:
+        return False
+    try:
+        return name in python_inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
-    `args`/`kwargs` are example inputs: the model is run on them once, so the returned module's
-    report is filled and its first shape is compiled.
-    """
-    if variant not in _DECIDERS:
-        raise AttnoptError(f"unknown variant {variant!r}; known: {', '.join(sorted(_DECIDERS))}.")
+
+def _check_model(model: Any, verb: str) -> None:
     if not isinstance(model, nn.Module):
-        raise AttnoptError(f"attnopt.rewrite needs an nn.Module, got {type(model).__name__}.")
-    decider = _DECIDERS[variant]
-    if variant_params:
-        decider = functools.partial(decider, **variant_params)
-    wrapped = AttnoptModule(model, AttnoptBackend(decider=decider, name=variant))
+        raise AttnoptError(f"attnopt.{verb} needs an nn.Module, got {type(model).__name__}.")
+
+
+def _variant_policy(variant: str, params: dict[str, Any], device: Any = None) -> Policy:
+    if variant == "exact":
+        if params:
+            raise AttnoptError(f"the exact variant takes no parameters, got {sorted(params)}.")
+        return ExactPolicy()
+    try:
+        return VariantPolicy(config_for(variant, **params), device=device)
+    except KeyError as unknown:
+        raise AttnoptError(str(unknown.args[0])) from None
+    except (TypeError, ValueError) as bad:
+        raise AttnoptError(f"bad parameters for the {variant} variant: {bad}") from None
+
+
+def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, timestep_arg: str | None) -> AttnoptModule:
+    wrapped = AttnoptModule(model, AttnoptBackend(policy), timestep_arg)
     if args or kwargs:
         with torch.random.fork_rng(devices=[]):
             wrapped(*args, **(kwargs or {}))
     return wrapped
+
+
+def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: dict | None = None,
+            **variant_params: Any) -> AttnoptModule:
+    """Rewrite every rewritable site of `model` into `variant` ("exact", "agent", "linear", "mediator").
+
+    `variant_params` are the variant's config fields (e.g. agent_fraction=0.1). A site the
+    variant cannot stand in for keeps its softmax, with the reason in its decision.
+    `args`/`kwargs` are example inputs: the model is run on them once, so the returned module's
+    report is filled and its first shape is compiled (and, for agent and mediator, calibrated).
+    """
+    _check_model(model, "rewrite")
+    return _wrap(model, _variant_policy(variant, variant_params), args, kwargs, "timestep")
+
+
+def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs: dict | None = None, *,
+             candidates: Sequence[Any] | None = None, strict: bool = False, device: Any = None,
+             timestep_arg: str | None = "timestep") -> AttnoptModule:
+    """Rewrite `model`'s attention so its whole forward meets `budget` at the least measured error.
+
+    budget: a fraction of the original's predicted forward time (0.5 = twice as fast), or an
+        `attnopt.Budget(time=, flops=, max_error=)`.
+    candidates: variant configs to choose from at each site (default: attnopt.candidates.default_candidates).
+    strict: raise `BudgetError` when the budget cannot be met (else warn and take the fastest plan).
+    device: a device or `costmodel.DeviceProfile` to price candidates for (default: where the inputs are).
+    timestep_arg: the forward argument holding a diffusion timestep, for mediator schedules.
+
+    Each new input signature is planned on its first call, on that call's inputs: their q, k, v
+    at every site measure each candidate's error. The report (`report_of`) lists every decision
+    and the plan per shape.
+    """
+    _check_model(model, "optimize")
+    policy = BudgetPolicy(_budget(budget), candidates, strict=strict, device=device)
+    return _wrap(model, policy, args, kwargs, timestep_arg)
+
+
+def _budget(budget: Any) -> Budget:
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise AttnoptError(f"budget must be a number (a fraction of the original's time) or an attnopt.Budget, "
+                           f"got {type(budget).__name__}.")
+    try:
+        return Budget(time=float(budget))
+    except ValueError as bad:
+        raise AttnoptError(str(bad)) from None
 
 
 _RECENT: list[AttnoptBackend] = []
@@ -76,13 +154,31 @@ def report_of(module: Any) -> Report:
     raise AttnoptError(f"{type(module).__name__} was not produced by attnopt, so it has no report.")
 
 
-def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
-    """`torch.compile(model, backend="attnopt", options={...})`: exact rewrite by default."""
-    options = dict(options or {})
+def _policy_from_options(options: dict[str, Any]) -> Policy:
+    """A policy from torch.compile options: {"budget": 0.5, "candidates": [...], "strict": True,
+    "device": ...} plans; {"variant": "agent", **params} rewrites one variant; {} is exact."""
+    options = dict(options)
+    if "budget" in options:
+        if "variant" in options:
+            raise AttnoptError("give either a budget or a variant in the attnopt options, not both.")
+        budget = _budget(options.pop("budget"))
+        known = {"candidates", "strict", "device"}
+        if set(options) - known:
+            raise AttnoptError(f"unknown attnopt options {sorted(set(options) - known)}; with a budget: {sorted(known)}.")
+        return BudgetPolicy(budget, **options)
     variant = options.pop("variant", "exact")
-    if variant not in _DECIDERS:
-        raise AttnoptError(f"unknown variant {variant!r}; known: {', '.join(sorted(_DECIDERS))}.")
-    key = hash((variant, tuple(sorted((k, repr(v)) for k, v in options.items()))))
+    return _variant_policy(variant, options)
+
+
+def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
+    """`torch.compile(model, backend="attnopt", options={...})`: exact rewrite by default.
+
+    Options: {"budget": 0.5 or attnopt.Budget(...), "candidates", "strict", "device"} plans under
+    a budget; {"variant": "agent", **params} rewrites into one variant. One backend (and report)
+    is kept per model and options, so recompiles add to the same report.
+    """
+    options = dict(options or {})
+    key = hash(tuple(sorted((k, repr(v)) for k, v in options.items())))
     parameter_ids = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
     backend = None
     for candidate in reversed(_RECENT):
@@ -90,8 +186,7 @@ def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options
             backend = candidate
             break
     if backend is None:
-        decider = _DECIDERS[variant]
-        backend = AttnoptBackend(decider=functools.partial(decider, **options) if options else decider, name=variant)
+        backend = AttnoptBackend(_policy_from_options(options))
         backend.options_key = key
         _RECENT.append(backend)
         del _RECENT[:-64]

@@ -80,7 +80,7 @@ def capture(model: nn.Module | Callable, args: tuple = (), kwargs: dict | None =
         raise AttnoptError(f"`args` must be a tuple of positional inputs, got {type(args).__name__}.")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise AttnoptError(f"`kwargs` must be a dict of keyword inputs, got {type(kwargs).__name__}.")
-    backend = backend or AttnoptBackend(decider=None)
+    backend = backend or AttnoptBackend(None)
     with torch.random.fork_rng(devices=[]):
         CompiledCall(model, backend)(*args, **(kwargs or {}))
     return backend

@@ -28,6 +28,38 @@ class Decision:
     est_seconds_after: float | None = None
     error: float | None = None
     candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Every variant considered here: params, est_seconds, flops, measured error, the sequence
+    length from which it is predicted to pay off (`pays_off_from_N`), or why it was `refused`."""
+    reason: str | None = None
+    """Why this variant (e.g. why softmax was kept)."""
+
+
+@dataclasses.dataclass
+class GraphPlan:
+    """What was decided for one captured graph at one input signature, and its whole-graph totals.
+
+    Seconds are the cost model's predictions for the whole graph (attention sites plus the rest,
+    from FlopCounterMode); `output_error` is measured: the relative difference of the rewritten
+    graph's outputs from the original's on the call's real inputs.
+    """
+
+    graph: int
+    signature: str
+    policy: str
+    budget: str | None
+    budget_met: bool | None
+    seconds_before: float | None = None
+    seconds_after: float | None = None
+    flops_before: float | None = None
+    flops_after: float | None = None
+    total_error: float | None = None
+    output_error: float | None = None
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        if not self.seconds_before or not self.seconds_after:
+            return None
+        return self.seconds_before / self.seconds_after
 
 
 @dataclasses.dataclass
@@ -68,7 +100,15 @@ class Report:
     graphs: int = 0
     graph_breaks: list[str] = dataclasses.field(default_factory=list)
     budget_met: bool | None = None
+    """False when any graph's plan missed its budget; None when nothing was planned."""
     notes: list[str] = dataclasses.field(default_factory=list)
+    plans: list[GraphPlan] = dataclasses.field(default_factory=list)
+    """One per (graph, input signature) that was decided: a new input shape is planned anew."""
+
+    def add_plan(self, plan: GraphPlan) -> None:
+        self.plans.append(plan)
+        verdicts = [p.budget_met for p in self.plans if p.budget_met is not None]
+        self.budget_met = all(verdicts) if verdicts else None
 
     @property
     def rewritable(self) -> list[Site]:
@@ -84,6 +124,7 @@ class Report:
             "graph_breaks": list(self.graph_breaks),
             "budget_met": self.budget_met,
             "notes": list(self.notes),
+            "plans": [dataclasses.asdict(p) for p in self.plans],
             "sites": [s.to_dict() for s in self.sites],
         }
 
@@ -101,6 +142,9 @@ class Report:
                 decision = site.decision.variant
                 if site.decision.error is not None:
                     decision += f" (err {site.decision.error:.2e})"
+                before, after = site.decision.est_seconds_before, site.decision.est_seconds_after
+                if before and after and site.decision.variant != "softmax":
+                    decision += f", {before / after:.1f}x est."
             else:
                 decision = "-"
             table.add_row(
@@ -118,6 +162,15 @@ class Report:
             lines.append(f"graph breaks: {len(self.graph_breaks)}")
             lines.extend(f"  - {reason}" for reason in self.graph_breaks)
         lines.extend(f"note: {note}" for note in self.notes)
+        for plan in self.plans:
+            line = f"plan: graph {plan.graph} at {plan.signature or 'no tensor inputs'}: {plan.policy}"
+            if plan.budget is not None:
+                line += f" {plan.budget}, met: {plan.budget_met}"
+            if plan.predicted_speedup is not None:
+                line += f", predicted {plan.predicted_speedup:.2f}x faster"
+            if plan.output_error is not None:
+                line += f", output error {plan.output_error:.2e}"
+            lines.append(line)
         if self.budget_met is not None:
             lines.append(f"budget met: {self.budget_met}")
         return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""Run one captured graph on the call's real inputs and record what reaches each attention site.
+
+Choosing a variant needs numbers only a real run gives: each site's q, k, v and mask in the
+canonical layout (to measure each candidate's error, and to initialise mediators and calibrate
+shortcuts), and the FLOPs of the whole graph (so a budget is a fraction of the whole forward,
+not of attention alone). `analyse` gets both in one run: every rewritable site is replaced by a
+`RecordingAttention` (attnopt's exact op, which keeps its inputs and output) and the graph runs
+under FlopCounterMode. The sites were verified to be exact, so this run computes what the
+original graph computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from attnopt.kernels import exact_attention
+from attnopt.passes.detect import SiteMatch
+from attnopt.passes.rewrite import rewrite
+
+from .report import Site
+from .site_call import SITE_CALLS
+
+
+@dataclasses.dataclass
+class SiteCapture:
+    """What one site received on the real inputs, in the canonical (B, H, N, d) layout."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    scale: float
+    causal: bool
+    dropout_p: float
+    output: torch.Tensor
+    """The exact attention output, the reference every candidate's error is measured against."""
+
+
+class RecordingAttention(nn.Module):
+    """Exact attention that keeps (detached) the canonical inputs and output of its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capture: SiteCapture | None = None
+
+    def forward(self, q, k, v, *, mask=None, scale: float, causal: bool = False, dropout_p: float = 0.0):
+        out = exact_attention(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p)
+        if self.capture is None:
+            self.capture = SiteCapture(q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(),
+                                       float(scale), bool(causal), float(dropout_p), out.detach())
+        return out
+
+
+def run_graph(gm: fx.GraphModule, args: tuple[Any, ...], mutated: set[int]) -> Any:
+    """Run `gm` on `args` without changing anything the caller can see.
+
+    Inputs the graph writes to in place are cloned first, autograd is off, and the global RNG is
+    forked and seeded, so two runs draw the same dropout masks and the user's RNG stream is untouched.
+    """
+    inputs = [a.clone() if i in mutated else a for i, a in enumerate(args)]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return gm(*inputs)
+
+
+@dataclasses.dataclass
+class Analysis:
+    """One analysing run of a graph: per-site captures, the graph's FLOPs and its outputs."""
+
+    captures: dict[int, SiteCapture]
+    total_flops: int
+    outputs: Any
+
+
+def rewritten_copy(canonical: fx.GraphModule, replacements: list[tuple[SiteMatch, nn.Module, int]]) -> fx.GraphModule:
+    """A copy of `canonical` with the `(match, site_call, site_id)` replacements applied.
+
+    The matches point at nodes of `canonical`; node names are unique within a graph, so each
+    match is carried over to the copy by name. `canonical` itself is left as it was.
+    """
+    work = fx.GraphModule(canonical, copy.deepcopy(canonical.graph))
+    by_name = {node.name: node for node in work.graph.nodes}
+
+    def carry(value: Any) -> Any:
+        return by_name[value.name] if isinstance(value, fx.Node) else value
+
+    moved = [(dataclasses.replace(match, anchor=carry(match.anchor), output=carry(match.output),
+                                  inputs=[carry(i) for i in match.inputs]), call, site_id)
+             for match, call, site_id in replacements]
+    return rewrite(work, moved)
+
+
+def analyse(canonical: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],
+            sites: list[tuple[Site, SiteMatch]]) -> Analysis:
+    """Record every listed site while running a rewritten copy of `canonical` on the real `args`."""
+    recorders = {site.id: RecordingAttention() for site, _ in sites}
+    work = rewritten_copy(canonical, [(match, SITE_CALLS[match.kind](recorders[site.id], match.recipe, site.id),
+                                       site.id) for site, match in sites])
+    with FlopCounterMode(display=False) as counter:
+        outputs = run_graph(work, args, mutated)
+    captures = {site_id: recorder.capture for site_id, recorder in recorders.items() if recorder.capture is not None}
+    return Analysis(captures, counter.get_total_flops(), outputs)

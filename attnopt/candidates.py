@@ -1,0 +1,215 @@
+"""Turn a captured site into priced, measured candidates for the planner.
+
+For each variant config: refuse it (with the variant's own sentence) or build its site module
+from the captured example, measure its relative error against the exact output at that site,
+and price it with the cost model — predicted seconds, FLOPs and the sequence length from which
+it pays off. The site's original attention is the baseline: error 0, priced as fused when the
+model called a fused kernel (SDPA, MultiheadAttention) and as three kernels when it wrote the
+matmuls out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch._library.custom_ops import _maybe_get_opdef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import costmodel
+from .analysis import SiteCapture
+from .planner import Candidate
+from .report import Site
+from .variants import (
+    AgentConfig,
+    ExactConfig,
+    LinearConfig,
+    MediatorConfig,
+    SiteInfo,
+    build_site_module,
+    handler_for,
+    infer_grid,
+    mask_kind_of,
+    refusal,
+)
+
+FUSED_FORMS = frozenset({"sdpa", "mha", "encoder-layer"})
+"""Site forms whose original attention is one fused kernel call."""
+
+BASELINE = "softmax"
+
+
+def site_info_of(site: Site, capture: SiteCapture) -> SiteInfo:
+    """The variants' view of a site, from the tensors it really received.
+
+    The mask kind is read from the captured mask itself (transformers' (B, 1, N, M) padding mask
+    is "key_padding", not a per-query mask); a mask that is exactly causal makes the site causal.
+    """
+    q, k, v = capture.q, capture.k, capture.v
+    mask_kind = mask_kind_of(capture.mask)
+    causal = capture.causal or mask_kind == "causal"
+    return SiteInfo(B=q.shape[0], H=q.shape[1], Hkv=k.shape[1], N=q.shape[2], M=k.shape[2], d=q.shape[3],
+                    e=v.shape[3], causal=causal, mask_kind="causal" if causal else mask_kind,
+                    dropout=capture.dropout_p, dtype=q.dtype, scale=capture.scale)
+
+
+def shape_of(info: SiteInfo) -> dict[str, int]:
+    return {"B": info.B, "H": info.H, "Hkv": info.Hkv, "N": info.N, "M": info.M, "d": info.d, "e": info.e}
+
+
+def default_candidates(info: SiteInfo) -> list[Any]:
+    """The variant configs `optimize` tries at a site when the caller gives none.
+
+    Agent attention at several agent fractions (and pooled on the token grid when N spells one),
+    linear attention with each fixed feature map, mediators at two counts, and attnopt's exact op.
+    Measured error then decides which of them is faithful enough for this model.
+    """
+    configs: list[Any] = [ExactConfig()]
+    grid = infer_grid(info.N) is not None
+    for fraction in (0.25, 0.2, 0.1, 0.05, 0.02):
+        configs.append(AgentConfig(agent_fraction=fraction))
+        if grid:
+            configs.append(AgentConfig(agent_fraction=fraction, infer_grid=True))
+    configs += [LinearConfig(feature_map=name) for name in ("focused", "elu1", "relu")]
+    configs += [MediatorConfig(n_mediators=count) for count in (64, 16)]
+    return configs
+
+
+def variant_name(config: Any) -> str:
+    return handler_for(config).name
+
+
+def params_of(config: Any) -> dict[str, Any]:
+    """A config's fields as plain data for reports."""
+    return dataclasses.asdict(config)
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖output − reference‖ / ‖reference‖ over the rows where the reference is finite.
+
+    Fully masked rows are NaN in softmax attention; they are left out of both norms.
+    A candidate producing non-finite values where the reference is finite gets an infinite error.
+    """
+    output, reference = output.float(), reference.float()
+    rows = reference.isfinite().all(-1, keepdim=True)
+    difference = torch.where(rows, output - reference, 0)
+    if not bool(difference.isfinite().all()):
+        return float("inf")
+    norm = torch.linalg.vector_norm(torch.where(rows, reference, 0)).clamp_min(1e-30)
+    return (torch.linalg.vector_norm(difference) / norm).item()
+
+
+class CausalMaskAttention(nn.Module):
+    """Calls a variant with causal=True where the site spelled causality as a tril mask.
+
+    Matmul sites hand their causal mask over as a mask only; variants that handle causality
+    (linear attention's running sums) need to be told, and still receive the mask for padding.
+    """
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, q, k, v, *, mask=None, scale: float, causal: bool = False, dropout_p: float = 0.0):
+        return self.attention(q, k, v, mask=mask, scale=scale, causal=True, dropout_p=dropout_p)
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the aten ops that compute something (views and metadata ops excluded).
+
+    The cost model's per-call term is only honest with the number of kernels a module really
+    launches, which its formula can only guess; counting them on the built module measures it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        definition = _maybe_get_opdef(func) if func.namespace == "attnopt" else None
+        if definition is not None:  # attnopt's own ops: count the kernels their body launches
+            with self:
+                return definition._init_fn(*args, **kwargs)
+        if not _is_metadata(func):
+            self.calls += 1
+        return func(*args, **kwargs)
+
+
+def _is_metadata(func: Any) -> bool:
+    return func.is_view or func.__name__.split(".")[0] in _METADATA_OPS
+
+
+_METADATA_OPS = frozenset({"view", "_unsafe_view", "expand", "t", "transpose", "permute", "unsqueeze", "squeeze",
+                           "detach", "alias", "slice", "select", "as_strided", "lift_fresh", "sym_size", "sym_stride",
+                           "sym_numel", "empty", "empty_like", "_to_copy_noop", "is_same_size"})
+
+
+@dataclasses.dataclass
+class Evaluated:
+    """One candidate at one site: its module (None when refused), planner entry and report row."""
+
+    config: Any
+    module: nn.Module | None
+    candidate: Candidate | None
+    row: dict[str, Any]
+
+
+def _price(name: str, info: SiteInfo, device: Any, **cost_params: Any) -> tuple[float, int, int | None]:
+    shape = shape_of(info)
+    seconds = costmodel.estimate_seconds(name, shape, device, info.dtype, **cost_params)
+    flops = costmodel.flops(name, shape, **cost_params)
+    pays_off = None if name == "exact" else costmodel.break_even_length(name, shape, device, info.dtype, **cost_params)
+    return seconds, flops, pays_off
+
+
+def baseline(site: Site, info: SiteInfo, device: Any) -> Evaluated:
+    """The site's own softmax attention: error 0, priced by how the model computed it."""
+    fused = site.form in FUSED_FORMS
+    seconds, flops, _ = _price("exact", info, device, fused=fused)
+    candidate = Candidate(variant=BASELINE, params={"fused": fused}, est_seconds=seconds, flops=flops, error=0.0)
+    row = {"variant": BASELINE, "params": {"fused": fused}, "est_seconds": seconds, "flops": flops, "error": 0.0,
+           "pays_off_from_N": None, "refused": None}
+    return Evaluated(None, None, candidate, row)
+
+
+def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any) -> Evaluated:
+    """Refuse `config` at the site, or build it from the capture, measure its error and price it."""
+    name, params = variant_name(config), params_of(config)
+    row: dict[str, Any] = {"variant": name, "params": params}
+    reason = refusal(config, info)
+    module = None
+    if reason is None:
+        example = (capture.q, capture.k, capture.v, capture.mask)
+        try:
+            module = build_site_module(config, info, example)
+            if info.causal and not capture.causal:
+                module = CausalMaskAttention(module)
+            with torch.no_grad(), KernelCounter() as counter:
+                output = module(capture.q, capture.k, capture.v, mask=capture.mask, scale=capture.scale,
+                                causal=capture.causal, dropout_p=capture.dropout_p)
+            error = relative_error(output, capture.output)
+        except ValueError as refused:  # e.g. too few example queries for the mediators, a mask it cannot follow
+            reason, module = str(refused), None
+    if reason is not None:
+        return Evaluated(config, None, None, row | {"refused": reason})
+    if error == float("inf"):
+        return Evaluated(config, None, None, row | {"refused": "it produced non-finite values where softmax attention does not."})
+    cost_params = config.cost_params(info) | {"kernel_calls": counter.calls}
+    if name == "exact":  # attnopt's exact op is a fused kernel on CUDA, matmul-softmax-matmul elsewhere
+        cost_params = {"fused": capture.q.is_cuda, "kernel_calls": counter.calls}
+    seconds, flops, pays_off = _price(name, info, device, **cost_params)
+    candidate = Candidate(variant=name, params=params, est_seconds=seconds, flops=flops, error=error)
+    row |= {"est_seconds": seconds, "flops": flops, "error": error, "pays_off_from_N": pays_off, "refused": None}
+    return Evaluated(config, module, candidate, row)
+
+
+def evaluate_site(site: Site, capture: SiteCapture, configs: Sequence[Any] | None, device: Any
+                  ) -> tuple[SiteInfo, Evaluated, list[Evaluated]]:
+    """The site's info, its baseline and every candidate config evaluated at it."""
+    info = site_info_of(site, capture)
+    configs = default_candidates(info) if configs is None else list(configs)
+    return info, baseline(site, info, device), [evaluate(config, info, capture, device) for config in configs]

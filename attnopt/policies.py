@@ -1,0 +1,182 @@
+"""What replaces each rewritable site of one graph: the "decide" step of the backend.
+
+A policy gets every rewritable site of one captured graph at one input signature and returns
+the attention module for the sites it rewrites (a site left out keeps its original code). It
+writes each site's `Decision`, and, when it planned, a `GraphPlan` into the report.
+
+- `ExactPolicy`: attnopt's exact op everywhere (`rewrite(model, "exact")`).
+- `VariantPolicy`: one variant everywhere it is not refused (`rewrite(model, "agent", ...)`).
+- `BudgetPolicy`: per site, the candidate a knapsack over the whole graph picks so the graph
+  meets the budget at the least total measured error (`optimize`, `options={"budget": ...}`).
+
+One graph is planned at a time: a model captured whole (no graph breaks) is planned whole; with
+graph breaks each graph meets the budget on its own, so the whole model meets it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from attnopt.passes.detect import SiteMatch
+
+from . import costmodel
+from .analysis import Analysis, analyse
+from .candidates import BASELINE, Evaluated, baseline, evaluate, evaluate_site, site_info_of
+from .planner import Budget, SiteCandidates, plan
+from .report import Decision, GraphPlan, Report, Site
+from .variants import ExactAttention
+
+
+@dataclasses.dataclass
+class GraphRequest:
+    """One graph at one input signature, with its verified rewritable sites."""
+
+    canonical: fx.GraphModule
+    args: tuple[Any, ...]
+    mutated: set[int]
+    sites: list[tuple[Site, SiteMatch]]
+    graph: int
+    signature: str
+
+    def analyse(self) -> Analysis:
+        return analyse(self.canonical, self.args, self.mutated, self.sites)
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
+        """Site id → the attention module computing it, for the sites to rewrite."""
+        ...
+
+
+class ExactPolicy:
+    """Every site computed by attnopt's exact op: same function, attnopt's kernel."""
+
+    name = "exact"
+
+    def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
+        chosen = {}
+        for site, _ in request.sites:
+            flops = costmodel.flops("exact", site.shape)
+            site.decision = Decision(variant="exact", error=0.0, flops_before=flops, flops_after=flops)
+            chosen[site.id] = ExactAttention()
+        return chosen
+
+
+def _decision(chosen: Evaluated, base: Evaluated, rows: list[dict[str, Any]], reason: str | None) -> Decision:
+    candidate = chosen.candidate
+    return Decision(variant=candidate.variant, params=dict(candidate.params), flops_before=base.candidate.flops,
+                    flops_after=candidate.flops, est_seconds_before=base.candidate.est_seconds,
+                    est_seconds_after=candidate.est_seconds, error=candidate.error, candidates=rows, reason=reason)
+
+
+def _profile(device: Any, request: GraphRequest, analysis: Analysis) -> costmodel.DeviceProfile:
+    """The roofline profile for the device and dtype the sites ran on (or the `device` option)."""
+    capture = next(iter(analysis.captures.values()), None)
+    if isinstance(device, costmodel.DeviceProfile):
+        return device
+    dtype = capture.q.dtype if capture is not None else torch.float32
+    where = device if device is not None else (capture.q.device if capture is not None else "cpu")
+    return costmodel.device_profile(where, dtype)
+
+
+class VariantPolicy:
+    """One variant config at every site that does not refuse it, calibrated on the call's inputs."""
+
+    def __init__(self, config: Any, device: Any = None):
+        self.config = config
+        self.device = device
+        self.name = f"rewrite {type(config).__name__}"
+
+    def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
+        analysis = request.analyse()
+        profile = _profile(self.device, request, analysis)
+        chosen = {}
+        for site, _ in request.sites:
+            capture = analysis.captures.get(site.id)
+            if capture is None:
+                continue
+            info = site_info_of(site, capture)
+            base, evaluated = baseline(site, info, profile), evaluate(self.config, info, capture, profile)
+            rows = [base.row, evaluated.row]
+            if evaluated.module is None:
+                site.decision = _decision(base, base, rows, f"kept: {evaluated.row['refused']}")
+                continue
+            site.decision = _decision(evaluated, base, rows, "requested")
+            chosen[site.id] = evaluated.module
+        report.add_plan(GraphPlan(request.graph, request.signature, self.name, None, None))
+        return chosen
+
+
+class BudgetPolicy:
+    """Plan every site of the graph under a Budget (see attnopt.planner for the method)."""
+
+    name = "budget"
+
+    def __init__(self, budget: Budget | float, candidates: Sequence[Any] | None = None, *, strict: bool = False,
+                 device: Any = None):
+        self.budget = Budget.of(budget)
+        self.candidates = candidates
+        self.strict = strict
+        self.device = device
+
+    def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
+        analysis = request.analyse()
+        profile = _profile(self.device, request, analysis)
+        evaluations: dict[int, tuple[Evaluated, list[Evaluated]]] = {}
+        for site, _ in request.sites:
+            capture = analysis.captures.get(site.id)
+            if capture is not None:
+                _, base, alternatives = evaluate_site(site, capture, self.candidates, profile)
+                evaluations[site.id] = (base, alternatives)
+        # FlopCounterMode counted each site as the exact op, whose FLOPs the baseline's formula equals
+        other_flops = max(0, analysis.total_flops - sum(base.candidate.flops for base, _ in evaluations.values()))
+        other_seconds = costmodel.roofline_seconds(other_flops, device=profile)
+        entries = [SiteCandidates(site_id, base.candidate, [ev.candidate for ev in alternatives if ev.candidate])
+                   for site_id, (base, alternatives) in evaluations.items()]
+        result = plan(entries, self.budget, other_seconds=other_seconds, other_flops=other_flops, strict=self.strict)
+        chosen = {}
+        for site, _ in request.sites:
+            if site.id not in evaluations:
+                continue
+            base, alternatives = evaluations[site.id]
+            rows = [base.row] + [ev.row for ev in alternatives]
+            pick = result.choices[site.id]
+            if pick is base.candidate:
+                site.decision = _decision(base, base, rows, self._kept_reason(base, alternatives, result.budget_met))
+                continue
+            evaluated = next(ev for ev in alternatives if ev.candidate is pick)
+            site.decision = _decision(evaluated, base, rows, "the least-error plan meeting the budget"
+                                      if result.budget_met else "the fastest plan (the budget cannot be met)")
+            chosen[site.id] = evaluated.module
+        report.add_plan(GraphPlan(
+            request.graph, request.signature, self.name, _describe(self.budget), result.budget_met,
+            seconds_before=result.seconds_before, seconds_after=result.seconds_after,
+            flops_before=result.flops_before, flops_after=result.flops_after, total_error=result.total_error))
+        return chosen
+
+    def _kept_reason(self, base: Evaluated, alternatives: list[Evaluated], budget_met: bool) -> str:
+        faster = [ev for ev in alternatives
+                  if ev.candidate is not None and ev.candidate.est_seconds < base.candidate.est_seconds]
+        if self.budget.max_error is not None:
+            faster = [ev for ev in faster if ev.candidate.error <= self.budget.max_error]
+        if not faster:
+            return "kept: no candidate is predicted faster than softmax here" + (
+                f" within max_error={self.budget.max_error:g}" if self.budget.max_error is not None else "") + "."
+        return "kept: the budget is met at less error without rewriting this site." if budget_met else (
+            "kept: rewriting it would not bring the plan closer to the budget.")
+
+
+def _describe(budget: Budget) -> str:
+    return ", ".join(f"{name}={getattr(budget, name):g}" for name in ("time", "flops", "max_error")
+                     if getattr(budget, name) is not None)
+
+
+__all__ = ["BASELINE", "BudgetPolicy", "ExactPolicy", "GraphRequest", "Policy", "VariantPolicy"]

@@ -1,0 +1,217 @@
+"""attnopt.optimize end to end: plans per shape, decisions in the report, budgets and refusals.
+
+Costs are priced with a fixed DeviceProfile so decisions do not depend on how loaded the test
+machine is; errors are measured for real on each call's inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnopt
+from attnopt.costmodel import DeviceProfile
+from attnopt.variants import AgentConfig, LinearConfig, MediatorConfig
+
+PROFILE = DeviceProfile(name="test CPU", matmul_flops_per_s=1e11, bandwidth_bytes_per_s=2e10,
+                        elementwise_ops_per_s=2e9, call_overhead_s=2e-6)
+FEW = [AgentConfig(agent_fraction=0.1, selection="pool"), LinearConfig(feature_map="elu1"),
+       MediatorConfig(n_mediators=16)]
+
+
+class Block(nn.Module):
+    """Self-attention with SDPA or written out with matmuls, optionally causal via a tril mask."""
+
+    def __init__(self, dim: int, heads: int, form: str, causal: bool):
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.form, self.causal = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads, form, causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        if self.form == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if self.causal:
+                keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+                scores = scores.masked_fill(~keep, float("-inf"))
+            out = scores.softmax(-1) @ v
+        return x + self.proj(out.transpose(1, 2).reshape(batch, n, dim))
+
+
+class Net(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 2, forms=("sdpa", "matmul"), causal: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, form, causal) for form in forms)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def make(n_tokens: int, seed: int = 0, **kwargs) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    return Net(**kwargs).eval(), torch.randn(2, n_tokens, 32)
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def planned():
+    model, x = make(512)
+    fast = attnopt.optimize(model, 0.5, args=(x,), candidates=FEW, device=PROFILE)
+    return model, x, fast, attnopt.report_of(fast)
+
+
+def test_an_attainable_budget_is_met_and_every_decision_is_audited(planned):
+    model, x, fast, report = planned
+    assert report.budget_met is True
+    (graph_plan,) = report.plans
+    assert graph_plan.seconds_after <= 0.5 * graph_plan.seconds_before
+    assert len(report.sites) == 2 and len(report.rewritten) >= 1
+    for site in report.sites:
+        decision = site.decision
+        assert decision is not None and decision.reason
+        assert decision.flops_before > 0 and decision.est_seconds_before > 0
+        variants = [row["variant"] for row in decision.candidates]
+        assert variants == ["softmax", "agent", "linear", "mediator"]
+        for row in decision.candidates[1:]:
+            assert row["refused"] is None
+            assert row["error"] >= 0 and row["est_seconds"] > 0
+            assert row["pays_off_from_N"] is None or row["pays_off_from_N"] >= 1
+        if decision.variant != "softmax":
+            chosen = next(row for row in decision.candidates if row["variant"] == decision.variant)
+            assert decision.error == chosen["error"] and decision.est_seconds_after < decision.est_seconds_before
+    summary = str(report)
+    assert "plan: graph 0 at 2x512x32" in summary and "met: True" in summary
+
+
+def test_the_reported_output_error_is_what_the_user_gets(planned):
+    model, x, fast, report = planned
+    with torch.no_grad():
+        error = relative(fast(x), model(x))
+    assert error > 1e-4  # something was really rewritten
+    assert error == pytest.approx(report.plans[0].output_error, rel=1e-4)
+
+
+def test_a_new_input_shape_is_planned_for_that_shape(planned):
+    model, x, fast, report = planned
+    with torch.no_grad():
+        fast(torch.randn(1, 256, 32))
+    assert [plan.signature for plan in report.plans] == ["2x512x32", "1x256x32"]
+    assert {site.shape["N"] for site in report.sites} == {512, 256}
+    assert all(site.decision is not None for site in report.sites)
+
+
+def test_planning_is_deterministic():
+    decisions = []
+    for _ in range(2):
+        model, x = make(256, seed=3)
+        report = attnopt.report_of(attnopt.optimize(model, 0.5, args=(x,), candidates=FEW, device=PROFILE))
+        decisions.append([(s.decision.variant, s.decision.params, s.decision.error) for s in report.sites])
+    assert decisions[0] == decisions[1]
+
+
+def test_max_error_zero_changes_nothing():
+    model, x = make(256)
+    fast = attnopt.optimize(model, attnopt.Budget(max_error=0.0), args=(x,), candidates=FEW, device=PROFILE)
+    with torch.no_grad():
+        assert relative(fast(x), model(x)) < 1e-6
+    assert all(site.decision.error == 0 for site in attnopt.report_of(fast).sites)
+
+
+def test_max_error_bounds_every_site():
+    model, x = make(512)
+    fast = attnopt.optimize(model, attnopt.Budget(max_error=0.5), args=(x,), candidates=FEW, device=PROFILE)
+    for site in attnopt.report_of(fast).sites:
+        assert site.decision.error <= 0.5
+
+
+def test_an_unattainable_budget_warns_and_strict_raises():
+    model, x = make(256)
+    with pytest.warns(attnopt.BudgetNotMetWarning):
+        fast = attnopt.optimize(model, 0.001, args=(x,), candidates=FEW, device=PROFILE)
+    assert attnopt.report_of(fast).budget_met is False
+    with pytest.raises(attnopt.BudgetError):
+        attnopt.optimize(model, 0.001, args=(x,), candidates=FEW, device=PROFILE, strict=True)
+
+
+def test_short_sequences_stay_softmax():
+    """At 16 tokens no variant is predicted faster than softmax, so none is chosen, whatever the budget."""
+    model, x = make(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", attnopt.BudgetNotMetWarning)
+        fast = attnopt.optimize(model, 0.5, args=(x,), device=PROFILE)
+    report = attnopt.report_of(fast)
+    assert report.rewritten == []
+    assert all(s.decision.variant == "softmax" and "no candidate is predicted faster" in s.decision.reason
+               for s in report.sites)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+
+
+@pytest.mark.parametrize("form", ["sdpa", "matmul"])
+def test_causal_sites_refuse_agents_and_keep_causality_in_linear_attention(form):
+    model, x = make(128, forms=(form,), causal=True)
+    fast = attnopt.rewrite(model, "agent", args=(x,))
+    (site,) = attnopt.report_of(fast).sites
+    assert site.decision.variant == "softmax" and "causal" in site.decision.reason
+    linear = attnopt.rewrite(model, "linear", args=(x,))
+    (site,) = attnopt.report_of(linear).sites
+    assert site.decision.variant == "linear"
+    # a causal rewrite never lets a token see the future: changing the last token changes no earlier output
+    changed = x.clone()
+    changed[:, -1] += 1.0
+    with torch.no_grad():
+        before, after = linear(x), linear(changed)
+    assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-6)
+
+
+def test_rewrite_into_one_variant_reports_its_measured_error():
+    model, x = make(256)
+    fast = attnopt.rewrite(model, "agent", args=(x,), agent_fraction=0.25, selection="pool")
+    report = attnopt.report_of(fast)
+    assert [s.decision.variant for s in report.sites] == ["agent", "agent"]
+    assert all(0 < s.decision.error < 1 and s.decision.params["agent_fraction"] == 0.25 for s in report.sites)
+    assert report.plans[0].output_error > 0
+
+
+def test_torch_compile_takes_a_budget():
+    model, x = make(512)
+    compiled = torch.compile(model, backend="attnopt",
+                             options={"budget": 0.5, "candidates": FEW, "device": PROFILE})
+    with torch.no_grad():
+        out = compiled(x)
+    report = attnopt.report_of(compiled)
+    assert report.budget_met is True and len(report.rewritten) >= 1
+    with torch.no_grad():
+        assert relative(out, model(x)) == pytest.approx(report.plans[0].output_error, rel=1e-4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(budget="fast"), "budget must be a number"),
+    (dict(budget=-1), "positive fraction"),
+])
+def test_bad_budgets_are_named(bad, message):
+    model, x = make(16)
+    with pytest.raises(attnopt.AttnoptError, match=message):
+        attnopt.optimize(model, args=(x,), **bad)
+
+
+def test_unknown_variants_and_bad_parameters_are_named():
+    model, x = make(16)
+    with pytest.raises(attnopt.AttnoptError, match="unknown variant"):
+        attnopt.rewrite(model, "sparse", args=(x,))
+    with pytest.raises(attnopt.AttnoptError, match="bad parameters for the agent variant"):
+        attnopt.rewrite(model, "agent", args=(x,), agent_fraction=2.0)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="either a budget or a variant"):
+        torch.compile(model, backend="attnopt", options={"budget": 0.5, "variant": "agent"})(x)
