@@ -215,3 +215,38 @@ def test_unknown_variants_and_bad_parameters_are_named():
         attnopt.rewrite(model, "agent", args=(x,), agent_fraction=2.0)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="either a budget or a variant"):
         torch.compile(model, backend="attnopt", options={"budget": 0.5, "variant": "agent"})(x)
+
+
+def test_a_diffusers_dit_follows_its_mediator_schedule_across_timesteps(monkeypatch):
+    import diffusers
+
+    from attnopt.variants.mediator import MediatorAttention
+
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2, sample_size=16,
+        patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32).eval()
+    sample, labels = torch.randn(2, 4, 16, 16), torch.tensor([1, 2])
+    schedule = attnopt.MediatorSchedule(((0, 16), (500, 4)))
+    with torch.no_grad():  # the calls below run without grad too: no recompile, one call per site
+        fast = attnopt.rewrite(model, "mediator", kwargs={"hidden_states": sample, "timestep": torch.tensor([10, 10]),
+                                                            "class_labels": labels}, n_mediators=16, schedule=schedule)
+    report = attnopt.report_of(fast)
+    assert len(report.sites) == 2 and all(s.decision.variant == "mediator" for s in report.sites)
+
+    counts = []
+    tokens_for = MediatorAttention.tokens_for
+    monkeypatch.setattr(MediatorAttention, "tokens_for", lambda self, count: counts.append(count) or tokens_for(self, count))
+    outputs = {}
+    with torch.no_grad():
+        for step in (900, 100):
+            counts.clear()
+            outputs[step] = fast(hidden_states=sample, timestep=torch.tensor([step, step]), class_labels=labels).sample
+            assert counts == [schedule.count_at(step)] * 2
+        with attnopt.mediator_count(8):  # an explicit count wins over the schedule
+            counts.clear()
+            fast(hidden_states=sample, timestep=torch.tensor([900, 900]), class_labels=labels)
+            assert counts == [8, 8]
+    assert all(torch.isfinite(out).all() for out in outputs.values())
+    with pytest.raises(ValueError, match="one timestep per call"):
+        fast(hidden_states=sample, timestep=torch.tensor([900, 100]), class_labels=labels)
