@@ -250,3 +250,28 @@ def test_a_diffusers_dit_follows_its_mediator_schedule_across_timesteps(monkeypa
     assert all(torch.isfinite(out).all() for out in outputs.values())
     with pytest.raises(ValueError, match="one timestep per call"):
         fast(hidden_states=sample, timestep=torch.tensor([900, 100]), class_labels=labels)
+
+
+def test_vit_at_224_keeps_softmax_where_no_candidate_is_predicted_faster():
+    """A transformers ViT at 224² (N=197) under a time budget: agent attention (local k-means
+    selection) is predicted slower than SDPA at 197 tokens, so no site takes it, and the report says
+    from which length each agent candidate would pay off."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=224, patch_size=16, hidden_size=96, num_attention_heads=2, num_hidden_layers=2,
+                       intermediate_size=192, attn_implementation="sdpa")
+    model, pixels = ViTModel(config, add_pooling_layer=False).eval(), torch.randn(1, 3, 224, 224)
+    agents = [AgentConfig(), AgentConfig(agent_fraction=0.1), AgentConfig(agent_fraction=0.1, infer_grid=True)]
+    with pytest.warns(attnopt.BudgetNotMetWarning):
+        fast = attnopt.optimize(model, 0.5, kwargs={"pixel_values": pixels}, candidates=agents, device=PROFILE)
+    report = attnopt.report_of(fast)
+    assert [site.shape["N"] for site in report.sites] == [197, 197]
+    assert report.rewritten == [] and report.budget_met is False
+    for site in report.sites:
+        assert site.decision.variant == "softmax"
+        for row in site.decision.candidates[1:]:
+            assert row["est_seconds"] > site.decision.est_seconds_before
+            assert row["pays_off_from_N"] is None or row["pays_off_from_N"] > 197
+    with torch.no_grad():
+        assert torch.equal(fast(pixel_values=pixels).last_hidden_state, model(pixel_values=pixels).last_hidden_state)
