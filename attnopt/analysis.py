@@ -11,7 +11,6 @@ original graph computes.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnopt.kernels import exact_attention
 from attnopt.passes.detect import SiteMatch
-from attnopt.passes.rewrite import rewrite
+from attnopt.passes.rewrite import rewritten_copy
 
 from .report import Site
 from .site_call import SITE_CALLS
@@ -77,24 +76,6 @@ class Analysis:
     captures: dict[int, SiteCapture]
     total_flops: int
     outputs: Any
-
-
-def rewritten_copy(canonical: fx.GraphModule, replacements: list[tuple[SiteMatch, nn.Module, int]]) -> fx.GraphModule:
-    """A copy of `canonical` with the `(match, site_call, site_id)` replacements applied.
-
-    The matches point at nodes of `canonical`; node names are unique within a graph, so each
-    match is carried over to the copy by name. `canonical` itself is left as it was.
-    """
-    work = fx.GraphModule(canonical, copy.deepcopy(canonical.graph))
-    by_name = {node.name: node for node in work.graph.nodes}
-
-    def carry(value: Any) -> Any:
-        return by_name[value.name] if isinstance(value, fx.Node) else value
-
-    moved = [(dataclasses.replace(match, anchor=carry(match.anchor), output=carry(match.output),
-                                  inputs=[carry(i) for i in match.inputs]), call, site_id)
-             for match, call, site_id in replacements]
-    return rewrite(work, moved)
 
 
 def analyse(canonical: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],

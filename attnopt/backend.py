@@ -25,10 +25,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from attnopt.passes.canonicalize import canonicalize
-from attnopt.passes.detect import SiteMatch, detect
+from attnopt.passes.detect import SiteMatch, detect, unsearched_regions
+from attnopt.passes.rewrite import rewritten_copy
 from attnopt.passes.verify import relative_error, verify
 
-from .analysis import rewritten_copy, run_graph
+from .analysis import run_graph
 from .policies import GraphRequest, Policy
 from .report import Report, Site
 from .site_call import SITE_CALLS
@@ -116,7 +117,7 @@ class AttnoptBackend:
         _propagate_meta(work, args)
         self._note_opaque_regions(work)
         found = [(self._site_for(match, signature, graph_index, occurrences), match)
-                 for occurrences in [collections.Counter()] for match in detect(work)]
+                 for occurrences in [collections.Counter()] for match in detect(work, subgraphs=True)]
         rewritable = [(site, match) for site, match in found if site.rewritable]
         if self.policy is None or not rewritable:
             return gm
@@ -166,9 +167,9 @@ class AttnoptBackend:
         return site
 
     def _note_opaque_regions(self, gm: fx.GraphModule) -> None:
-        """Higher-order ops (torch.utils.checkpoint, cond, ...) hold subgraphs that are not
-        searched: say so in the report instead of implying they contain no attention."""
-        for node in gm.graph.nodes:
+        """Higher-order ops whose subgraphs are not searched (cond, while_loop, ...; checkpoint and
+        wrap bodies are searched): say so in the report instead of implying they hold no attention."""
+        for node in unsearched_regions(gm, subgraphs=True):
             if isinstance(node.target, torch._ops.HigherOrderOperator):
                 note = (f"`{node.target.name()}` region at {node.meta.get('stack_trace', '').strip().splitlines()[-2:-1] or node.name}"
                         " was not searched for attention (subgraphs of higher-order ops are not analysed).")

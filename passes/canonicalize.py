@@ -4,7 +4,7 @@ After this pass, detection matches meaning, not spelling:
 
     @ / matmul / Tensor.matmul / bmm / mm / einsum (two operands) → torch.matmul
     baddbmm(input, b1, b2, beta, alpha)                        → alpha·(b1 @ b2) + beta·input
-    x / c                                                       → x · (1/c)
+    x / c   (c a number, 0-dim tensor or (..., 1, 1) tensor)    → x · (1/c)
     F.softmax / torch.softmax / Tensor.softmax(dtype=...)       → torch.softmax (after a cast)
     exp(x - max(x)) / sum(exp(...))  (softmax written by hand)  → torch.softmax
     .float() / .half() / .to(dtype) / .type(dtype) / .type_as(t) → Tensor.to(dtype)
@@ -19,13 +19,16 @@ x/c → x·(1/c)); the rewritten model is checked end to end against the origina
 
 from __future__ import annotations
 
+import copy
 import string
 from typing import Callable
 
 import torch
 import torch.fx as fx
 
-from .fx_utils import arg, copy_meta, is_scalar, op_name, shape_of, tensor_meta
+from .fx_utils import (
+    arg, body_module, copy_meta, is_scalar, op_name, propagate_body_meta, searched_body, shape_of, tensor_meta,
+)
 
 _MATMUL_SPELLINGS = {"matmul", "bmm", "mm", "__matmul__"}
 _CAST_TO = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
@@ -33,10 +36,25 @@ _INPLACE = {"add_": "add", "mul_": "mul", "div_": "div", "masked_fill_": "masked
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Apply every rule once, in a fixed order, then clean up dead nodes."""
+    """Apply every rule once, in a fixed order, then clean up dead nodes.
+
+    The bodies of searched higher-order ops (torch.utils.checkpoint; see
+    fx_utils.SEARCHED_HIGHER_ORDER_OPS) are first replaced by copies that `gm` alone owns, one
+    per call, and canonicalized the same way, with their node metadata filled in; the modules
+    `gm` shared them with are left untouched.
+    """
     graph = gm.graph
-    for rule in (_shape_only_uses, _inplace_to_outofplace, _einsum, _baddbmm, _matmul, _division, _casts,
-                 _softmax, _manual_softmax, _eval_dropout):
+    for node in list(graph.nodes):
+        body = searched_body(node)
+        if body is not None:
+            owned = _own_body(gm, node, body)
+            propagate_body_meta(node, owned)
+            canonicalize(owned)
+            propagate_body_meta(node, owned)
+    # _manual_softmax runs before _division: its `exps / exps.sum(...)` must still be a division
+    # (with a single query the sum is (..., 1, 1), which _division would fold into a product).
+    for rule in (_shape_only_uses, _inplace_to_outofplace, _einsum, _baddbmm, _matmul, _manual_softmax,
+                 _division, _casts, _softmax, _eval_dropout):
         for node in list(graph.nodes):
             if node.graph is graph:
                 rule(graph, node)
@@ -46,12 +64,41 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _own_body(gm: fx.GraphModule, call: fx.Node, body: fx.Node) -> fx.GraphModule:
+    """Give the higher-order op `call` its own copy of the subgraph module it calls."""
+    original = body_module(gm, body)
+    owned = fx.GraphModule(original, copy.deepcopy(original.graph))
+    if len(body.users) == 1 and "." not in body.target:
+        setattr(gm, body.target, owned)
+        return owned
+    name = _free_name(gm, f"{body.target.replace('.', '_')}_attnopt")
+    gm.add_submodule(name, owned)
+    with gm.graph.inserting_before(call):
+        attribute = gm.graph.get_attr(name)
+    attribute.meta.update(body.meta)
+    call.replace_input_with(body, attribute)
+    return owned
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, index = base, 0
+    while hasattr(gm, name):
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
 def _replace(graph: fx.Graph, node: fx.Node, build: Callable[[], fx.Node], form: str | None = None) -> fx.Node:
     """Insert the canonical node(s) built by `build` before `node` and retire `node`."""
     with graph.inserting_before(node):
         new = build()
     new.meta["attnopt_form"] = node.meta.get("attnopt_form") or form or op_name(node)
     copy_meta(node, new)
+    # The canonical node computes the same value: keep its shape and dtype visible to the rules
+    # that run later in this pass (a matmul respelled from `@` must still have a shape).
+    for key in ("val", "example_value"):
+        if key in node.meta and key not in new.meta:
+            new.meta[key] = node.meta[key]
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new
@@ -186,7 +233,7 @@ def _division(graph: fx.Graph, node: fx.Node) -> None:
     if op_name(node) not in ("div", "truediv") or len(node.args) != 2 or node.kwargs:
         return
     x, divisor = node.args
-    if not isinstance(x, fx.Node) or not is_scalar(divisor):
+    if not isinstance(x, fx.Node) or not (is_scalar(divisor) or _per_head_tensor(divisor)):
         return
     if isinstance(divisor, (int, float)):
         if divisor == 0:
@@ -194,6 +241,16 @@ def _division(graph: fx.Graph, node: fx.Node) -> None:
         _replace(graph, node, lambda: _call(graph, torch.mul, x, 1.0 / divisor), form="div")
     else:
         _replace(graph, node, lambda: _call(graph, torch.mul, x, _call(graph, torch.reciprocal, divisor)), form="div")
+
+
+def _per_head_tensor(value) -> bool:
+    """A tensor constant over the last two dims ((..., 1, 1) or one element): dividing the
+    scores by it is a per-head (or per-batch) scale, the same as multiplying by its reciprocal."""
+    meta = tensor_meta(value)
+    if meta is None or not meta.dtype.is_floating_point:
+        return False
+    shape = tuple(meta.shape)
+    return shape == (1,) or (len(shape) >= 2 and shape[-2:] == (1, 1))
 
 
 def _cast_target(node: fx.Node) -> torch.dtype | None:

@@ -13,6 +13,11 @@ Three kinds of site:
 
 Every softmax that is fed by a matmul becomes a `SiteMatch`; those that are not attention, or
 not safely rewritable, carry a one-sentence `reason` instead of being dropped silently.
+
+`detect(gm, subgraphs=True)` also searches the bodies of torch.utils.checkpoint regions (the
+higher-order ops in fx_utils.SEARCHED_HIGHER_ORDER_OPS); `unsearched_regions` lists the others.
+A mask is reported as causal only when it is built from constants with tril/triu and its value,
+computed at detection time, blocks exactly the keys after each query.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import torch
 import torch.fx as fx
 
 from .fx_utils import (
-    arg, dtype_of, is_scalar, meta_value, module_path, normalize_dim, op_name, shape_of,
-    source_line, tensor_meta, to_networkx,
+    arg, body_module, dtype_of, higher_order_name, is_scalar, meta_value, module_path, normalize_dim, op_name,
+    searched_body, shape_of, source_line, tensor_meta, to_networkx,
 )
 
 _PASSTHROUGH = {"to", "clone", "contiguous"}
@@ -88,12 +93,23 @@ class SiteMatch:
         return str(dtype).replace("torch.", "") if dtype is not None else "?"
 
 
-def detect(gm: fx.GraphModule) -> list[SiteMatch]:
-    """Every attention site of `gm`, in graph order."""
+def detect(gm: fx.GraphModule, subgraphs: bool = False) -> list[SiteMatch]:
+    """Every attention site of `gm`, in graph order.
+
+    With `subgraphs`, the bodies of searched higher-order ops (torch.utils.checkpoint; see
+    fx_utils.SEARCHED_HIGHER_ORDER_OPS) are searched too, where they are called: their sites'
+    nodes belong to the body's graph (`match.output.graph.owning_module` is the body), which
+    `rewrite` and `rewritten_copy` handle. Canonicalize `gm` first: that gives every call its
+    own body, with metadata.
+    """
     dag = to_networkx(gm.graph)
     matches = []
     for node in gm.graph.nodes:
         name = op_name(node)
+        body = searched_body(node) if subgraphs else None
+        if body is not None:
+            matches += detect(body_module(gm, body), subgraphs=True)
+            continue
         if node.target is torch.softmax:
             match = _match_softmax(node, dag)
         elif name == "scaled_dot_product_attention":
@@ -107,6 +123,19 @@ def detect(gm: fx.GraphModule) -> list[SiteMatch]:
         if match is not None:
             matches.append(match)
     return matches
+
+
+def unsearched_regions(gm: fx.GraphModule, subgraphs: bool = False) -> list[fx.Node]:
+    """The higher-order-op calls whose subgraphs `detect(gm, subgraphs)` does not search (all of
+    them without `subgraphs`), including those nested in searched bodies, in graph order."""
+    regions = []
+    for node in gm.graph.nodes:
+        body = searched_body(node) if subgraphs else None
+        if body is not None:
+            regions += unsearched_regions(body_module(gm, body), subgraphs=True)
+        elif higher_order_name(node) is not None:
+            regions.append(node)
+    return regions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +271,15 @@ def _walk_up(node: Any):
             steps.append(("scale", factor))
             current = path
             continue
+        if name == "div" and len(current.args) == 2 and not current.kwargs:
+            # per-head and scalar divisors were turned into products by canonicalize: what is
+            # left divides by something else, which is reported, not passed over
+            path, divisor = current.args
+            if not isinstance(path, fx.Node) or shape_of(path) != shape_of(current) or not _reaches_matmul(path):
+                return None
+            steps.append(("divide", divisor))
+            current = path
+            continue
         if name == "add" and len(current.args) == 2 and not current.kwargs:
             path, other = _split_operands(current, allow_full=True)
             if path is None:
@@ -280,12 +318,17 @@ def _walk_up(node: Any):
                 scale *= float(item)
                 for term in terms:
                     term.factor *= float(item)
-            elif _scales_per_head(item, shape_of(chain[-1])) and layout == shape_of(chain[0])[:-2]:
+            elif _scales_per_head(item, shape_of(chain[-1])) and (
+                    layout == shape_of(chain[0])[:-2] or _single_value(item)):
+                # a one-element factor scales every score alike, whatever view the scores are in
                 factor_nodes.append(item)
                 for term in terms:
                     term.factor_nodes.append(item)
             else:
                 reason = f"the scores are multiplied by `{item.name}`, which varies over queries or keys, so it is not a scale."
+        elif kind == "divide":
+            what = f"`{item.name}`" if isinstance(item, fx.Node) else repr(item)
+            reason = f"the scores are divided by {what}, which is not a scale attnopt can fold into the query."
         elif kind == "add":
             terms.append(MaskTerm("add", item, layout=layout))
         else:
@@ -322,7 +365,7 @@ def _reaches_matmul(node: Any, depth: int = 12) -> bool:
         if node.target is torch.matmul:
             return True
         name = op_name(node)
-        if name in _PASSTHROUGH or name == "masked_fill" or (
+        if name in _PASSTHROUGH or name in ("masked_fill", "div") or (
                 name in ("view", "reshape") and _same_last_two(node.args[0], node)):
             node = node.args[0]
         elif name in ("mul", "add") and len(node.args) == 2:
@@ -344,6 +387,11 @@ def _scales_per_head(factor: Any, scores_shape: tuple[int, ...] | None) -> bool:
     if len(shape) < 2:
         return len(shape) == 0 or shape == (1,)
     return shape[-1] == 1 and shape[-2] == 1 and len(shape) <= len(scores_shape)
+
+
+def _single_value(factor: Any) -> bool:
+    shape = shape_of(factor)
+    return shape is not None and math.prod(shape) == 1
 
 
 def _index(items: list, item: Any) -> int:
@@ -408,7 +456,7 @@ def _peel_repeat(node: Any) -> tuple[Any, fx.Node | None]:
             if source_shape[0] == shape[0] and source_shape[2:] == shape[2:] and shape[1] % source_shape[1] == 0:
                 return node, source
         return node, None
-    if name in ("reshape", "view"):
+    if name in ("reshape", "view") or _flattens_dims_1_2(node):
         expanded = node.args[0]
         if op_name(expanded) != "expand":
             return node, None
@@ -422,6 +470,19 @@ def _peel_repeat(node: Any) -> tuple[Any, fx.Node | None]:
         if source_shape == (batch, kv_heads, length, dim) and shape == (batch, kv_heads * repeats, length, dim):
             return node, source
     return node, None
+
+
+def _flattens_dims_1_2(node: fx.Node) -> bool:
+    """`x.flatten(1, 2)` / `torch.flatten(x, 1, 2)` of a 5-D x (negative dims allowed)."""
+    if op_name(node) != "flatten" or not isinstance(node.args[0], fx.Node):
+        return False
+    source_shape = shape_of(node.args[0])
+    if source_shape is None or len(source_shape) != 5:
+        return False
+    start, end = arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)
+    if not isinstance(start, int) or not isinstance(end, int):
+        return False
+    return normalize_dim(start, 5) == 1 and normalize_dim(end, 5) == 2
 
 
 def _unsqueezed_at_2(node: Any) -> fx.Node | None:
@@ -509,25 +570,130 @@ def _mask_kind(terms: list[MaskTerm], scores_shape: tuple[int, ...], dag: nx.DiG
     per_key = True
     boolean = any(t.kind in ("fill", "keep") for t in terms)
     for term in terms:
-        shape = shape_of(term.value) or ()
+        shape = _unexpanded_shape(term.value) or ()
         padded = (1,) * (len(scores_shape) - len(shape)) + tuple(shape)
         if len(padded) >= 2 and padded[-2] != 1:
             per_key = False
     if per_key:
         return "key_padding", False
-    if all(_built_causally(term.value, dag) for term in terms):
+    if _is_causal(terms, scores_shape, dag):
         return "causal", True
     return ("boolean" if boolean else "additive"), False
 
 
-def _built_causally(node: Any, dag: nx.DiGraph) -> bool:
-    """True when the mask is a tril/triu of constants: structure alone makes it causal."""
+def _unexpanded_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of a mask before `expand` broadcast it (an expanded per-key mask is per key)."""
+    for _ in range(4):
+        if not isinstance(node, fx.Node) or op_name(node) != "expand":
+            break
+        node = node.args[0]
+    return shape_of(node)
+
+
+# A mask is named causal only when it is built from constants (through tril/triu) and its value,
+# computed here, blocks exactly the keys after each query: structure alone is not enough (a bool
+# tril filled with -inf is all True, and adding it shifts every score by one).
+_MASK_LIMIT = 1 << 25  # elements of any tensor computed to name a mask
+_NOT_CONSTANT = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "dropout",
+                 "normal", "randperm", "multinomial", "uniform_", "normal_", "bernoulli_", "empty", "empty_like",
+                 "new_empty", "empty_strided"}
+_BLOCKING = -1e4  # the same bound as for fill values: at most this is a mask value
+
+
+def _is_causal(terms: list[MaskTerm], scores_shape: tuple[int, ...], dag: nx.DiGraph) -> bool:
+    """True when the terms together block exactly the keys j > i for query i (and nothing else)."""
+    n, m = scores_shape[-2:]
+    blocked = None
+    for term in terms:
+        if term.factor_nodes or term.factor <= 0 or not _built_from_tril(term.value, dag):
+            return False
+        value = _constant_value(term.value, dag)
+        if not isinstance(value, torch.Tensor):
+            return False
+        if term.kind == "add":
+            if value.dtype == torch.bool:
+                return False  # a bool added shifts scores by 0 or 1: never a mask
+            value = value * term.factor if term.factor != 1.0 else value
+            if not bool(((value == 0) | (value <= _BLOCKING)).all()):
+                return False  # a bias, not only a mask
+            term_blocked = value <= _BLOCKING
+        else:
+            fill = _constant_value(term.fill, dag)
+            if isinstance(fill, torch.Tensor):
+                fill = float(fill.double().max()) if fill.numel() else None
+            if not isinstance(fill, (int, float)) or fill * term.factor > _BLOCKING:
+                return False
+            condition = value.bool()
+            term_blocked = condition if term.kind == "fill" else ~condition
+        if term_blocked.dim() < 2:
+            return False
+        try:
+            term_blocked = torch.broadcast_to(term_blocked, (*term_blocked.shape[:-2], n, m))
+            blocked = term_blocked if blocked is None else blocked | term_blocked
+        except RuntimeError:
+            return False
+    if blocked is None:
+        return False
+    after = torch.ones(n, m, dtype=torch.bool, device=blocked.device).triu(diagonal=1)
+    return bool((blocked == after).all())
+
+
+def _built_from_tril(node: Any, dag: nx.DiGraph) -> bool:
     if not isinstance(node, fx.Node):
         return False
+    return any(op_name(a) in ("tril", "triu") for a in nx.ancestors(dag, node) | {node})
+
+
+def _constant_value(node: Any, dag: nx.DiGraph) -> Any:
+    """The value of `node` when it depends on no graph input and nothing random, else None.
+    Python numbers are their own value."""
+    if not isinstance(node, fx.Node):
+        return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+    cache = dag.graph.setdefault("attnopt_constant_values", {})  # a mask shared by every layer
+    if node not in cache:
+        cache[node] = _evaluate_constant(node, dag)
+    return cache[node]
+
+
+def _evaluate_constant(node: fx.Node, dag: nx.DiGraph) -> torch.Tensor | None:
     ancestors = nx.ancestors(dag, node) | {node}
-    if not any(op_name(a) in ("tril", "triu") for a in ancestors):
-        return False
-    return not any(a.op == "placeholder" and isinstance(meta_value(a), torch.Tensor) for a in ancestors)
+    if len(ancestors) > 64:
+        return None
+    for ancestor in ancestors:
+        if ancestor.op == "placeholder" and not isinstance(meta_value(ancestor), (int, float, bool)):
+            return None
+        if op_name(ancestor) in _NOT_CONSTANT or ancestor.op in ("call_module", "output") \
+                or higher_order_name(ancestor) is not None:
+            return None
+        value = tensor_meta(ancestor)
+        if value is not None and value.numel() > _MASK_LIMIT:
+            return None
+    env: dict[fx.Node, Any] = {}
+    owner = node.graph.owning_module
+    try:
+        with torch.no_grad():
+            for original in node.graph.nodes:
+                if original not in ancestors:
+                    continue
+                args, kwargs = fx.node.map_arg((original.args, original.kwargs), lambda n: env[n])
+                if original.op == "placeholder":
+                    env[original] = meta_value(original)
+                elif original.op == "get_attr":
+                    value = owner
+                    for part in original.target.split("."):
+                        value = getattr(value, part)
+                    # a copy: an in-place op of the mask's construction must not touch the module
+                    env[original] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+                elif original.op == "call_function":
+                    env[original] = original.target(*args, **kwargs)
+                elif original.op == "call_method":
+                    env[original] = getattr(args[0], original.target)(*args[1:], **kwargs)
+                else:
+                    return None
+    except Exception:  # anything we cannot run on its own is simply not known to be causal
+        return None
+    value = env[node]
+    return value if isinstance(value, torch.Tensor) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,8 +740,10 @@ def _match_sdpa(node: fx.Node, dag: nx.DiGraph) -> SiteMatch:
     if isinstance(mask, fx.Node):
         mask_shape = shape_of(mask) or ()
         per_key = len(mask_shape) < 2 or mask_shape[-2] == 1
-        match.mask = "key_padding" if per_key else ("boolean" if dtype_of(mask) == torch.bool else "additive")
-        if _built_causally(mask, dag) and not per_key:
+        boolean = dtype_of(mask) == torch.bool
+        match.mask = "key_padding" if per_key else ("boolean" if boolean else "additive")
+        term = MaskTerm("keep", mask, float("-inf")) if boolean else MaskTerm("add", mask)
+        if not per_key and _is_causal([term], (q_shape[-2], k_shape[-2]), dag):
             match.mask, match.causal = "causal", True
     elif causal:
         match.mask = "causal"

@@ -134,3 +134,74 @@ def copy_meta(source: fx.Node, target: fx.Node) -> None:
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "attnopt_form"):
         if key in source.meta and key not in target.meta:
             target.meta[key] = source.meta[key]
+
+
+# Higher-order ops whose first argument is a subgraph that they call once, on the remaining
+# positional arguments, with nothing changed around it (torch.utils.checkpoint, dynamo's `wrap`).
+# Their bodies are canonicalized, searched and rewritten like the graph around them. The bodies
+# of other higher-order ops (cond, while_loop, map, flex attention's score_mod, autocast or
+# grad-mode wrappers, ...) are left alone.
+SEARCHED_HIGHER_ORDER_OPS = frozenset({"tag_activation_checkpoint", "wrap"})
+
+
+def higher_order_name(node: fx.Node) -> str | None:
+    """The name of the higher-order op a node calls (e.g. "tag_activation_checkpoint"), or None."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return None
+    return node.target.name()
+
+
+def searched_body(node: fx.Node) -> fx.Node | None:
+    """The `get_attr` node of the subgraph that `node` calls, when it is a higher-order op whose
+    body attnopt searches (SEARCHED_HIGHER_ORDER_OPS); else None."""
+    if higher_order_name(node) not in SEARCHED_HIGHER_ORDER_OPS or not node.args:
+        return None
+    body = node.args[0]
+    if not isinstance(body, fx.Node) or body.op != "get_attr":
+        return None
+    owner = node.graph.owning_module
+    module = _resolve(owner, body.target) if owner is not None else None
+    return body if isinstance(module, fx.GraphModule) else None
+
+
+def body_module(root: torch.nn.Module, body: fx.Node) -> fx.GraphModule:
+    """The GraphModule a `get_attr` node of `root`'s graph refers to."""
+    return _resolve(root, body.target)
+
+
+def _resolve(root: Any, target: str) -> Any:
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def propagate_body_meta(call: fx.Node, body: fx.GraphModule) -> bool:
+    """Fill `meta["val"]` of the body's nodes with fake tensors of the shapes the higher-order op
+    `call` passes to it (its operands' `val`, else the body placeholders' own example values).
+    Returns False when the body could not be run on fake inputs (its meta is then left as is)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    operands = list(call.args[1:])
+    if len(operands) != len(placeholders):
+        return False
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = []
+    try:
+        with mode:
+            for operand, placeholder in zip(operands, placeholders):
+                value = meta_value(operand) if isinstance(operand, fx.Node) else operand
+                if isinstance(operand, fx.Node) and not isinstance(value, torch.Tensor):
+                    value = meta_value(placeholder)
+                if isinstance(value, torch.Tensor):
+                    value = torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype,
+                                                device=value.device, requires_grad=value.requires_grad)
+                inputs.append(value)
+        FakeTensorProp(body, mode).propagate_dont_convert_inputs(*inputs)
+    except Exception:  # a body that fake tensors cannot run: keep dynamo's example values
+        return False
+    return True

@@ -1,0 +1,280 @@
+"""Regression tests for detector gaps that were closed: GQA spelled with flatten, causal reported
+only for masks that really are causal, tensor divisors of the scores, `@` straight into a softmax
+written by hand, one-element tensor scales after a view round trip, and attention inside the
+subgraphs of higher-order ops (torch.utils.checkpoint), searched by the passes directly."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+import attnopt
+from attnopt.passes.canonicalize import canonicalize
+from attnopt.passes.detect import detect, unsearched_regions
+from attnopt.passes.fx_utils import op_name
+from attnopt.passes.rewrite import rewrite, rewritten_copy
+from attnopt.passes.verify import verify
+from attnopt.site_call import SITE_CALLS
+
+from .idioms import BATCH, HEAD_DIM, HEADS, SEQ, bhsd
+from .support import assert_outputs_close, reference_attention
+
+
+def inspect_one(fn, *args):
+    """The single site attnopt reports for `fn(*args)`, and the exact rewrite's output check."""
+    model = Lambda(fn).eval()
+    report = attnopt.inspect(model, args)
+    assert len(report.sites) == 1, str(report)
+    with torch.no_grad():
+        expected = model(*args)
+        actual = attnopt.rewrite(model, "exact", args=args)(*args)
+    assert_outputs_close(actual, expected)
+    return report.sites[0]
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+# --- grouped-query attention spelled with unsqueeze + expand + flatten ------------------------------
+
+
+def gqa_flatten(q, k, v):
+    groups = q.shape[1] // k.shape[1]
+    k = k.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
+    v = torch.flatten(v[:, :, None].expand(-1, -1, groups, -1, -1), 1, 2)
+    return torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM**-0.5, dim=-1) @ v
+
+
+def tiled_heads(q, k, v):
+    # unsqueeze(1): query head h reads key head h % Hkv — tiling, not grouping: must not be peeled
+    groups = q.shape[1] // k.shape[1]
+    k = k.unsqueeze(1).expand(-1, groups, -1, -1, -1).flatten(1, 2)
+    v = v.unsqueeze(1).expand(-1, groups, -1, -1, -1).flatten(1, 2)
+    return torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM**-0.5, dim=-1) @ v
+
+
+def test_gqa_repeated_by_flatten_is_grouped_with_its_own_key_head_count():
+    site = inspect_one(gqa_flatten, *bhsd(heads=4, kv_heads=2))
+    assert site.rewritable, site.reason
+    assert (site.shape["H"], site.shape["Hkv"]) == (4, 2)
+
+
+def test_heads_tiled_by_flatten_are_not_mistaken_for_groups():
+    q, k, v = bhsd(heads=4, kv_heads=2)
+    site = inspect_one(tiled_heads, q, k, v)
+    assert site.rewritable, site.reason
+    assert (site.shape["H"], site.shape["Hkv"]) == (4, 4)
+
+
+# --- causal only for a mask that blocks exactly the keys after each query ---------------------------
+
+
+def filled(keep_of):
+    def attend(q, k, v):
+        keep = keep_of(q.size(-2), k.size(-2))
+        scores = (q @ k.transpose(-2, -1) * HEAD_DIM**-0.5).masked_fill(~keep, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+
+    return attend
+
+
+def added(bias_of):
+    def attend(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * HEAD_DIM**-0.5 + bias_of(q.size(-2), k.size(-2)), dim=-1) @ v
+
+    return attend
+
+
+def ones(n, m):
+    return torch.ones(n, m, dtype=torch.bool)
+
+
+def causal_float(n, m):
+    return torch.zeros(n, m).masked_fill(~ones(n, m).tril(), float("-inf"))
+
+
+CAUSAL_CASES = {
+    "tril-keep-filled": (filled(lambda n, m: ones(n, m).tril()), True),
+    "triu-blocked-where": (lambda q, k, v: torch.where(
+        ones(q.size(-2), k.size(-2)).triu(1), torch.finfo(q.dtype).min,
+        q @ k.transpose(-2, -1) * HEAD_DIM**-0.5).softmax(-1) @ v, True),
+    "tril-float-added": (added(causal_float), True),
+    "tril-finfo-min-added": (added(lambda n, m: torch.zeros(n, m).masked_fill(~ones(n, m).tril(), torch.finfo(torch.float32).min)), True),
+    "tril-diagonal-1-filled": (filled(lambda n, m: ones(n, m).tril(diagonal=1)), False),
+    "tril-diagonal-minus-1-or-first-key": (filled(lambda n, m: ones(n, m).tril(diagonal=-1) | (torch.arange(m) == 0)), False),
+    "tril-float-plus-a-bias": (added(lambda n, m: causal_float(n, m) + 0.5), False),
+    "tril-bool-filled-is-all-true": (added(lambda n, m: ones(n, m).tril().masked_fill(~ones(n, m).tril(), float("-inf"))), False),
+    "tril-of-nonzero-values": (added(lambda n, m: torch.arange(n * m).reshape(n, m).float().div(n * m).tril()), False),
+    "tril-blocking-the-past": (added(lambda n, m: torch.full((n, m), -1e9).tril()), False),
+    "sdpa-tril-bool": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=ones(q.size(-2), k.size(-2)).tril()), True),
+    "sdpa-tril-float": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=causal_float(q.size(-2), k.size(-2))), True),
+    "sdpa-tril-diagonal-2": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=ones(q.size(-2), k.size(-2)).tril(2)), False),
+}
+
+
+@pytest.mark.parametrize("name", CAUSAL_CASES)
+def test_causal_is_reported_exactly_for_masks_that_block_the_future(name):
+    fn, causal = CAUSAL_CASES[name]
+    site = inspect_one(fn, *bhsd())
+    assert site.rewritable, site.reason
+    assert site.causal is causal
+    assert site.mask is not None
+
+
+def test_an_expanded_per_key_mask_is_reported_as_key_padding_not_causal():
+    def attend(q, k, v):
+        keep = torch.ones(q.size(0), k.size(-2), dtype=torch.bool).tril()  # batch b keeps b + 1 keys
+        scores = q @ k.transpose(-2, -1) / 3.0
+        return scores.masked_fill((keep == 0).view(q.size(0), 1, 1, -1).expand_as(scores), float("-inf")).softmax(-1) @ v
+
+    site = inspect_one(attend, *bhsd())
+    assert (site.mask, site.causal) == ("key_padding", False)
+
+
+# --- tensor divisors of the scores ---------------------------------------------------------------
+
+
+def divided(q, k, v, divisor):
+    return torch.matmul(q, k.transpose(-2, -1)).div(divisor).softmax(dim=-1).matmul(v)
+
+
+@pytest.mark.parametrize("shape", [(HEADS, 1, 1), (BATCH, HEADS, 1, 1), (1,)], ids=str)
+def test_scores_divided_by_a_per_head_input_are_bound_exactly(shape):
+    q, k, v = bhsd()
+    divisor = torch.rand(shape) + 0.5
+    site = inspect_one(divided, q, k, v, divisor)
+    assert site.rewritable, site.reason
+    assert_outputs_close(divided(q, k, v, divisor), reference_attention(q / divisor, k, v, scale=1.0))
+
+
+def test_scores_divided_by_a_per_query_tensor_are_reported_with_a_reason():
+    q, k, v = bhsd()
+    norm = q.norm(dim=-1, keepdim=True)  # (B, H, N, 1): varies over queries, not a scale
+    site = inspect_one(lambda q, k, v, d: (q @ k.transpose(-2, -1) / d).softmax(dim=-1) @ v, q, k, v, norm)
+    assert not site.rewritable
+    assert "divided" in site.reason
+
+
+def test_a_hand_written_softmax_over_a_single_query_is_still_a_softmax():
+    q, k, v = bhsd(n=1)
+
+    def attend(q, k, v):
+        scores = q @ k.transpose(-2, -1)
+        exps = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        return (exps / exps.sum(dim=-1, keepdim=True)) @ v
+
+    site = inspect_one(attend, q, k, v)
+    assert site.rewritable and site.form == "manual-softmax"
+
+
+# --- attention inside torch.utils.checkpoint, through the passes ------------------------------------
+
+
+class SdpaAttention(nn.Module):
+    """An exact attention module with the variants' signature, for driving the passes directly."""
+
+    def forward(self, q, k, v, *, mask=None, scale, causal=False, dropout_p=0.0):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
+                                              dropout_p=dropout_p, enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def attention_bhsd(q, k, v):
+    return torch.matmul(q, k.transpose(-2, -1)).div(math.sqrt(k.shape[-1])).softmax(dim=-1).matmul(v)
+
+
+class CheckpointedBlock(nn.Module):
+    """One attention at the top level and one (with a mask) inside a checkpointed function; the
+    two graphs both have nodes named `matmul`, `softmax`, ..."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(HEAD_DIM, HEAD_DIM)
+
+    def inner(self, q, k, v):
+        keep = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril()
+        scores = (self.proj(q) @ k.transpose(-2, -1) * HEAD_DIM**-0.5).masked_fill(~keep, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+
+    def forward(self, q, k, v):
+        x = attention_bhsd(q, k, v)
+        y = torch.utils.checkpoint.checkpoint(self.inner, x, k, v, use_reentrant=False)
+        return y + x
+
+
+def captured(model, *args) -> tuple[fx.GraphModule, tuple]:
+    """The one graph dynamo captures for `model(*args)`, and its inputs (parameters included)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, tuple(example_inputs)))
+        return gm.forward
+
+    torch.compile(model, backend=backend, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def with_meta(gm: fx.GraphModule, args: tuple) -> fx.GraphModule:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    return gm
+
+
+def body_nodes(gm: fx.GraphModule) -> list[str]:
+    bodies = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and isinstance(getattr(gm, n.target), fx.GraphModule)]
+    return [op_name(n) or str(n.target) for body in bodies for n in body.graph.nodes]
+
+
+def test_attention_inside_a_checkpoint_is_found_verified_and_rewritten_exactly_by_the_passes():
+    torch.manual_seed(0)
+    model = CheckpointedBlock().eval()
+    q, k, v = bhsd()
+    gm, args = captured(model, q, k, v)
+    with torch.no_grad():
+        expected = gm(*args)
+    original_body = list(body_nodes(gm))
+    assert "softmax" in original_body
+
+    work = with_meta(fx.GraphModule(gm, copy.deepcopy(gm.graph)), args)
+    canonicalize(work)
+    with_meta(work, args)
+    assert len(detect(work)) == 1, "without subgraphs only the top-level site is searched"
+    assert len(unsearched_regions(work)) == 1 and unsearched_regions(work, subgraphs=True) == []
+    matches = detect(work, subgraphs=True)
+    assert len(matches) == 2
+    inner = matches[1]
+    assert inner.output.graph is not work.graph and inner.causal and inner.reason is None
+    calls = [SITE_CALLS[m.kind](SdpaAttention(), m.recipe, i) for i, m in enumerate(matches)]
+    assert [verify(m, call) for m, call in zip(matches, calls)] == [None, None]
+
+    rewritten = rewritten_copy(work, [(m, call, i) for i, (m, call) in enumerate(zip(matches, calls))])
+    with torch.no_grad():
+        assert_outputs_close(rewritten(*args), expected)
+        assert_outputs_close(work(*args), expected)
+    assert "softmax" not in body_nodes(rewritten) and "attnopt_site_1" in body_nodes(rewritten)
+    assert "softmax" in body_nodes(work), "rewritten_copy changed the module it copied"
+    assert body_nodes(gm) == original_body, "canonicalize changed the captured graph's subgraph"
+
+    # rewriting in place gives the same result, gradients included
+    rewrite(work, [(m, call, i) for i, (m, call) in enumerate(zip(matches, calls))])
+    inputs = [a.detach().clone().requires_grad_(True) for a in args[:3]] + list(args[3:])
+    reference = [a.detach().clone().requires_grad_(True) for a in args[:3]] + list(args[3:])
+    work(*inputs)[0].sum().backward()
+    gm(*reference)[0].sum().backward()
+    for a, b in zip(inputs[:3], reference[:3]):
+        assert_outputs_close(a.grad, b.grad)
