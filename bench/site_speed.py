@@ -2,7 +2,8 @@
 
 Timed, with H = 6, d = 64, B = 1, fp32 and torch.set_num_threads(2):
 - "module": what users get, the attnopt.variants site module — AgentConfig(agent_count=64,
-  selection="pool") with its defaults otherwise (agent bias, V shortcut), LinearConfig() (elu+1);
+  selection="pool") with its defaults otherwise (agent bias, V shortcut, outliers: 5 % of N, so
+  from N = 1260 on 63 of the 64 agents are single-query outliers), LinearConfig() (elu+1);
 - "op": the bare kernel op it calls — agent_attention with agents pooled from q
   (1-D adaptive average pooling, timed too), linear_attention(feature_map="elu1").
 The gap between the two is the module's own overhead. Every ratio is SDPA's time over the
@@ -13,56 +14,32 @@ SDPA's FLOPs over the variant's (attnopt.costmodel), the ratio a perfect impleme
     python bench/site_speed.py                                # N = 1024, 4096, 16384
     python bench/site_speed.py --lengths 1024 4096 --seconds 2  # quicker, for debugging
 
-The CPU linear_attention reference builds the N×M weight matrix, so linear is timed only up to
---linear-max-length (4096: at 16384 that matrix alone is 6 GiB per copy).
+Linear attention runs in state form on CPU (O(N·d·e), no N×M matrix), so it is timed at every
+length; --linear-max-length N skips it above N (quicker runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import time
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from attnopt import costmodel
-from attnopt.kernels import agent_attention, linear_attention
-from attnopt.variants import AgentConfig, LinearConfig, SiteInfo, build_site_module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from attnopt import costmodel  # noqa: E402
+from attnopt.kernels import agent_attention, linear_attention  # noqa: E402
+from attnopt.variants import AgentConfig, LinearConfig, SiteInfo, build_site_module  # noqa: E402
+from timing import interleaved_best_seconds  # noqa: E402
 
 HEADS, HEAD_DIM, N_AGENTS, THREADS = 6, 64, 64, 2
 TARGETS = {("agent module", 4096): 25.0, ("agent module", 16384): 100.0, ("linear module", 4096): 30.0}
 """(candidate, N) → the speed-up over SDPA it must reach."""
-
-
-def interleaved_best_seconds(
-    runs: Mapping[str, Callable[[], object]], seconds: float, min_rounds: int = 3, slice_s: float = 0.25
-) -> dict[str, float]:
-    """Fastest time of each run, after one warm-up each.
-
-    Round after round, each run in turn is repeated for `slice_s` (at least once), until `seconds`
-    have passed and at least `min_rounds` rounds are done. Load from other processes then falls
-    on all runs alike, and quick runs get many chances at an undisturbed moment.
-    """
-    for run in runs.values():
-        run()
-    best = dict.fromkeys(runs, math.inf)
-    start, rounds = time.perf_counter(), 0
-    while rounds < min_rounds or time.perf_counter() - start < seconds:
-        for name, run in runs.items():
-            slice_end = time.perf_counter() + slice_s
-            while True:
-                began = time.perf_counter()
-                run()
-                finished = time.perf_counter()
-                best[name] = min(best[name], finished - began)
-                if finished >= slice_end:
-                    break
-        rounds += 1
-    return best
 
 
 def pooled_agents(q: torch.Tensor, n_agents: int) -> torch.Tensor:
@@ -102,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per length (at least 3 rounds)")
-    parser.add_argument("--linear-max-length", type=int, default=4096)
+    parser.add_argument("--linear-max-length", type=int, default=None, help="time linear only up to this N (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
 
@@ -113,7 +90,8 @@ def main() -> None:
     verdicts = []
     with torch.inference_mode():
         for length in args.lengths:
-            best = interleaved_best_seconds(site_runs(length, length <= args.linear_max_length), args.seconds)
+            with_linear = args.linear_max_length is None or length <= args.linear_max_length
+            best = interleaved_best_seconds(site_runs(length, with_linear), args.seconds)
             speedup = {name: best["sdpa"] / seconds for name, seconds in best.items()}
 
             def cell(name: str) -> str:

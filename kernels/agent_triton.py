@@ -44,15 +44,18 @@ def agent_attention_triton(
     v: torch.Tensor,
     agents: torch.Tensor,
     mask: torch.Tensor | None,
+    agent_bias: torch.Tensor | None = None,
     *,
     scale: float,
     agent_scale: float,
 ) -> torch.Tensor:
-    """softmax(q agentsᵀ·agent_scale) · softmax(agents kᵀ·scale + mask) v via two Triton kernels."""
+    """softmax(q agentsᵀ·agent_scale + agent_bias) · softmax(agents kᵀ·scale + mask) v via two Triton kernels."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_agents, n_keys, value_dim = agents.shape[2], k.shape[2], v.shape[3]
     tiles = attention_tiles(q.device, head_dim)
     mask_kind, broadcast, mask_tensor, mask_strides = mask_layout(mask)
+    # the bias is an additive mask of stage 2, one row (B|1, H|1, 1, n) shared by every query
+    _, bias_broadcast, bias_tensor, bias_strides = mask_layout(None if agent_bias is None else agent_bias.unsqueeze(-2))
     config = AgentKernelConfig(
         head_dim=head_dim,
         value_dim=value_dim,
@@ -62,6 +65,8 @@ def agent_attention_triton(
         mask_broadcast=broadcast,
         block_m=tiles.block_m,
         block_n=tiles.block_n,
+        agent_bias=agent_bias is not None,
+        bias_broadcast=bias_broadcast if agent_bias is not None else AgentKernelConfig.bias_broadcast,
     )
     module = kernel_module("agent_attention", config)
     agents = agents.to(q.dtype).expand(batch, -1, -1, -1)  # agents shared by the batch: stride 0
@@ -81,7 +86,7 @@ def agent_attention_triton(
 
     out = q.new_empty(batch, n_heads, n_queries, value_dim)
     torch.library.wrap_triton(module.agent_stage2_kernel)[(triton.cdiv(n_queries, tiles.block_m), batch * n_heads)](
-        *softmax_kernel_args(q, agents, agent_values, out, None, (0, 0, 0, 0), agent_scale),
+        *softmax_kernel_args(q, agents, agent_values, out, bias_tensor, bias_strides, agent_scale),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -1,10 +1,12 @@
 """The `attnopt::linear_attention` op: kernelised linear attention, sum or InLine normalised.
 
 The op takes key_mask as its fourth positional argument (torch.library allows no keyword-only
-tensors); the Python wrapper keeps it keyword-only. CPU tensors run `linear_reference`
-(quadratic form); CUDA tensors (or forced CPU ones under TRITON_INTERPRET=1) run generated
-Triton kernels that build the d×e state Σφ(k)ᵀv — chunked and prefix-summed when causal — with
-the feature map fused in. Backward is autograd through the reference.
+tensors); the Python wrapper keeps it keyword-only. CPU tensors run `linear_reference` in state
+form (a d×e state per head, chunked when causal: O(N·d·e), no N×M matrix); CUDA tensors (or
+forced CPU ones under TRITON_INTERPRET=1) run generated Triton kernels that build the same state
+Σφ(k)ᵀv — chunked and prefix-summed when causal — with the feature map fused in. Backward is
+autograd through the state-form reference. `linear_reference.linear_attention_quadratic` (the
+N×M form) is the oracle the tests hold both paths to.
 """
 
 from __future__ import annotations

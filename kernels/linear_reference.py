@@ -1,8 +1,14 @@
-"""Plain-PyTorch linear attention (kernelised, with sum or InLine normalisation): oracle and CPU path.
+"""Plain-PyTorch linear attention (kernelised, with sum or InLine normalisation): CPU path and oracle.
 
-Written in its quadratic form, with the N×M weight matrix φ(q)φ(k)ᵀ spelled out and masked,
-so that causality, key masks and both normalisations are evident; the Triton kernels compute the
-same thing through the d×e state S = Σ φ(k)ᵀv instead.
+Two spellings of the same function:
+- `linear_attention_reference`, what the op runs on CPU and what its backward differentiates:
+  the d×e state S = Σ φ(k)ᵀv and key sum z = Σ φ(k), O(N·d·e) time and memory. Non-causal, one
+  state per (batch, kv head); causal, chunked: the queries of a chunk of CHUNK tokens read the
+  exclusive prefix state of the chunks before it, plus their own chunk quadratically (a tril of
+  CHUNK × CHUNK weights). Masked keys get zero features, so they drop out of every sum.
+- `linear_attention_quadratic`, the test oracle: the N×M weight matrix φ(q)φ(k)ᵀ spelled out and
+  masked, so that causality, key masks and both normalisations are evident (O(N·M) memory).
+The Triton kernels compute the state form as well.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ def apply_feature_map(x: torch.Tensor, name: str, power: float) -> torch.Tensor:
     """
     x = x.to(accumulation_dtype(x.dtype))
     if name == "elu1":
-        return F.elu(x) + 1
+        return F.elu(x).add_(1)  # in place is safe: elu's backward reads its input, not its output
     if name == "relu":
         return torch.relu(x)
     if name == "identity":
@@ -56,7 +62,7 @@ def visible_keys(
     return visible
 
 
-def linear_attention_reference(
+def linear_attention_quadratic(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -68,7 +74,7 @@ def linear_attention_reference(
     key_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Linear attention in quadratic form; see attnopt.kernels.linear_attention for the contract."""
+    """Linear attention in quadratic form (the oracle); see attnopt.kernels.linear_attention for the contract."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
     n_heads = q.shape[1]
@@ -85,3 +91,182 @@ def linear_attention_reference(
         injective = torch.where(visible, weights - mean + 1 / n_visible, 0)
         out = injective @ values
     return out.to(q.dtype)
+
+
+CHUNK = 64
+"""Tokens per chunk of the causal state form: its in-chunk part costs 2·N·CHUNK·(d + e) FLOPs."""
+
+SLAB_ELEMENTS = 1 << 21
+"""Non-causal inference works through slabs of whole heads holding at most about this many
+features (8 MiB in fp32; at least one head): big enough that a typical call is one slab, so few
+(parallel) ops run, small enough to bound the temporaries of long sequences."""
+
+
+def linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str = "elu1",
+    normalization: str = "sum",
+    power: float = 3.0,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear attention in state form (the CPU path); see attnopt.kernels.linear_attention for the contract.
+
+    With S = Σ_j φ(k_j)ᵀ v_j, z = Σ_j φ(k_j) and mean = Σ_j v_j / count over the keys query i
+    sees: sum: out_i = φ(q_i)·S / (φ(q_i)·z + eps); InLine: out_i = φ(q_i)·S + (1 − φ(q_i)·z)·mean,
+    which is Σ_j (φ(q_i)·φ(k_j) − mean_s φ(q_i)·φ(k_s) + 1/count) v_j rearranged (0 for a row
+    that sees no key: S, z and Σ v are then 0).
+
+    Non-causal calls that need no gradient go through slabs of whole heads (SLAB_ELEMENTS
+    features at most, unless one head is larger): a slab's features are made, used and dropped,
+    and the output is written in place, so the temporaries stay within one slab. With gradients
+    (or causal) the same sums run on whole tensors, out of place, which autograd can follow.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+    options = dict(name=feature_map, power=power)
+    dtype = accumulation_dtype(q.dtype)
+    valid = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, M, 1)
+    value_mean = None
+    if normalization == "inline":
+        value_mean = repeat_kv_heads(_visible_value_mean(v.to(dtype), valid, causal), q.shape[1])
+    if causal:
+        key_features = _masked(apply_feature_map(k, **options), valid)
+        out = _causal_state_form(apply_feature_map(q, **options), key_features, v.to(dtype), value_mean, eps)
+        return out.to(q.dtype)
+    in_slabs = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    state, key_sum = _key_state(k, v, valid, in_slabs, **options)
+    state, key_sum = repeat_kv_heads(state, q.shape[1]), repeat_kv_heads(key_sum, q.shape[1])
+    if value_mean is not None:  # InLine: φ(q)·S + (1 − φ(q)·z)·mean = mean + φ(q)·(S − z ⊗ mean)
+        state = state - key_sum.mT * value_mean
+    if not in_slabs:
+        query_features = apply_feature_map(q, **options)
+        if value_mean is None:
+            out = _normalized(query_features @ state, query_features @ key_sum.mT, None, eps)
+        else:
+            out = query_features @ state + value_mean
+        return out.to(q.dtype)
+    out = q.new_empty(*q.shape[:3], v.shape[3], dtype=dtype)
+    for rows in _slabs(q.shape[0], q.shape[1], q.shape[2] * q.shape[3]):
+        query_features, slab = apply_feature_map(q[rows], **options), out[rows]
+        torch.matmul(query_features, state[rows], out=slab)
+        if value_mean is None:
+            slab.div_((query_features @ key_sum[rows].mT).add_(eps))
+        else:
+            slab.add_(value_mean[rows])
+    return out.to(q.dtype)
+
+
+def _masked(key_features: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Zero the features of masked keys (where, not ·: a masked key's inf or NaN features stay out)."""
+    return key_features if valid is None else torch.where(valid, key_features, 0)
+
+
+def _slabs(batch: int, heads: int, per_head: int) -> list[tuple[slice, slice]]:
+    """(batch, head) index pairs covering every head once, each slab about SLAB_ELEMENTS large.
+
+    A slab is a run of whole batch rows or a run of heads within one row, so that it is a view
+    of any (B, H, ·, ·) tensor and a contiguous block of a fresh one.
+    """
+    heads_per_slab = max(1, SLAB_ELEMENTS // per_head)
+    if heads_per_slab >= heads:
+        step = heads_per_slab // heads
+        return [(slice(start, start + step), slice(None)) for start in range(0, batch, step)]
+    return [(slice(row, row + 1), slice(start, start + heads_per_slab))
+            for row in range(batch) for start in range(0, heads, heads_per_slab)]
+
+
+def _key_state(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, in_slabs: bool,
+               **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """S = Σ φ(k)ᵀv (B, Hkv, d, e) and z = Σ φ(k) (B, Hkv, 1, d) over the valid keys."""
+    dtype = accumulation_dtype(k.dtype)
+    if not in_slabs:
+        key_features = _masked(apply_feature_map(k, **options), valid)
+        return key_features.mT @ v.to(dtype), key_features.sum(-2, keepdim=True)
+    batch, n_kv_heads, n_keys, head_dim = k.shape
+    state = k.new_empty(batch, n_kv_heads, head_dim, v.shape[3], dtype=dtype)
+    key_sum = k.new_empty(batch, n_kv_heads, 1, head_dim, dtype=dtype)
+    hidden = None if valid is None else ~valid
+    for rows in _slabs(batch, n_kv_heads, n_keys * head_dim):
+        key_features = apply_feature_map(k[rows], **options)
+        if hidden is not None:
+            key_features.masked_fill_(hidden[rows[0]], 0)
+        torch.matmul(key_features.mT, v[rows].to(dtype), out=state[rows])
+        torch.sum(key_features, dim=-2, keepdim=True, out=key_sum[rows])
+    return state, key_sum
+
+
+def _visible_value_mean(values: torch.Tensor, valid: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Mean of the visible keys' values, (B, Hkv, 1, e), or (B, Hkv, N, e) prefix means when causal."""
+    if valid is not None:
+        values = torch.where(valid, values, 0)
+        counts = valid.to(values.dtype)
+    else:
+        counts = torch.ones_like(values[:1, :1, :, :1])
+    if causal:
+        return values.cumsum(-2) / counts.cumsum(-2).clamp_min(1)
+    return values.sum(-2, keepdim=True) / counts.sum(-2, keepdim=True).clamp_min(1)
+
+
+def _normalized(numerator: torch.Tensor, denominator: torch.Tensor, value_mean: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+    """Sum: numerator / (denominator + eps); InLine: numerator + (1 − denominator)·mean.
+
+    numerator φ(q)·S (…, N, e) and denominator φ(q)·z (…, N, 1), both fresh (they are overwritten).
+    """
+    if value_mean is None:  # in place: both are fresh matmul outputs that no backward reads
+        return numerator.div_(denominator.add_(eps))
+    return numerator.addcmul_(1 - denominator, value_mean)
+
+
+def _causal_state_form(query_features: torch.Tensor, key_features: torch.Tensor, values: torch.Tensor,
+                       value_mean: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Causal, in chunks of CHUNK tokens: prefix states of the earlier chunks plus a tril within the chunk.
+
+    The full chunks run batched (the tokens viewed as (chunks, CHUNK)); the last N mod CHUNK
+    tokens are a shorter chunk of their own, so nothing is padded or copied to chunk them.
+    """
+    n_heads, n_tokens = query_features.shape[1], query_features.shape[2]
+    key_features, values = repeat_kv_heads(key_features, n_heads), repeat_kv_heads(values, n_heads)
+    n_chunks = n_tokens // CHUNK
+    split = n_chunks * CHUNK
+    pieces = []
+    state = key_sum = None  # Σ φ(k)ᵀv and Σ φ(k) over the full chunks
+    if n_chunks:
+        def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, H, chunks, CHUNK, ·), a view
+            return x[..., :split, :].reshape(*x.shape[:2], n_chunks, CHUNK, x.shape[-1])
+
+        chunk_q, chunk_k, chunk_v = chunked(query_features), chunked(key_features), chunked(values)
+        states = (chunk_k.transpose(-1, -2) @ chunk_v).cumsum(2)  # (B, H, chunks, d, e), inclusive
+        key_sums = chunk_k.sum(-2, keepdim=True).cumsum(2)  # (B, H, chunks, 1, d)
+        before = torch.cat([torch.zeros_like(states[:, :, :1]), states[:, :, :-1]], dim=2)
+        keys_before = torch.cat([torch.zeros_like(key_sums[:, :, :1]), key_sums[:, :, :-1]], dim=2)
+        within = (chunk_q @ chunk_k.transpose(-1, -2)).tril()  # (B, H, chunks, CHUNK, CHUNK)
+        numerator = _batched_addmm(chunk_q @ before, within, chunk_v)
+        denominator = within.sum(-1, keepdim=True) + chunk_q @ keys_before.mT
+        mean = None if value_mean is None else chunked(value_mean)
+        out = _normalized(numerator, denominator, mean, eps)
+        pieces.append(out.reshape(*out.shape[:2], split, out.shape[-1]))
+        state, key_sum = states[:, :, -1], key_sums[:, :, -1]
+    if split < n_tokens:
+        tail_q, tail_k, tail_v = (x[..., split:, :] for x in (query_features, key_features, values))
+        within = (tail_q @ tail_k.transpose(-1, -2)).tril()
+        numerator, denominator = within @ tail_v, within.sum(-1, keepdim=True)
+        if state is not None:
+            numerator = numerator + tail_q @ state
+            denominator = denominator + tail_q @ key_sum.mT
+        mean = None if value_mean is None else value_mean[..., split:, :]
+        pieces.append(_normalized(numerator, denominator, mean, eps))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
+
+
+def _batched_addmm(bias: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """bias + left @ right over any leading dims, the addition fused into the matmul (baddbmm)."""
+    lead = left.shape[:-2]
+    out = torch.baddbmm(bias.reshape(-1, *bias.shape[-2:]), left.reshape(-1, *left.shape[-2:]),
+                        right.reshape(-1, *right.shape[-2:]))
+    return out.reshape(*lead, *out.shape[-2:])

@@ -10,7 +10,7 @@ Agent attention is two such kernels in one module. Stage 1 (agents over keys, pe
 few query rows and many keys, so it also splits the keys across programs (split-K, as in
 flash-decoding): each writes its unnormalised accumulator with its running max and sum, and the
 launcher merges the splits. Stage 2 (queries over agents) uses a key tile covering every agent,
-so it is a single pass.
+so it is a single pass; an agent bias enters it as an additive mask broadcast over the queries.
 """
 
 from __future__ import annotations
@@ -222,6 +222,8 @@ class AgentKernelConfig:
     agent_block is the stage-2 key tile: the launcher makes it cover all agents (a power of two
     >= n_agents, up to 128) so that stage 2 is one pass; stage 1
     tiles the agents by `agent_rows` and the keys by block_n, split across programs.
+    agent_bias: stage 2 adds a per-agent bias, read as an additive mask (B|1, H|1, 1, n) whose
+    broadcast dims are `bias_broadcast`.
     """
 
     head_dim: int
@@ -232,6 +234,8 @@ class AgentKernelConfig:
     mask_broadcast: tuple[bool, bool, bool, bool] = (False, False, True, False)
     block_m: int = 64
     block_n: int = 64
+    agent_bias: bool = False
+    bias_broadcast: tuple[bool, bool, bool, bool] = (False, False, True, False)
 
     @property
     def agent_rows(self) -> int:
@@ -260,13 +264,18 @@ def render_agent_module(config: AgentKernelConfig) -> str:
         value_dim=config.value_dim,
         dot_dtype=config.dtype,
         causal=False,
-        mask="none",
-        mask_broadcast=(False, False, False, False),
+        mask="additive" if config.agent_bias else "none",
+        mask_broadcast=tuple(config.bias_broadcast) if config.agent_bias else (False, False, False, False),
         block_m=config.block_m,
         block_n=config.agent_block,
     )
     return (
         MODULE_HEADER
         + render_softmax_kernel(stage1, "Stage 1, one key split: partial softmax(agents kᵀ·scale + mask) v.")
-        + render_softmax_kernel(stage2, "Stage 2: softmax(q agentsᵀ·agent_scale) agent_v, all agents in one tile.")
+        + render_softmax_kernel(
+            stage2,
+            "Stage 2: softmax(q agentsᵀ·agent_scale + agent_bias) agent_v, all agents in one tile."
+            if config.agent_bias
+            else "Stage 2: softmax(q agentsᵀ·agent_scale) agent_v, all agents in one tile.",
+        )
     )

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .clustering import bipartite_merge, grid_groups, group_means, kmeans, pooled_groups, split_outliers
+from .clustering import (bipartite_merge, grid_groups, group_means, kmeans, pooled_groups, pooled_runs_with_outliers,
+                         split_outliers)
 from .masks import valid_queries
 from .reasons import causal_reason, dropout_reason, first_reason, per_query_mask_reason
 from .registry import Example, register_variant
@@ -179,6 +180,9 @@ class AgentAttention(TwoStageSiteAttention):
         """Agents (B, H, n, d) in fp32 and their sizes (B, H, n) for queries q (B, H, N, d)."""
         batch, n_heads, n_tokens, _ = q.shape
         layout = self.config.layout(n_tokens, self.site_info)
+        if self.config.selection == "pool" and layout.grid is None and self._all_queries_valid(key_mask, n_tokens):
+            # 1-D pooling of a sequence without padding: the groups are runs of consecutive queries
+            return pooled_runs_with_outliers(q.float(), layout.n_pooled, layout.n_outliers)
         valid = valid_queries(key_mask, batch, n_heads, n_tokens, self.site_info.is_self_attention, q.device)
         queries, skip = q.float(), layout.n_class_tokens
         patches, patch_valid = queries[..., skip:, :], valid[..., skip:]
@@ -188,6 +192,10 @@ class AgentAttention(TwoStageSiteAttention):
             agents = torch.cat([queries[..., :skip, :], agents], dim=-2)
             sizes = torch.cat([valid[..., :skip].float(), sizes], dim=-1)
         return agents, sizes
+
+    def _all_queries_valid(self, key_mask: torch.Tensor | None, n_tokens: int) -> bool:
+        """True where masks.valid_queries counts every query, decided from shapes alone (no data read)."""
+        return key_mask is None or not self.site_info.is_self_attention or key_mask.shape[-1] != n_tokens
 
     def reduced(self, q, k, v, key_mask, scale: float) -> torch.Tensor:
         token_scale = scale * self.config.temperature

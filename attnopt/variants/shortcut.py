@@ -24,8 +24,9 @@ def shifted_values(values: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tens
     n_tokens = values.shape[-2]
     shifted = []
     for offset in offsets:
-        kept = values[..., max(offset, 0):n_tokens + min(offset, 0), :]
-        shifted.append(F.pad(kept, (0, 0, max(-offset, 0), max(offset, 0))))
+        first, last = min(max(-offset, 0), n_tokens), max(n_tokens - max(offset, 0), 0)  # rows i with i+o inside
+        kept = values[..., first + offset:max(last, first) + offset, :]
+        shifted.append(F.pad(kept, (0, 0, first, n_tokens - first - kept.shape[-2])))
     return torch.stack(shifted, dim=-1)
 
 
@@ -50,9 +51,40 @@ class ValueShortcut(nn.Module):
             values = values * key_valid.to(values.dtype).unsqueeze(-1)
         return torch.cat([attention_out.unsqueeze(-1), shifted_values(values, self.offsets)], dim=-1)
 
-    def forward(self, attention_out: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
-        features = self.features(attention_out, v, key_valid)
-        return (features * self.weights.to(features.dtype)[:, None, None, :]).sum(-1)
+    def forward(self, attention_out: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+                reuse_output: bool = False) -> torch.Tensor:
+        """w₀·attention_out + Σ_o w_o·v_{i+o}, as the weighted sum of `features` but without building them.
+
+        One pass for w₀·attention_out, then one in-place multiply-add of a shifted slice of v per
+        offset; query heads read their kv head's values by broadcasting, never by repeating them.
+        reuse_output: the caller owns attention_out and no longer needs it: when nothing is to be
+        differentiated, it is overwritten with the result instead of allocating another.
+        """
+        batch, n_heads, n_tokens, value_dim = attention_out.shape
+        n_kv_heads = v.shape[1]
+        group = n_heads // n_kv_heads
+        weights = self.weights.to(attention_out.dtype)
+        needs_grad = torch.is_grad_enabled() and (attention_out.requires_grad or weights.requires_grad)
+        if reuse_output and not needs_grad:
+            out = attention_out.mul_(weights[:, :1, None])
+        else:
+            out = attention_out * weights[:, :1, None]
+        out = out.contiguous()  # views below write into it
+        grouped = out.view(batch, n_kv_heads, group, n_tokens, value_dim)
+        values = v.to(attention_out.dtype).unsqueeze(2)  # (B, Hkv, 1, N, e)
+        if key_valid is not None:
+            valid = key_valid.to(values.dtype).unsqueeze(-1)  # (B|1, H|1, N, 1)
+            if valid.shape[1] == 1:
+                values = values * valid.unsqueeze(2)
+            else:
+                values = values * valid.reshape(valid.shape[0], n_kv_heads, group, n_tokens, 1)
+        offset_weights = weights[:, 1:].reshape(n_kv_heads, group, len(self.offsets), 1, 1)
+        for index, offset in enumerate(self.offsets):
+            first, last = max(-offset, 0), n_tokens - max(offset, 0)  # queries i with i + offset in range
+            if first < last:
+                grouped[..., first:last, :].addcmul_(values[..., first + offset:last + offset, :],
+                                                    offset_weights[:, :, index])
+        return out
 
     @torch.no_grad()
     def fit(self, attention_out: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,

@@ -1,13 +1,13 @@
 """Two-stage attention through a few tokens (agents or mediators), with a per-token stage-2 bias.
 
-The kernel op computes softmax(q Tᵀ·token_scale) · softmax(T kᵀ·scale + mask) v. Two refinements
-need a bias b per token in stage 2 (logits q·t·token_scale + b):
+The kernel op computes softmax(q Tᵀ·token_scale + b) · softmax(T kᵀ·scale + mask) v. Two
+refinements need the bias b per token in stage 2 (logits q·t·token_scale + b):
 - distance weighting, b = −token_scale·‖t‖²/2: the logits become −token_scale·‖q − t‖²/2 up to a
   per-query constant, so a query listens to the *nearest* tokens, not to the longest ones;
 - size weighting, b += log(size): a token standing for s queries counts s times (ToMe's
   proportional attention), so merging tokens does not change how loud a cluster is.
-The bias rides on one extra channel — q gets a 1, k a 0, each token b / token_scale — so stage 1
-is untouched and the op stays the single place where the attention math lives.
+The bias is the op's `agent_bias` argument, so q, k and the tokens reach the op as they are (no
+copies) and the op stays the single place where the attention math lives.
 """
 
 from __future__ import annotations
@@ -30,15 +30,11 @@ def two_stage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token
                         token_scale: float) -> torch.Tensor:
     """softmax(q tokensᵀ·token_scale + bias) · softmax(tokens kᵀ·scale + key_mask) v.
 
-    q (B, H, N, d); k, v (B, Hkv, M, ·); tokens (B or 1, H, n, d); bias (B or 1, H, n);
-    key_mask broadcastable to (B, H, 1, M). Returns (B, H, N, e) in q's dtype.
+    q (B, H, N, d); k, v (B, Hkv, M, ·); tokens (B or 1, H, n, d); bias (B or 1, H, n), kept in
+    its own (fp32) precision; key_mask broadcastable to (B, H, 1, M). Returns (B, H, N, e) in
+    q's dtype.
     """
-    batch = max(tokens.shape[0], bias.shape[0])
-    bias_channel = (bias / token_scale).to(tokens.dtype).unsqueeze(-1)
-    tokens = torch.cat([tokens.expand(batch, -1, -1, -1), bias_channel.expand(batch, -1, -1, -1)], dim=-1)
-    q = torch.cat([q, q.new_ones(*q.shape[:-1], 1)], dim=-1)
-    k = torch.cat([k, k.new_zeros(*k.shape[:-1], 1)], dim=-1)
-    return agent_attention(q, k, v, tokens, key_mask, scale=scale, agent_scale=token_scale)
+    return agent_attention(q, k, v, tokens, key_mask, scale=scale, agent_scale=token_scale, agent_bias=bias)
 
 
 def agent_bias(agents: torch.Tensor, sizes: torch.Tensor, token_scale: float, *, distance_weighting: bool,
@@ -90,7 +86,7 @@ class TwoStageSiteAttention(nn.Module):
         if self.shortcut is None or q.shape[2] != k.shape[2]:
             return out
         key_valid = None if key_mask is None else key_validity(key_mask)[:, :, 0, :]
-        return self.shortcut(out, v, key_valid)
+        return self.shortcut(out, v, key_valid, reuse_output=True)
 
     @torch.no_grad()
     def calibrate(self, example: tuple, scale: float) -> None:

@@ -32,6 +32,12 @@ CASES = [
         dict(Q=BF16, K=BF16, V=BF16, Out=FP32, Mask=BF16, RowMax=FP32, RowSum=FP32),
     ),
     (
+        "agent_attention",
+        AgentKernelConfig(head_dim=64, value_dim=64, agent_block=64, dtype="bfloat16", block_m=128, block_n=64, agent_bias=True, bias_broadcast=(True, False, True, False)),
+        "agent_stage2_kernel",
+        dict(Q=BF16, K=BF16, V=FP32, Out=BF16, Mask=FP32),
+    ),
+    (
         "linear_attention",
         LinearKernelConfig(head_dim=64, value_dim=64, dtype="bfloat16", feature_map="focused", normalization="inline", causal=True, key_mask=True),
         "linear_output_kernel",

@@ -28,6 +28,7 @@ def test_ops_are_registered_under_the_attnopt_namespace():
     [
         ("exact_attention", lambda q, k, v: (q, k, v, torch.randn(2, 1, 5, 7, dtype=q.dtype)), dict(scale=0.3, causal=True)),
         ("agent_attention", lambda q, k, v: (q, k, v, torch.randn(1, 4, 3, 8, dtype=q.dtype), torch.rand(2, 1, 1, 7) > 0.2), dict(scale=0.3, agent_scale=0.5)),
+        ("agent_attention", lambda q, k, v: (q, k, v, torch.randn(2, 4, 3, 8, dtype=q.dtype), None, torch.randn(4, 3, dtype=q.dtype, requires_grad=True)), dict(scale=0.3, agent_scale=0.5)),
         ("linear_attention", lambda q, k, v: (q, k, v, torch.rand(2, 7) > 0.3), dict(feature_map="focused", normalization="inline")),
     ],
 )
@@ -44,6 +45,11 @@ def test_gradients_pass_gradcheck_including_the_additive_mask_and_agents():
     check = dict(fast_mode=True)
     assert torch.autograd.gradcheck(lambda *x: exact_attention(*x, scale=0.3, causal=True), (q, k, v, bias), **check)
     assert torch.autograd.gradcheck(lambda *x: agent_attention(*x, scale=0.3, agent_scale=0.6), (q, k, v, agents), **check)
+    agent_bias = leaf(1, 2, 2)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, agents, agent_bias: agent_attention(q, k, v, agents, scale=0.3, agent_scale=0.6, agent_bias=agent_bias),
+        (q, k, v, agents, agent_bias), **check,
+    )
     focused_inline = dict(feature_map="focused", normalization="inline")
     assert torch.autograd.gradcheck(lambda *x: linear_attention(*x, **focused_inline), (q, k, v), **check)
 
@@ -70,9 +76,10 @@ def test_flop_counter_counts_each_op_with_its_formula():
     with FlopCounterMode(display=False) as counter:
         exact_attention(q, k, v, scale=0.3)
     assert counter.get_total_flops() == 2 * batch * heads * n * m * (d + e)
-    with FlopCounterMode(display=False) as counter:
-        agent_attention(q, k, v, torch.randn(1, heads, n_agents, d), scale=0.3, agent_scale=0.5)
-    assert counter.get_total_flops() == 2 * batch * heads * n_agents * m * (d + e) + 2 * batch * heads * n * n_agents * (d + e)
+    for agent_bias in (None, torch.randn(heads, n_agents)):  # the bias adds no matmul
+        with FlopCounterMode(display=False) as counter:
+            agent_attention(q, k, v, torch.randn(1, heads, n_agents, d), scale=0.3, agent_scale=0.5, agent_bias=agent_bias)
+        assert counter.get_total_flops() == 2 * batch * heads * n_agents * m * (d + e) + 2 * batch * heads * n * n_agents * (d + e)
     for normalization, extra in (("sum", 0), ("inline", 2 * batch * heads * (m + n) * e)):
         with FlopCounterMode(display=False) as counter:
             linear_attention(q, k, v, normalization=normalization)
@@ -83,12 +90,14 @@ def test_flop_counter_counts_each_op_with_its_formula():
 def test_compile_fullgraph_has_no_graph_break_forward_and_backward():
     q, k, v = _inputs(torch.float32, requires_grad=True)
     agents = torch.randn(1, 4, 3, 8)
+    agent_bias = torch.randn(1, 4, 3)
     mask = torch.rand(5, 7) > 0.2
 
     def model(q, k, v):
         return (
             exact_attention(q, k, v, mask, scale=0.3).sum()
             + agent_attention(q, k, v, agents, scale=0.3, agent_scale=0.5).sum()
+            + agent_attention(q, k, v, agents, scale=0.3, agent_scale=0.5, agent_bias=agent_bias).sum()
             + linear_attention(q, k, v, key_mask=torch.ones(2, 7, dtype=torch.bool)).sum()
         )
 
@@ -109,6 +118,8 @@ def test_compile_fullgraph_has_no_graph_break_forward_and_backward():
         (lambda q, k, v: exact_attention(q, k, v, torch.zeros(3, 7), scale=1.0), "broadcast"),
         (lambda q, k, v: agent_attention(q, k, v, torch.randn(3, 4, 2, 8), scale=1.0, agent_scale=1.0), "agents"),
         (lambda q, k, v: agent_attention(q, k, v, torch.randn(1, 4, 2, 8), torch.zeros(5, 7), scale=1.0, agent_scale=1.0), "broadcast"),
+        (lambda q, k, v: agent_attention(q, k, v, torch.randn(1, 4, 2, 8), scale=1.0, agent_scale=1.0, agent_bias=torch.zeros(4, 3)), "broadcast"),
+        (lambda q, k, v: agent_attention(q, k, v, torch.randn(1, 4, 2, 8), scale=1.0, agent_scale=1.0, agent_bias=torch.ones(2, dtype=torch.bool)), "agent_bias"),
         (lambda q, k, v: linear_attention(q, k, v, feature_map="softplus"), "feature_map"),
         (lambda q, k, v: linear_attention(q, k, v, normalization="max"), "normalization"),
         (lambda q, k, v: linear_attention(q, k, v, causal=True), "N == M"),

@@ -8,10 +8,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import attnopt.kernels.linear_reference as linear_reference
 from attnopt.kernels import (
+    agent_attention,
     agent_attention_reference,
     exact_attention,
     exact_attention_reference,
+    linear_attention,
+    linear_attention_quadratic,
     linear_attention_reference,
 )
 from attnopt.kernels.linear_reference import apply_feature_map
@@ -93,21 +97,90 @@ def test_half_inputs_are_computed_in_fp32_and_returned_in_their_dtype():
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
+def _agent_matrix_form(q, k, v, agents, mask, agent_bias, scale, agent_scale):
+    """The (B, H, N, M) weights of agent attention, written out densely, and their product with v."""
+    group = q.shape[1] // k.shape[1]
+    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    agent_scores = agents @ k_full.transpose(-1, -2) * scale
+    if mask is not None:
+        agent_scores = agent_scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else agent_scores + mask
+    query_scores = q @ agents.transpose(-1, -2) * agent_scale
+    if agent_bias is not None:
+        query_scores = query_scores + agent_bias.unsqueeze(-2)
+    attention = torch.softmax(query_scores, -1) @ torch.softmax(agent_scores, -1)
+    return attention, attention @ v_full
+
+
 @pytest.mark.parametrize("agents_batch", [1, 2])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
 def test_agent_reference_matches_its_n_by_m_matrix_form(agents_batch, mask_kind):
     q, k, v = _qkv(2, 4, 2, 9, 11, 8, 6)
     agents = torch.randn(agents_batch, 4, 3, 8, dtype=torch.float64)
     mask = {"none": None, "bool": torch.rand(2, 1, 1, 11) > 0.3, "additive": torch.randn(4, 1, 11, dtype=torch.float64)}[mask_kind]
-    k_full, v_full = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    agent_scores = agents @ k_full.transpose(-1, -2) * 0.3
-    if mask is not None:
-        agent_scores = agent_scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else agent_scores + mask
-    query_to_agent = torch.softmax(q @ agents.transpose(-1, -2) * 0.7, -1)
-    attention = query_to_agent @ torch.softmax(agent_scores, -1)  # (B, H, N, M), rows sum to 1
-    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4, 9, dtype=torch.float64))
+    attention, expected = _agent_matrix_form(q, k, v, agents, mask, None, 0.3, 0.7)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4, 9, dtype=torch.float64))  # rows sum to 1
     actual = agent_attention_reference(q, k, v, agents, mask, scale=0.3, agent_scale=0.7)
-    torch.testing.assert_close(actual, attention @ v_full)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 4, 3), (1, 4, 3), (4, 3), (3,), (1, 4, 1)])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_agent_bias_enters_stage_two_logits(bias_shape, mask_kind, kv_heads):
+    """agent_bias (broadcastable to (B, H, n)) is added to the query-to-agent logits, reference and op alike."""
+    q, k, v = _qkv(2, 4, kv_heads, 9, 11, 8, 6)
+    agents = torch.randn(1, 4, 3, 8, dtype=torch.float64)
+    agent_bias = 3 * torch.randn(bias_shape, dtype=torch.float64)
+    mask = {"none": None, "bool": torch.rand(2, 1, 1, 11) > 0.3, "additive": torch.randn(1, 4, 1, 11, dtype=torch.float64)}[mask_kind]
+    if mask_kind == "bool":
+        mask[..., 0] = True
+    _, expected = _agent_matrix_form(q, k, v, agents, mask, agent_bias, 0.3, 0.7)
+    options = dict(scale=0.3, agent_scale=0.7)
+    torch.testing.assert_close(agent_attention_reference(q, k, v, agents, mask, agent_bias, **options), expected)
+    torch.testing.assert_close(agent_attention(q, k, v, agents, mask, agent_bias=agent_bias, **options), expected)
+    without = agent_attention(q, k, v, agents, mask, **options)
+    # a bias that is the same for every agent of a head shifts a softmax row by a constant: no change
+    assert torch.allclose(without, expected) == (bias_shape[-1] == 1)
+
+
+def test_agent_bias_equals_the_extra_channel_it_replaces():
+    """A bias b per agent is what a 1 appended to q, a 0 to k and b/agent_scale to the agents gave."""
+    q, k, v = _qkv(2, 2, 2, 7, 9, 4, 5)
+    agents, agent_bias = torch.randn(2, 2, 3, 4, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
+    with_channel = agent_attention(
+        torch.cat([q, torch.ones_like(q[..., :1])], -1),
+        torch.cat([k, torch.zeros_like(k[..., :1])], -1),
+        v,
+        torch.cat([agents, (agent_bias / 0.7).unsqueeze(-1)], -1),
+        scale=0.3,
+        agent_scale=0.7,
+    )
+    torch.testing.assert_close(agent_attention(q, k, v, agents, agent_bias=agent_bias, scale=0.3, agent_scale=0.7), with_channel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_agent_reference_computes_half_inputs_in_fp32(dtype):
+    q, k, v = _qkv(1, 2, 1, 6, 7, 16, 8, dtype=dtype)
+    agents, agent_bias = torch.randn(1, 2, 3, 16).to(dtype), torch.randn(2, 3)
+    out = agent_attention_reference(q, k, v, agents, None, agent_bias, scale=0.25, agent_scale=0.5)
+    assert out.dtype == dtype
+    expected = agent_attention_reference(q.float(), k.float(), v.float(), agents.float(), None, agent_bias,
+                                         scale=0.25, agent_scale=0.5)
+    torch.testing.assert_close(out, expected.to(dtype), atol=0, rtol=0)
+
+
+def test_agent_reference_gives_nan_where_an_agent_sees_no_key_like_softmax():
+    q, k, v = _qkv(2, 2, 2, 5, 7, 8, 8)
+    agents = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    hidden = torch.rand(2, 1, 1, 7) > 0.5
+    hidden[1] = False
+    additive = torch.zeros(2, 2, 1, 7, dtype=torch.float64)
+    additive[0, 1] = float("-inf")
+    for mask, dead in ((hidden, (1, slice(None))), (additive, (0, 1))):
+        out = agent_attention_reference(q, k, v, agents, mask, scale=0.3, agent_scale=0.3)
+        _, expected = _agent_matrix_form(q, k, v, agents, mask, None, 0.3, 0.3)
+        torch.testing.assert_close(out, expected, equal_nan=True)
+        assert out[dead].isnan().all() and out.isnan().sum() == out[dead].numel()
 
 
 def _linear_state_form(q, k, v, feature_map, normalization, causal, key_mask, eps, power=3.0):
@@ -135,14 +208,95 @@ def _linear_state_form(q, k, v, feature_map, normalization, causal, key_mask, ep
 @pytest.mark.parametrize("feature_map", ["elu1", "relu", "focused", "identity"])
 @pytest.mark.parametrize("normalization", ["sum", "inline"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_linear_reference_matches_the_state_form(feature_map, normalization, causal):
+def test_linear_quadratic_form_matches_the_running_sums(feature_map, normalization, causal):
     n_keys = 10 if causal else 13
     q, k, v = _qkv(2, 4, 2, 10, n_keys, 8, 6)
     key_mask = torch.rand(2, n_keys) > 0.3
     key_mask[1, : n_keys // 2] = False  # early causal rows of batch 1 see no key at all
     options = dict(feature_map=feature_map, normalization=normalization, causal=causal, key_mask=key_mask, eps=1e-6)
-    actual = linear_attention_reference(q, k, v, **options)
+    actual = linear_attention_quadratic(q, k, v, **options)
     torch.testing.assert_close(actual, _linear_state_form(q, k, v, **options))
+
+
+def _linear_inputs(n_tokens, causal, feature_map, kv_heads=2, dtype=torch.float64, masked=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n_keys = n_tokens if causal else n_tokens + 3
+    q = torch.randn(2, 4, n_tokens, 8, generator=generator, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, n_keys, 8, generator=generator, dtype=torch.float64)
+    v = torch.randn(2, kv_heads, n_keys, 6, generator=generator, dtype=torch.float64)
+    if feature_map == "identity":  # features a learned map would give: non-negative
+        q, k = q.abs(), k.abs()
+    key_mask = None
+    if masked:
+        key_mask = torch.rand(2, n_keys, generator=generator) > 0.3
+        key_mask[1, : n_keys // 2] = False  # early causal rows of batch 1 see no valid key
+    return q.to(dtype), k.to(dtype), v.to(dtype), key_mask
+
+
+# chunk boundaries of the causal form (CHUNK = 64): one short chunk, exactly one, one plus a tail, several
+@pytest.mark.parametrize("n_tokens", [1, 7, 63, 64, 65, 130, 200])
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "focused", "identity"])
+@pytest.mark.parametrize("normalization", ["sum", "inline"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_state_form_equals_its_quadratic_form(n_tokens, feature_map, normalization, causal):
+    """The CPU path (state form, chunked when causal) against the N×M oracle, masked and GQA."""
+    assert linear_reference.CHUNK == 64
+    q, k, v, key_mask = _linear_inputs(n_tokens, causal, feature_map)
+    options = dict(feature_map=feature_map, normalization=normalization, causal=causal, key_mask=key_mask, power=2.5)
+    expected = linear_attention_quadratic(q, k, v, **options)
+    torch.testing.assert_close(linear_attention_reference(q, k, v, **options), expected)
+    torch.testing.assert_close(linear_attention(q, k, v, **options), expected)  # the op's CPU path
+
+
+@pytest.mark.parametrize("slab_elements", [1, 8 * 6, 10**9])
+@pytest.mark.parametrize("normalization", ["sum", "inline"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_linear_inference_slabs_and_the_autograd_path_agree(monkeypatch, slab_elements, normalization, masked):
+    """Without gradients the non-causal form runs in slabs of heads (one head, a few, or all rows
+    at once); with gradients on whole tensors. Both equal the quadratic form."""
+    monkeypatch.setattr(linear_reference, "SLAB_ELEMENTS", slab_elements)
+    q, k, v, key_mask = _linear_inputs(37, False, "elu1", kv_heads=2, masked=masked)
+    options = dict(normalization=normalization, key_mask=key_mask)
+    expected = linear_attention_quadratic(q, k, v, **options)
+    torch.testing.assert_close(linear_attention_reference(q, k, v, **options), expected)
+    with_grad = linear_attention_reference(q.requires_grad_(), k, v, **options)
+    assert with_grad.grad_fn is not None
+    torch.testing.assert_close(with_grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("normalization", ["sum", "inline"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_state_form_accumulates_half_inputs_in_fp32(dtype, normalization, causal):
+    q, k, v, key_mask = _linear_inputs(70, causal, "focused", dtype=dtype)
+    options = dict(feature_map="focused", normalization=normalization, causal=causal, key_mask=key_mask)
+    out = linear_attention_reference(q, k, v, **options)
+    assert out.dtype == dtype
+    expected = linear_attention_quadratic(q.float(), k.float(), v.float(), **options)
+    scale = expected.abs().amax().clamp_min(1)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2 * scale, rtol=1e-2)  # one half rounding of the output
+    torch.testing.assert_close(out, linear_attention_quadratic(q, k, v, **options), atol=1e-2 * scale, rtol=1e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_state_form_never_reads_masked_keys(causal):
+    """A masked key's features are zeroed, not multiplied by 0: even inf or NaN keys stay out."""
+    q, k, v, key_mask = _linear_inputs(70, causal, "elu1")
+    expected = linear_attention_reference(q, k, v, key_mask=key_mask, causal=causal, normalization="inline")
+    poisoned = k.clone()
+    poisoned[:, 0][~key_mask] = float("nan")
+    poisoned[:, 1][~key_mask] = float("inf")
+    actual = linear_attention_reference(q, poisoned, v, key_mask=key_mask, causal=causal, normalization="inline")
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("normalization", ["sum", "inline"])
+def test_linear_state_form_gradients_pass_gradcheck_across_a_chunk_boundary(causal, normalization):
+    q, k, v, key_mask = _linear_inputs(67, causal, "elu1", kv_heads=1)
+    q, k, v = (x[:1, :2, :, :3].clone().requires_grad_() for x in (q, k, v))
+    options = dict(causal=causal, normalization=normalization, key_mask=key_mask[:1])
+    assert torch.autograd.gradcheck(lambda *x: linear_attention(*x, **options), (q, k, v), fast_mode=True)
 
 
 def test_inline_weights_rows_sum_to_one():

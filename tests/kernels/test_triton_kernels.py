@@ -121,6 +121,21 @@ def test_agent_kernels_match_reference(triton_device, dtype, agents_batch, mask_
     _assert_matches(agent_attention(q, k, v, agents, mask, **options), agent_attention_reference(q, k, v, agents, mask, **options))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias_shape", [(2, 4, 20), (4, 20), (20,), (1, 4, 1)])
+def test_agent_kernels_add_the_agent_bias_in_stage_two(triton_device, dtype, bias_shape):
+    q = _randn(triton_device, dtype, 2, 4, 19, 32)
+    k, v = _randn(triton_device, dtype, 2, 2, 40, 32), _randn(triton_device, dtype, 2, 2, 40, 16)
+    agents = _randn(triton_device, dtype, 1, 4, 20, 32)
+    mask = torch.rand(2, 1, 1, 40, device=triton_device) > 0.4
+    agent_bias = 2 * torch.randn(bias_shape, device=triton_device)  # fp32 whatever the inputs
+    options = dict(scale=0.18, agent_scale=0.3)
+    _assert_matches(
+        agent_attention(q, k, v, agents, mask, agent_bias=agent_bias, **options),
+        agent_attention_reference(q, k, v, agents, mask, agent_bias, **options),
+    )
+
+
 def test_agent_kernels_give_nan_where_every_key_is_masked(triton_device):
     q, k, v = (_randn(triton_device, torch.float32, 2, 2, 20, 16) for _ in range(3))
     agents = _randn(triton_device, torch.float32, 1, 2, 4, 16)

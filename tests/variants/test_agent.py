@@ -7,7 +7,9 @@ import torch
 
 from attnopt.variants import AgentConfig, TokenGrid, build_site_module, refusal, relative_error
 from attnopt.variants.agent import AgentAttention, AgentLayout
-from attnopt.variants.clustering import bipartite_merge, group_means, kmeans, pooled_groups, split_outliers
+from attnopt.variants.clustering import (bipartite_merge, group_means, kmeans, pooled_groups,
+                                         pooled_runs_with_outliers, run_sums, split_outliers)
+from attnopt.variants.shortcut import ValueShortcut, shifted_values
 from attnopt.variants.two_stage import agent_bias, two_stage_attention
 
 from .dense import apply, two_stage_weights
@@ -228,3 +230,82 @@ def test_bipartite_groups_follow_tokens_through_rounds_with_padding():
     recomputed, recomputed_sizes = group_means(x, groups, 5)
     torch.testing.assert_close(recomputed, means)
     torch.testing.assert_close(recomputed_sizes, sizes)
+
+
+@pytest.mark.parametrize("n_tokens, n_groups", [(12, 4), (13, 4), (64, 1), (100, 7), (5, 5), (4100, 64)])
+@pytest.mark.parametrize("n_outliers", [0, 1, 3])
+def test_pooling_runs_equals_pooled_groups_with_outliers(n_tokens, n_groups, n_outliers):
+    """The fast 1-D pooling of unpadded tokens (reshape-sum or index_add) equals the general scatter path."""
+    x = torch.randn(2, 3, n_tokens, 5, generator=torch.Generator().manual_seed(n_tokens), dtype=torch.float64)
+    valid = torch.ones(2, 3, n_tokens, dtype=torch.bool)
+    groups = pooled_groups(valid, n_groups)
+    centroids, sizes = group_means(x, groups, n_groups)
+    sums, run_sizes = run_sums(x, n_groups)
+    torch.testing.assert_close(sums / run_sizes.unsqueeze(-1), centroids)
+    torch.testing.assert_close(run_sizes.expand_as(sizes), sizes)
+    expected_agents, expected_sizes = split_outliers(x, valid, groups, centroids, n_outliers)
+    agents, agent_sizes = pooled_runs_with_outliers(x, n_groups, n_outliers)
+    torch.testing.assert_close(agents, expected_agents)
+    torch.testing.assert_close(agent_sizes, expected_sizes)
+
+
+@pytest.mark.parametrize("n_tokens", [48, 50])
+def test_unpadded_pool_selection_equals_the_general_path(n_tokens):
+    """Without a mask, selection="pool" takes the run-pooling shortcut; an all-valid mask takes the
+    general path. Agents, sizes and outputs agree."""
+    site = make_site(N=n_tokens, M=n_tokens, mask_kind="key_padding")
+    q, k, v = tensors(site)
+    all_valid = padding_mask(2, n_tokens, [n_tokens, n_tokens])
+    module = build_site_module(AgentConfig(selection="pool", agent_count=9, outlier_fraction=0.05), site,
+                               example=(q, k, v, None))
+    assert module.config.layout(n_tokens, site).n_outliers > 0
+    fast, general = module.agents(q, None), module.agents(q, all_valid)
+    torch.testing.assert_close(fast, general)
+    torch.testing.assert_close(module(q, k, v, scale=SCALE), module(q, k, v, mask=all_valid, scale=SCALE))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("key_valid_shape", [None, (2, 1, 10), (2, 4, 10)])
+@pytest.mark.parametrize("offsets", [(-1, 0, 1), (-2, 3), (0,), (12, -10)])
+def test_shortcut_equals_the_weighted_sum_of_its_features(kv_heads, key_valid_shape, offsets):
+    """forward adds shifted slices in place; features (used to fit the weights) stacks them. Same sum."""
+    generator = torch.Generator().manual_seed(5)
+    shortcut = ValueShortcut(4, offsets)
+    with torch.no_grad():
+        shortcut.weights.copy_(torch.randn(shortcut.weights.shape, generator=generator))
+    attention_out = torch.randn(2, 4, 10, 3, generator=generator, requires_grad=True)
+    v = torch.randn(2, kv_heads, 10, 3, generator=generator, requires_grad=True)
+    key_valid = None if key_valid_shape is None else torch.rand(key_valid_shape, generator=generator) > 0.3
+    expected = (shortcut.features(attention_out, v, key_valid) * shortcut.weights[:, None, None, :]).sum(-1)
+    actual = shortcut(attention_out, v, key_valid)
+    torch.testing.assert_close(actual, expected)
+    weights = torch.randn(actual.shape, generator=generator)
+    inputs = (attention_out, v, shortcut.weights)
+    grads = torch.autograd.grad((actual * weights).sum(), inputs, allow_unused=True)  # v is unused when
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)  # every offset is out of range
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(torch.zeros_like(want) if grad is None else grad, want)
+
+
+def test_shortcut_overwrites_its_input_only_when_asked_and_nothing_needs_gradients():
+    shortcut = ValueShortcut(2, (-1, 1))
+    with torch.no_grad():
+        shortcut.weights.copy_(torch.tensor([[0.5, 1.0, 2.0], [2.0, -1.0, 0.0]]))
+        attention_out, v = torch.randn(1, 2, 6, 3), torch.randn(1, 2, 6, 3)
+        original = attention_out.clone()
+        expected = shortcut(attention_out, v, None)
+        torch.testing.assert_close(attention_out, original)
+        reused = shortcut(attention_out, v, None, reuse_output=True)
+        torch.testing.assert_close(reused, expected)
+        assert reused.data_ptr() == attention_out.data_ptr()
+    kept = original.clone().requires_grad_()
+    shortcut(kept, v, None, reuse_output=True).sum().backward()  # needs gradients: no overwrite
+    torch.testing.assert_close(kept.detach(), original)
+
+
+def test_shifted_values_handle_offsets_beyond_the_sequence():
+    values = torch.arange(5.0)[None, :, None]
+    shifted = shifted_values(values, (-6, -5, -1, 0, 2, 5, 9))[0, :, 0]
+    expected = torch.tensor([[0, 0, 0, 0, 2, 0, 0], [0, 0, 0, 1, 3, 0, 0], [0, 0, 1, 2, 4, 0, 0],
+                             [0, 0, 2, 3, 0, 0, 0], [0, 0, 3, 4, 0, 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(shifted, expected)
