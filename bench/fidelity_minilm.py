@@ -10,7 +10,7 @@ Per variant: every attention site (one per layer) is rebuilt by attnopt.variants
 variant's config, calibrated on the (q, k, v, mask) each site sees for a held-out batch (the
 last 8 passages); then the cosine between the original and rewritten sentence embeddings is
 taken on the other 61 passages. FLOPs are counted analytically per call at the padded N (2 per
-multiply-add): exact 2·N·M·(d+e); two-stage 2·n·(N+M)·(d+1+e) (the +1 is the bias channel);
+multiply-add): exact 2·N·M·(d+e); two-stage 2·n·(N+M)·(d+e) (the stage-2 bias is added, not multiplied);
 k-means 2·N·n·d per iteration (2·N·window·d when local); bipartite merging 2·(T/2)²·d per
 round; the V shortcut 2·N·e per term; linear 2·(N+M)·(d·e + d).
 
@@ -93,7 +93,7 @@ def attention_flops(config, batch: int, heads: int, n_tokens: int, head_dim: int
         return exact, 2 * batch * heads * 2 * n_tokens * (head_dim * head_dim + head_dim), 0
     site = SiteInfo(B=batch, H=heads, Hkv=heads, N=n_tokens, M=n_tokens, d=head_dim, e=head_dim)
     n_reduced = config.n_agents(site) if variant == "agent" else config.n_mediators
-    attention = 2 * batch * heads * n_reduced * 2 * n_tokens * (2 * head_dim + 1)
+    attention = 2 * batch * heads * n_reduced * 2 * n_tokens * (2 * head_dim)
     extras = 2 * batch * heads * n_tokens * head_dim * (1 + len(config.shortcut_offsets))
     if variant == "agent" and config.selection == "kmeans":
         candidates = n_reduced if config.kmeans_window is None else min(config.kmeans_window, n_reduced)
