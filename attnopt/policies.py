@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 from torch import nn
+from tqdm.auto import tqdm
 
 from attnopt.passes.detect import SiteMatch
 
@@ -131,7 +132,9 @@ class BudgetPolicy:
         analysis = request.analyse()
         profile = _profile(self.device, request, analysis)
         evaluations: dict[int, tuple[Evaluated, list[Evaluated]]] = {}
-        for site, _ in request.sites:
+        progress = tqdm(request.sites, desc=f"attnopt: pricing and measuring candidates (graph {request.graph})",
+                        unit="site", disable=None, leave=False)  # shown on a terminal only
+        for site, _ in progress:
             capture = analysis.captures.get(site.id)
             if capture is not None:
                 _, base, alternatives = evaluate_site(site, capture, self.candidates, profile)
