@@ -154,10 +154,36 @@ class Report:
             )
         return table
 
+    def candidates_table(self, site_id: int) -> Table:
+        """Every candidate considered at one site: params, predicted cost, measured error, the
+        length from which it pays off, or why it was refused."""
+        site = next((s for s in self.sites if s.id == site_id), None)
+        if site is None:
+            raise KeyError(f"no site {site_id}; sites are {[s.id for s in self.sites]}")
+        decision = site.decision
+        title = f"site {site.id} ({site.module or '-'}): " + (
+            f"{decision.variant} — {decision.reason or ''}" if decision is not None else "not decided")
+        table = Table(title=title)
+        for column in ("variant", "params", "est ms", "× vs softmax", "error", "pays off from N", "refused"):
+            table.add_column(column, overflow="fold")
+        rows = decision.candidates if decision is not None else []
+        baseline = next((row.get("est_seconds") for row in rows if row["variant"] == "softmax"), None)
+        for row in rows:
+            seconds, error = row.get("est_seconds"), row.get("error")
+            table.add_row(
+                row["variant"], _short_params(row.get("params", {})),
+                f"{seconds * 1e3:.3g}" if seconds is not None else "-",
+                f"{baseline / seconds:.2f}" if seconds and baseline else "-",
+                f"{error:.3g}" if error is not None else "-",
+                str(row.get("pays_off_from_N") or "-"), row.get("refused") or "")
+        return table
+
+    def explain(self, site_id: int) -> str:
+        """`candidates_table(site_id)` as text."""
+        return _render(self.candidates_table(site_id))
+
     def __str__(self) -> str:
-        buffer = io.StringIO()
-        Console(file=buffer, width=200, force_terminal=False, color_system=None).print(self.table())
-        lines = [buffer.getvalue().rstrip()]
+        lines = [_render(self.table())]
         if self.graph_breaks:
             lines.append(f"graph breaks: {len(self.graph_breaks)}")
             lines.extend(f"  - {reason}" for reason in self.graph_breaks)
@@ -174,3 +200,20 @@ class Report:
         if self.budget_met is not None:
             lines.append(f"budget met: {self.budget_met}")
         return "\n".join(lines)
+
+
+def _render(table: Table) -> str:
+    buffer = io.StringIO()
+    Console(file=buffer, width=200, force_terminal=False, color_system=None).print(table)
+    return buffer.getvalue().rstrip()
+
+
+def _short_params(params: dict[str, Any]) -> str:
+    """The params that tell candidates apart (fields at their usual defaults left out)."""
+    usual = {"fused": None, "selection": "kmeans", "kmeans_iterations": 3, "kmeans_window": 17, "outlier_fraction": 0.05,
+             "temperature": 4.0, "distance_weighting": True, "size_weighting": True, "shortcut_offsets": (-1, 0, 1),
+             "infer_grid": False, "agent_count": None, "normalization": "sum", "power": 3.0, "eps": 1e-6,
+             "schedule": None}
+    shown = {k: v for k, v in params.items() if k not in usual or (usual[k] != v and
+                                                                  not (isinstance(v, list) and tuple(v) == usual[k]))}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())

@@ -93,6 +93,8 @@ def test_an_attainable_budget_is_met_and_every_decision_is_audited(planned):
             assert decision.error == chosen["error"] and decision.est_seconds_after < decision.est_seconds_before
     summary = str(report)
     assert "plan: graph 0 at 2x512x32" in summary and "met: True" in summary
+    explained = report.explain(report.sites[0].id)
+    assert "pays off from N" in explained and "mediator" in explained and "n_mediators=16" in explained
 
 
 def test_the_reported_output_error_is_what_the_user_gets(planned):
