@@ -4,12 +4,15 @@ The op takes key_mask as its fourth positional argument (torch.library allows no
 tensors); the Python wrapper keeps it keyword-only. CPU tensors run `linear_reference` in state
 form (a d×e state per head, chunked when causal: O(N·d·e), no N×M matrix); CUDA tensors (or
 forced CPU ones under TRITON_INTERPRET=1) run generated Triton kernels that build the same state
-Σφ(k)ᵀv — chunked and prefix-summed when causal — with the feature map fused in. Backward is
-autograd through the state-form reference. `linear_reference.linear_attention_quadratic` (the
-N×M form) is the oracle the tests hold both paths to.
+Σφ(k)ᵀv — chunked and prefix-summed when causal — with the feature map (and feature_scale)
+fused in. Backward is autograd through the state-form reference.
+`linear_reference.linear_attention_quadratic` (the N×M form) is the oracle the tests hold both
+paths to.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -20,7 +23,7 @@ from .linear_reference import FEATURE_MAPS, NORMALIZATIONS, linear_attention_ref
 from .shapes import check_qkv
 
 
-def _check_linear_inputs(q, k, v, feature_map, normalization, causal, key_mask) -> None:
+def _check_linear_inputs(q, k, v, feature_map, normalization, causal, key_mask, feature_scale=1.0) -> None:
     check_qkv(q, k, v)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS}")
@@ -28,6 +31,8 @@ def _check_linear_inputs(q, k, v, feature_map, normalization, causal, key_mask) 
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal linear attention needs N == M; got N={q.shape[2]}, M={k.shape[2]}")
+    if not math.isfinite(feature_scale):
+        raise ValueError(f"feature_scale must be finite; got {feature_scale!r}")
     expected = (q.shape[0], k.shape[2])
     if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != expected):
         raise ValueError(f"key_mask must be bool (B, M) = {expected}; got {key_mask.dtype} {tuple(key_mask.shape)}")
@@ -45,10 +50,12 @@ def _linear_attention_op(
     power: float = 3.0,
     causal: bool = False,
     eps: float = 1e-6,
+    feature_scale: float = 1.0,
 ) -> torch.Tensor:
-    _check_linear_inputs(q, k, v, feature_map, normalization, causal, key_mask)
+    _check_linear_inputs(q, k, v, feature_map, normalization, causal, key_mask, feature_scale)
     options = dict(
-        feature_map=feature_map, normalization=normalization, power=power, causal=causal, key_mask=key_mask, eps=eps
+        feature_map=feature_map, normalization=normalization, power=power, causal=causal, key_mask=key_mask, eps=eps,
+        feature_scale=feature_scale,
     )
     if not config.use_triton(q):
         return linear_attention_reference(q, k, v, **options)
@@ -59,9 +66,10 @@ def _linear_attention_op(
 
 @_linear_attention_op.register_fake
 def _linear_attention_fake(
-    q, k, v, key_mask=None, *, feature_map="elu1", normalization="sum", power=3.0, causal=False, eps=1e-6
+    q, k, v, key_mask=None, *, feature_map="elu1", normalization="sum", power=3.0, causal=False, eps=1e-6,
+    feature_scale=1.0,
 ):
-    _check_linear_inputs(q, k, v, feature_map, normalization, causal, key_mask)
+    _check_linear_inputs(q, k, v, feature_map, normalization, causal, key_mask, feature_scale)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 
@@ -111,6 +119,7 @@ def linear_attention(
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
+    feature_scale: float = 1.0,
 ) -> torch.Tensor:
     """Linear attention φ(q)(φ(k)ᵀv) with a feature map φ and a normalisation.
 
@@ -122,8 +131,10 @@ def linear_attention(
     + 1/M_valid, out_i = Σ_j w_ij v_j (rows sum to 1); a row with no visible key gives 0.
     causal: sums over j <= i only (N == M). key_mask: None or bool (B, M), True = valid key;
     invalid keys are left out of every sum. Half inputs accumulate in fp32; output in q's dtype.
+    feature_scale s: φ is applied to s·q and s·k (for "identity" too: the features are scaled),
+    inside the op, so no scaled copy of q or k is made (s = √scale puts a softmax scale there).
     """
     return torch.ops.attnopt.linear_attention(
         q, k, v, key_mask, feature_map=feature_map, normalization=normalization, power=power,
-        causal=causal, eps=eps,
+        causal=causal, eps=eps, feature_scale=feature_scale,
     )

@@ -22,26 +22,36 @@ FEATURE_MAPS = ("elu1", "relu", "focused", "identity")
 NORMALIZATIONS = ("sum", "inline")
 
 
-def apply_feature_map(x: torch.Tensor, name: str, power: float) -> torch.Tensor:
-    """φ(x) over the last (head) dim, in fp32 for half inputs.
+def apply_feature_map(x: torch.Tensor, name: str, power: float, scale: float = 1.0) -> torch.Tensor:
+    """φ(scale·x) over the last (head) dim, in fp32 for half inputs.
 
     elu1: elu(x) + 1; relu: max(x, 0); identity: x unchanged (features mapped by the caller);
     focused (FLatten): y = relu(x), φ = y**power · ‖y‖ / ‖y**power‖, and 0 where y is all zero.
+    A positive scale is folded into the map's first op, so that it costs no pass and no tensor
+    of its own: elu(s·x) is aten.elu with scale s, input_scale s and alpha 1/s; relu(s·x) is
+    aten.elu with scale s and alpha 0 (s·x where x > 0, else 0); focused(s·x) = s·focused(x)
+    (relu and the norm ratio are homogeneous), s goes onto the (…, 1) ratio. Any other scale is
+    applied to x first.
     """
     x = x.to(accumulation_dtype(x.dtype))
+    if scale != 1 and not scale > 0:  # 0, negative or NaN: spelled out
+        x, scale = x * scale, 1.0
     if name == "elu1":
-        return F.elu(x).add_(1)  # in place is safe: elu's backward reads its input, not its output
+        # in place is safe: elu's backward reads its input, not its output
+        if scale == 1:
+            return F.elu(x).add_(1)
+        return torch.ops.aten.elu(x, 1 / scale, scale, scale).add_(1)
     if name == "relu":
-        return torch.relu(x)
+        return torch.relu(x) if scale == 1 else torch.ops.aten.elu(x, 0.0, scale, 1.0)
     if name == "identity":
-        return x
+        return x if scale == 1 else x * scale
     if name == "focused":
         y = torch.relu(x)
         y_pow = y**power
         norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
         norm_pow = torch.linalg.vector_norm(y_pow, dim=-1, keepdim=True)
         ratio = torch.where(norm_pow > 0, norm_y / norm_pow.clamp_min(torch.finfo(x.dtype).tiny), 0)
-        return y_pow * ratio
+        return y_pow * (ratio if scale == 1 else ratio * scale)
     raise ValueError(f"unknown feature_map {name!r}; expected one of {FEATURE_MAPS}")
 
 
@@ -73,13 +83,14 @@ def linear_attention_quadratic(
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
+    feature_scale: float = 1.0,
 ) -> torch.Tensor:
     """Linear attention in quadratic form (the oracle); see attnopt.kernels.linear_attention for the contract."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
     n_heads = q.shape[1]
-    query_features = apply_feature_map(q, feature_map, power)
-    key_features = repeat_kv_heads(apply_feature_map(k, feature_map, power), n_heads)
+    query_features = apply_feature_map(q * feature_scale, feature_map, power)
+    key_features = repeat_kv_heads(apply_feature_map(k * feature_scale, feature_map, power), n_heads)
     values = repeat_kv_heads(v, n_heads).to(query_features.dtype)
     visible = visible_keys(q.shape[0], q.shape[2], k.shape[2], causal, key_mask, q.device)
     weights = torch.where(visible, query_features @ key_features.transpose(-1, -2), 0)
@@ -113,13 +124,15 @@ def linear_attention_reference(
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
+    feature_scale: float = 1.0,
 ) -> torch.Tensor:
     """Linear attention in state form (the CPU path); see attnopt.kernels.linear_attention for the contract.
 
     With S = Σ_j φ(k_j)ᵀ v_j, z = Σ_j φ(k_j) and mean = Σ_j v_j / count over the keys query i
     sees: sum: out_i = φ(q_i)·S / (φ(q_i)·z + eps); InLine: out_i = φ(q_i)·S + (1 − φ(q_i)·z)·mean,
     which is Σ_j (φ(q_i)·φ(k_j) − mean_s φ(q_i)·φ(k_s) + 1/count) v_j rearranged (0 for a row
-    that sees no key: S, z and Σ v are then 0).
+    that sees no key: S, z and Σ v are then 0). φ is applied to feature_scale·q and feature_scale·k,
+    the scale folded into the feature map (apply_feature_map), so no scaled copy is made.
 
     Non-causal calls that need no gradient go through slabs of whole heads (SLAB_ELEMENTS
     features at most, unless one head is larger): a slab's features are made, used and dropped,
@@ -128,7 +141,7 @@ def linear_attention_reference(
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
-    options = dict(name=feature_map, power=power)
+    options = dict(name=feature_map, power=power, scale=feature_scale)
     dtype = accumulation_dtype(q.dtype)
     valid = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, M, 1)
     value_mean = None

@@ -7,11 +7,12 @@ launcher turns the chunk sums into exclusive prefix sums. `linear_output_kernel`
 BLOCK_M queries φ(q)·S / (φ(q)·z + eps) (sum) or φ(q)·S + (1 − φ(q)·z)·Σv / count (InLine,
 which is Σ_j (φ(q)·φ(k_j) − mean + 1/count) v_j rearranged), adding the causal part of its own
 chunk quadratically. Feature map, normalisation, causality, key mask, head dims, dtype and tiles
-are written into the text.
+and feature scale are written into the text.
 """
 
 from __future__ import annotations
 
+import math
 import textwrap
 from dataclasses import dataclass
 from string import Template
@@ -24,7 +25,8 @@ from .template_parts import DTYPES, MODULE_HEADER, block_width, check_choice, fp
 class LinearKernelConfig:
     """Specialisation of the linear-attention module (see attnopt.kernels.source).
 
-    Causal modules use block_m for both query tiles and key chunks.
+    Causal modules use block_m for both query tiles and key chunks. feature_scale s multiplies
+    each loaded q and k tile before φ (a literal in the text; s = 1 writes nothing).
     """
 
     head_dim: int
@@ -37,6 +39,7 @@ class LinearKernelConfig:
     key_mask: bool = False
     block_m: int = 64
     block_n: int = 64
+    feature_scale: float = 1.0
 
 
 _FEATURE_MAP_BODIES = {
@@ -85,7 +88,7 @@ $key_mask_load        k = tl.load(
             K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=key_ok[:, None]$d_load_mask, other=0.0,
         )
-        features = tl.where(key_ok[:, None]$d_keep, feature_map(k.to(tl.float32)), 0.0)
+        features = tl.where(key_ok[:, None]$d_keep, feature_map(k.to(tl.float32)$feature_scale), 0.0)
         v = tl.load(
             V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_e[None, :] * stride_ve,
             mask=key_ok[:, None]$e_load_mask, other=0.0,
@@ -139,7 +142,7 @@ def linear_output_kernel(
         Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=query_ok[:, None]$d_load_mask, other=0.0,
     )
-    features = feature_map(q.to(tl.float32))$d_zero
+    features = feature_map(q.to(tl.float32)$feature_scale)$d_zero
     state = tl.load(
         State + row * $state_size + offs_d[:, None] * $value_dim + offs_e[None, :],
         mask=(offs_d[:, None] < $head_dim) & (offs_e[None, :] < $value_dim), other=0.0,
@@ -168,7 +171,7 @@ $key_mask_load    k = tl.load(
         K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
         mask=key_ok[:, None]$d_load_mask, other=0.0,
     )
-    key_features = tl.where(key_ok[:, None]$d_keep, feature_map(k.to(tl.float32)), 0.0)
+    key_features = tl.where(key_ok[:, None]$d_keep, feature_map(k.to(tl.float32)$feature_scale), 0.0)
     v = tl.load(
         V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_e[None, :] * stride_ve,
         mask=key_ok[:, None]$e_load_mask, other=0.0,
@@ -202,6 +205,8 @@ def render_linear_module(config: LinearKernelConfig) -> str:
     check_choice("dtype", config.dtype, DTYPES)
     check_choice("feature_map", config.feature_map, FEATURE_MAPS)
     check_choice("normalization", config.normalization, NORMALIZATIONS)
+    if not math.isfinite(config.feature_scale):
+        raise ValueError(f"feature_scale must be finite; got {config.feature_scale!r}")
     inline = config.normalization == "inline"
     d_pad, e_pad = block_width(config.head_dim), block_width(config.value_dim)
     d_padded, e_padded = d_pad != config.head_dim, e_pad != config.value_dim
@@ -219,6 +224,7 @@ def render_linear_module(config: LinearKernelConfig) -> str:
         d_keep=f" & (offs_d[None, :] < {config.head_dim})" if d_padded else "",
         precision=fp32_dot_precision(config.dtype),
         count="count[:, None]" if config.causal else "count",
+        feature_scale="" if config.feature_scale == 1 else f" * {float(config.feature_scale)!r}",
     )
     key_mask_load = _KEY_MASK_LOAD if config.key_mask else ""
     body = Template(_FEATURE_MAP_BODIES[config.feature_map]).substitute(power_expr=_power_expr(config.power))

@@ -34,6 +34,7 @@ def linear_attention_triton(
     causal: bool,
     key_mask: torch.Tensor | None,
     eps: float,
+    feature_scale: float = 1.0,
 ) -> torch.Tensor:
     """Linear attention through the generated state and output kernels (see linear_template)."""
     batch, n_heads, n_queries, head_dim = q.shape
@@ -50,6 +51,7 @@ def linear_attention_triton(
         key_mask=key_mask is not None,
         block_m=tiles.block_m,
         block_n=tiles.block_n,
+        feature_scale=float(feature_scale),
     )
     module = kernel_module("linear_attention", config)
     if causal:

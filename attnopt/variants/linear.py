@@ -5,9 +5,10 @@ to √s·q and √s·k. For the homogeneous maps (relu, focused) the scale then 
 normalisation; for elu+1, InLine and learned maps it sets where on φ's curve the inputs fall,
 just as it sets the softmax's temperature.
 
-The fixed maps run inside the kernel op. `feature_map="learned"` puts an nn.Module φ in front of
-the op (called with feature_map="identity"): per kv head, φ(x) = elu(x W + b) + 1 with W = I and
-b = 0 at the start, i.e. exactly elu+1 until someone calibrates it. Replace `feature_module` with
+The fixed maps run inside the kernel op, which also applies √s (its feature_scale) as it maps
+q and k, so no scaled copy of either is made. `feature_map="learned"` puts an nn.Module φ in
+front of the op (called with feature_map="identity"): per kv head, φ(x) = elu(x W + b) + 1 with
+W = I and b = 0 at the start, i.e. exactly elu+1 until someone calibrates it. Replace `feature_module` with
 any module mapping (B, Hkv, ·, d) to non-negative (B, Hkv, ·, r) features to try another φ.
 """
 
@@ -121,9 +122,9 @@ class LinearAttention(nn.Module):
         options = dict(normalization=self.config.normalization, causal=causal,
                        key_mask=self.key_mask(mask, causal, q.shape[0]), eps=self.config.eps)
         root_scale = math.sqrt(scale)
-        if self.feature_module is None:
-            return linear_attention(q * root_scale, k * root_scale, v, feature_map=self.config.feature_map,
-                                    power=self.config.power, **options)
+        if self.feature_module is None:  # the op scales the q and k tiles where it maps them: no scaled copies
+            return linear_attention(q, k, v, feature_map=self.config.feature_map, power=self.config.power,
+                                    feature_scale=root_scale, **options)
         query_features = self.feature_module(q * root_scale).to(q.dtype)
         key_features = self.feature_module(k * root_scale).to(k.dtype)
         return linear_attention(query_features, key_features, v, feature_map="identity", **options)

@@ -80,6 +80,14 @@ def test_linear_specialisations_add_only_what_they_need():
     assert "ValueSum +" in full and "KeyMask +" in full and "key_features" in full
 
 
+def test_linear_feature_scale_multiplies_each_loaded_tile_and_one_writes_nothing():
+    base = dict(head_dim=16, value_dim=16, causal=True)
+    assert source("linear_attention", **base, feature_scale=1.0) == source("linear_attention", **base)
+    scaled = source("linear_attention", **base, feature_scale=0.375)
+    assert scaled.count("feature_map(k.to(tl.float32) * 0.375)") == 2
+    assert scaled.count("feature_map(q.to(tl.float32) * 0.375)") == 1
+
+
 @pytest.mark.parametrize(
     "op, config, error",
     [
@@ -88,6 +96,7 @@ def test_linear_specialisations_add_only_what_they_need():
         ("exact_attention", dict(head_dim=16, value_dim=16, dtype="float64"), "unknown dtype"),
         ("linear_attention", dict(head_dim=16, value_dim=16, feature_map="softmax"), "unknown feature_map"),
         ("exact_attention", dict(head_dim=16, value_dim=16, n_agents=4), "n_agents"),
+        ("linear_attention", dict(head_dim=16, value_dim=16, feature_scale=float("inf")), "feature_scale"),
     ],
 )
 def test_unknown_ops_and_options_are_rejected(op, config, error):

@@ -30,6 +30,8 @@ def test_ops_are_registered_under_the_attnopt_namespace():
         ("agent_attention", lambda q, k, v: (q, k, v, torch.randn(1, 4, 3, 8, dtype=q.dtype), torch.rand(2, 1, 1, 7) > 0.2), dict(scale=0.3, agent_scale=0.5)),
         ("agent_attention", lambda q, k, v: (q, k, v, torch.randn(2, 4, 3, 8, dtype=q.dtype), None, torch.randn(4, 3, dtype=q.dtype, requires_grad=True)), dict(scale=0.3, agent_scale=0.5)),
         ("linear_attention", lambda q, k, v: (q, k, v, torch.rand(2, 7) > 0.3), dict(feature_map="focused", normalization="inline")),
+        ("linear_attention", lambda q, k, v: (q, k, v, torch.rand(2, 7) > 0.3), dict(feature_map="elu1", feature_scale=0.4)),
+        ("linear_attention", lambda q, k, v: (q, k, v), dict(feature_map="relu", causal=False, feature_scale=1.6)),
     ],
 )
 def test_opcheck_passes_schema_fake_and_autograd_checks(op, args, kwargs):
@@ -52,6 +54,8 @@ def test_gradients_pass_gradcheck_including_the_additive_mask_and_agents():
     )
     focused_inline = dict(feature_map="focused", normalization="inline")
     assert torch.autograd.gradcheck(lambda *x: linear_attention(*x, **focused_inline), (q, k, v), **check)
+    scaled_elu = dict(normalization="inline", causal=True, feature_scale=0.45)
+    assert torch.autograd.gradcheck(lambda *x: linear_attention(*x, **scaled_elu), (leaf(1, 2, 4, 4), k, v), **check)
 
 
 def test_raw_op_refuses_to_differentiate_through_dropout_but_the_wrapper_does():
@@ -124,6 +128,7 @@ def test_compile_fullgraph_has_no_graph_break_forward_and_backward():
         (lambda q, k, v: linear_attention(q, k, v, normalization="max"), "normalization"),
         (lambda q, k, v: linear_attention(q, k, v, causal=True), "N == M"),
         (lambda q, k, v: linear_attention(q, k, v, key_mask=torch.ones(2, 7)), "key_mask"),
+        (lambda q, k, v: linear_attention(q, k, v, feature_scale=float("nan")), "feature_scale"),
     ],
 )
 def test_bad_inputs_fail_with_a_clear_message(call, message):

@@ -248,6 +248,51 @@ def test_linear_state_form_equals_its_quadratic_form(n_tokens, feature_map, norm
     torch.testing.assert_close(linear_attention(q, k, v, **options), expected)  # the op's CPU path
 
 
+@pytest.mark.parametrize("n_tokens", [7, 130])
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "focused", "identity"])
+@pytest.mark.parametrize("normalization", ["sum", "inline"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("feature_scale", [0.35, 1.7, -0.6])
+def test_linear_feature_scale_maps_scaled_queries_and_keys(n_tokens, feature_map, normalization, causal, feature_scale):
+    """feature_scale s: φ(s·q), φ(s·k), the same as the oracle on inputs scaled beforehand (state
+    form with and without gradients, the op, and the oracle's own feature_scale)."""
+    q, k, v, key_mask = _linear_inputs(n_tokens, causal, feature_map)
+    options = dict(feature_map=feature_map, normalization=normalization, causal=causal, key_mask=key_mask, power=2.5)
+    expected = linear_attention_quadratic(q * feature_scale, k * feature_scale, v, **options)
+    scaled = dict(options, feature_scale=feature_scale)
+    torch.testing.assert_close(linear_attention_quadratic(q, k, v, **scaled), expected)
+    torch.testing.assert_close(linear_attention_reference(q, k, v, **scaled), expected)
+    torch.testing.assert_close(linear_attention(q, k, v, **scaled), expected)  # the op's CPU path
+    with_grad = linear_attention_reference(q.clone().requires_grad_(), k, v, **scaled)
+    assert with_grad.grad_fn is not None
+    torch.testing.assert_close(with_grad, expected)
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "focused", "identity"])
+def test_feature_map_scale_equals_scaling_its_input(feature_map):
+    """The folded scale (aten.elu's scales, the focused ratio) is φ(s·x), values and gradients."""
+    x = torch.randn(5, 7, 8, dtype=torch.float64)
+    x[0, 0] = -x[0, 0].abs()  # a row that relu zeroes entirely
+    for scale in (0.3, 2.0, 1.0, -0.5, 0.0):
+        leaf, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+        folded, spelled = apply_feature_map(leaf, feature_map, 2.5, scale), apply_feature_map(plain * scale, feature_map, 2.5)
+        torch.testing.assert_close(folded, spelled)
+        weights = torch.randn_like(folded)
+        (folded * weights).sum().backward()
+        (spelled * weights).sum().backward()
+        torch.testing.assert_close(leaf.grad, plain.grad)
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "focused", "identity"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_feature_scale_gradients_pass_gradcheck(feature_map, causal):
+    q, k, v, key_mask = _linear_inputs(67, causal, feature_map, kv_heads=1)
+    q, k, v = (x[:1, :2, :, :3].clone().requires_grad_() for x in (q, k, v))
+    options = dict(feature_map=feature_map, causal=causal, key_mask=key_mask[:1], feature_scale=0.6,
+                   normalization="inline" if causal else "sum")
+    assert torch.autograd.gradcheck(lambda *x: linear_attention(*x, **options), (q, k, v), fast_mode=True)
+
+
 @pytest.mark.parametrize("slab_elements", [1, 8 * 6, 10**9])
 @pytest.mark.parametrize("normalization", ["sum", "inline"])
 @pytest.mark.parametrize("masked", [False, True])
@@ -276,6 +321,19 @@ def test_linear_state_form_accumulates_half_inputs_in_fp32(dtype, normalization,
     scale = expected.abs().amax().clamp_min(1)
     torch.testing.assert_close(out.float(), expected, atol=1e-2 * scale, rtol=1e-2)  # one half rounding of the output
     torch.testing.assert_close(out, linear_attention_quadratic(q, k, v, **options), atol=1e-2 * scale, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("feature_map", ["elu1", "focused"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_feature_scale_on_half_inputs_scales_in_fp32(dtype, feature_map, causal):
+    q, k, v, key_mask = _linear_inputs(70, causal, feature_map, dtype=dtype)
+    options = dict(feature_map=feature_map, causal=causal, key_mask=key_mask)
+    out = linear_attention(q, k, v, feature_scale=0.35, **options)
+    assert out.dtype == dtype
+    expected = linear_attention_quadratic(q.float() * 0.35, k.float() * 0.35, v.float(), **options)
+    scale = expected.abs().amax().clamp_min(1)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2 * scale, rtol=1e-2)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -190,6 +190,22 @@ def test_linear_kernels_in_half_precision(triton_device, normalization, causal):
     _assert_linear_matches(linear_attention(q, k, v, **options), linear_attention_reference(q, k, v, **options))
 
 
+@pytest.mark.parametrize(
+    "feature_map, normalization, causal, dtype",
+    [("elu1", "sum", False, torch.float32), ("focused", "inline", True, torch.float32),
+     ("relu", "inline", False, torch.float32), ("identity", "sum", True, torch.float32),
+     ("elu1", "inline", True, torch.float16)],
+)
+def test_linear_kernels_scale_the_loaded_tiles_by_feature_scale(triton_device, feature_map, normalization, causal, dtype):
+    """feature_scale s in the kernels: φ(s·q), φ(s·k), like the reference on inputs scaled in fp32."""
+    n_keys = 21 if causal else 19
+    q, k, v = _linear_inputs(triton_device, dtype, 21, n_keys, feature_map=feature_map)
+    key_mask = torch.rand(2, n_keys, device=triton_device) > 0.3
+    options = dict(feature_map=feature_map, normalization=normalization, causal=causal, key_mask=key_mask, power=2.5)
+    expected = linear_attention_reference(q.float() * 0.4, k.float() * 0.4, v.float(), **options).to(dtype)
+    _assert_linear_matches(linear_attention(q, k, v, feature_scale=0.4, **options), expected)
+
+
 def test_gradients_through_the_triton_path_match_the_reference(triton_device):
     def leaves(*shapes):
         return [torch.randn(*shape, device=triton_device, requires_grad=True) for shape in shapes]

@@ -114,3 +114,23 @@ def test_refusals_name_the_reason():
     assert refusal(LinearConfig(), make_site(causal=True, mask_kind="causal")) is None
     with pytest.raises(ValueError, match="feature_map"):
         LinearConfig(feature_map="cosine")
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "focused"])
+def test_fixed_maps_hand_the_op_unscaled_inputs_and_root_scale_as_feature_scale(monkeypatch, feature_map):
+    """The √scale goes to the op as feature_scale (applied where φ is computed), not onto copies of q and k."""
+    import attnopt.variants.linear as linear_module
+
+    seen, op = {}, linear_module.linear_attention
+
+    def spy(q, k, v, **options):
+        seen.update(q=q, k=k, **options)
+        return op(q, k, v, **options)
+
+    site = make_site()
+    q, k, v = tensors(site)
+    module = build_site_module(LinearConfig(feature_map=feature_map), site)
+    monkeypatch.setattr(linear_module, "linear_attention", spy)
+    module(q, k, v, scale=SCALE)
+    assert seen["q"] is q and seen["k"] is k
+    assert seen["feature_scale"] == pytest.approx(math.sqrt(SCALE))
