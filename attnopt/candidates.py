@@ -194,6 +194,8 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any) -> 
             error = relative_error(output, capture.output)
         except ValueError as refused:  # e.g. too few example queries for the mediators, a mask it cannot follow
             reason, module = str(refused), None
+        except RuntimeError as failed:  # e.g. out of memory at this size: the candidate is out, the plan goes on
+            reason, module = f"building or running it failed: {type(failed).__name__}: {failed}", None
     if reason is not None:
         return Evaluated(config, None, None, row | {"refused": reason})
     if error == float("inf"):
