@@ -71,11 +71,10 @@ def run_graph(gm: fx.GraphModule, args: tuple[Any, ...], mutated: set[int]) -> A
 
 @dataclasses.dataclass
 class Analysis:
-    """One analysing run of a graph: per-site captures, the graph's FLOPs and its outputs."""
+    """One analysing run of a graph: per-site captures and the graph's FLOPs."""
 
     captures: dict[int, SiteCapture]
     total_flops: int
-    outputs: Any
 
 
 def analyse(canonical: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],
@@ -85,6 +84,6 @@ def analyse(canonical: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],
     work = rewritten_copy(canonical, [(match, SITE_CALLS[match.kind](recorders[site.id], match.recipe, site.id),
                                        site.id) for site, match in sites])
     with FlopCounterMode(display=False) as counter:
-        outputs = run_graph(work, args, mutated)
+        run_graph(work, args, mutated)
     captures = {site_id: recorder.capture for site_id, recorder in recorders.items() if recorder.capture is not None}
-    return Analysis(captures, counter.get_total_flops(), outputs)
+    return Analysis(captures, counter.get_total_flops())

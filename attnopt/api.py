@@ -69,13 +69,13 @@ def _check_model(model: Any, verb: str) -> None:
         raise AttnoptError(f"attnopt.{verb} needs an nn.Module, got {type(model).__name__}.")
 
 
-def _variant_policy(variant: str, params: dict[str, Any], device: Any = None) -> Policy:
+def _variant_policy(variant: str, params: dict[str, Any]) -> Policy:
     if variant == "exact":
         if params:
             raise AttnoptError(f"the exact variant takes no parameters, got {sorted(params)}.")
         return ExactPolicy()
     try:
-        return VariantPolicy(config_for(variant, **params), device=device)
+        return VariantPolicy(config_for(variant, **params))
     except KeyError as unknown:
         raise AttnoptError(str(unknown.args[0])) from None
     except (TypeError, ValueError) as bad:

@@ -33,6 +33,7 @@ from .variants import (
     handler_for,
     infer_grid,
     mask_kind_of,
+    output_error,
     refusal,
 )
 
@@ -85,21 +86,6 @@ def variant_name(config: Any) -> str:
 def params_of(config: Any) -> dict[str, Any]:
     """A config's fields as plain data for reports."""
     return dataclasses.asdict(config)
-
-
-def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """‖output − reference‖ / ‖reference‖ over the rows where the reference is finite.
-
-    Fully masked rows are NaN in softmax attention; they are left out of both norms.
-    A candidate producing non-finite values where the reference is finite gets an infinite error.
-    """
-    output, reference = output.float(), reference.float()
-    rows = reference.isfinite().all(-1, keepdim=True)
-    difference = torch.where(rows, output - reference, 0)
-    if not bool(difference.isfinite().all()):
-        return float("inf")
-    norm = torch.linalg.vector_norm(torch.where(rows, reference, 0)).clamp_min(1e-30)
-    return (torch.linalg.vector_norm(difference) / norm).item()
 
 
 class CausalMaskAttention(nn.Module):
@@ -191,7 +177,7 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any) -> 
             with torch.no_grad(), KernelCounter() as counter:
                 output = module(capture.q, capture.k, capture.v, mask=capture.mask, scale=capture.scale,
                                 causal=capture.causal, dropout_p=capture.dropout_p)
-            error = relative_error(output, capture.output)
+            error = output_error(output, capture.output)
         except ValueError as refused:  # e.g. too few example queries for the mediators, a mask it cannot follow
             reason, module = str(refused), None
         except RuntimeError as failed:  # e.g. out of memory at this size: the candidate is out, the plan goes on

@@ -350,7 +350,8 @@ def device_profile(device: torch.device | str = "cpu", dtype: torch.dtype = torc
         return profile
 
 
-def _resolve_profile(device: DeviceProfile | torch.device | str | None, dtype: torch.dtype) -> DeviceProfile:
+def resolve_profile(device: DeviceProfile | torch.device | str | None, dtype: torch.dtype) -> DeviceProfile:
+    """`device` itself when it is a DeviceProfile, else the cached profile of that device (None: the CPU)."""
     if isinstance(device, DeviceProfile):
         return device
     return device_profile(device or "cpu", dtype)
@@ -380,7 +381,7 @@ def roofline_seconds(
 
     For the rest of a model, pass count_flops of its forward minus the sites' flops.
     """
-    return _seconds(CostFormula(flops, elementwise_ops, bytes_moved, kernel_calls), _resolve_profile(device, dtype))
+    return _seconds(CostFormula(flops, elementwise_ops, bytes_moved, kernel_calls), resolve_profile(device, dtype))
 
 
 def estimate_seconds(
@@ -393,7 +394,7 @@ def estimate_seconds(
     """Predicted seconds of one call of `variant` at `shape` on `device` (None: this machine's CPU)."""
     cost = formula(variant, **params)
     evaluated = CostFormula(*(float(_evaluate(term, shape, dtype)) for term in dataclasses.astuple(cost)))
-    return _seconds(evaluated, _resolve_profile(device, dtype))
+    return _seconds(evaluated, resolve_profile(device, dtype))
 
 
 def count_flops(run: Callable[..., object], *args: Any, **kwargs: Any) -> int:
@@ -434,7 +435,7 @@ def break_even_length(
     where two of the four terms cross; sympy finds those crossings, and the sign on each interval
     between them decides. None when the variant never becomes (and stays) faster.
     """
-    profile = _resolve_profile(device, dtype)
+    profile = resolve_profile(device, dtype)
     fixed = {symbol: value for symbol, value in _substitutions(shape, dtype).items() if symbol not in (N, M)}
 
     def terms(name: str, variant_params: Mapping[str, Any]) -> list[sympy.Expr]:

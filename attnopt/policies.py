@@ -28,7 +28,7 @@ from attnopt.passes.detect import SiteMatch
 
 from . import costmodel
 from .analysis import Analysis, analyse
-from .candidates import BASELINE, Evaluated, baseline, evaluate, evaluate_site, site_info_of
+from .candidates import Evaluated, baseline, evaluate, evaluate_site, site_info_of
 from .planner import Budget, SiteCandidates, plan
 from .report import Decision, GraphPlan, Report, Site
 from .variants import ExactAttention
@@ -78,14 +78,12 @@ def _decision(chosen: Evaluated, base: Evaluated, rows: list[dict[str, Any]], re
                     est_seconds_after=candidate.est_seconds, error=candidate.error, candidates=rows, reason=reason)
 
 
-def _profile(device: Any, request: GraphRequest, analysis: Analysis) -> costmodel.DeviceProfile:
-    """The roofline profile for the device and dtype the sites ran on (or the `device` option)."""
+def _profile(device: Any, analysis: Analysis) -> costmodel.DeviceProfile:
+    """The roofline profile for the `device` option, else for the device and dtype the sites ran on."""
     capture = next(iter(analysis.captures.values()), None)
-    if isinstance(device, costmodel.DeviceProfile):
-        return device
     dtype = capture.q.dtype if capture is not None else torch.float32
-    where = device if device is not None else (capture.q.device if capture is not None else "cpu")
-    return costmodel.device_profile(where, dtype)
+    where = device if device is not None or capture is None else capture.q.device
+    return costmodel.resolve_profile(where, dtype)
 
 
 class VariantPolicy:
@@ -98,7 +96,7 @@ class VariantPolicy:
 
     def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
         analysis = request.analyse()
-        profile = _profile(self.device, request, analysis)
+        profile = _profile(self.device, analysis)
         chosen = {}
         for site, _ in request.sites:
             capture = analysis.captures.get(site.id)
@@ -130,7 +128,7 @@ class BudgetPolicy:
 
     def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
         analysis = request.analyse()
-        profile = _profile(self.device, request, analysis)
+        profile = _profile(self.device, analysis)
         evaluations: dict[int, tuple[Evaluated, list[Evaluated]]] = {}
         progress = tqdm(request.sites, desc=f"attnopt: pricing and measuring candidates (graph {request.graph})",
                         unit="site", disable=None, leave=False)  # shown on a terminal only
@@ -182,4 +180,4 @@ def _describe(budget: Budget) -> str:
                      if getattr(budget, name) is not None)
 
 
-__all__ = ["BASELINE", "BudgetPolicy", "ExactPolicy", "GraphRequest", "Policy", "VariantPolicy"]
+__all__ = ["BudgetPolicy", "ExactPolicy", "GraphRequest", "Policy", "VariantPolicy"]

@@ -30,7 +30,7 @@ def call_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
     Leading dims broadcast as in matmul and are folded to (B, H). With `grouped`, the inputs
     are already (B, H, N, d) and (B, Hkv, M, ·) with H a multiple of Hkv.
     """
-    n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
+    n, e = q.shape[-2], v.shape[-1]
     if grouped:
         lead = tuple(q.shape[:-2])
         q4, k4, v4 = q, k, v

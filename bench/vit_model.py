@@ -63,8 +63,8 @@ def main() -> None:
     speedup = best["original"] / best["optimized"]
     plan = report.plans[0]
     print(f"\nViT {args.image}² (N={(args.image // 16) ** 2 + 1}), {budget}: planning took {planning:.0f} s")
-    print(f"| original ms | optimized ms | measured × | predicted × | budget met | output rel. error | CLS cosine |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| original ms | optimized ms | measured × | predicted × | budget met | output rel. error | CLS cosine |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {best['original'] * 1e3:.0f} | {best['optimized'] * 1e3:.0f} | {speedup:.2f}× "
           f"| {plan.predicted_speedup:.2f}× | {plan.budget_met} | {error:.3f} | {cls_cosine:.4f} |")
     print(f"target ≥ {TARGET:g}×: {'met' if speedup >= TARGET else 'NOT met'}")

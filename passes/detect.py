@@ -712,7 +712,7 @@ def _match_sdpa(node: fx.Node, dag: nx.DiGraph) -> SiteMatch:
                       recipe={}, shape=_partial_shape(q, None, v), causal=causal, dropout=dropout)
     if q_shape is None or shape_of(k) is None:
         return _refuse(match, "the query or key has no known shape.")
-    k_shape, v_shape = shape_of(k), shape_of(v)
+    k_shape = shape_of(k)
     match.shape.update({"M": k_shape[-2]})
     if scale is None:
         scale = 1.0 / math.sqrt(q_shape[-1])
@@ -783,7 +783,7 @@ def argument_recipe(args: dict[str, Any]) -> tuple[list[fx.Node], dict[str, tupl
 
 def _match_mha(node: fx.Node) -> SiteMatch:
     args = mha_arguments(node)
-    query, key, value = args["query"], args["key"], args["value"]
+    query, key = args["query"], args["key"]
     q_shape, k_shape = shape_of(query), shape_of(key)
     heads = args["num_heads"]
     embed = args["embed_dim_to_check"]
