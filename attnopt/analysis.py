@@ -23,6 +23,7 @@ from attnopt.kernels import exact_attention
 from attnopt.passes.detect import SiteMatch
 from attnopt.passes.rewrite import rewritten_copy
 
+from .masking import Masking
 from .report import Site
 from .site_call import SITE_CALLS
 
@@ -45,14 +46,18 @@ class SiteCapture:
 class RecordingAttention(nn.Module):
     """Exact attention that keeps (detached) the canonical inputs and output of its first call."""
 
+    exact_masking = True  # computes exactly what the site computes (see attnopt.masking)
+
     def __init__(self) -> None:
         super().__init__()
         self.capture: SiteCapture | None = None
 
-    def forward(self, q, k, v, *, mask=None, scale: float, causal: bool = False, dropout_p: float = 0.0):
-        out = exact_attention(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p)
+    def forward(self, q, k, v, *, mask=None, scale: float, causal: bool = False, dropout_p: float = 0.0, **masking):
+        out = exact_attention(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, **masking)
         if self.capture is None:
-            self.capture = SiteCapture(q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(),
+            # the candidates see the mask as the reduced variants will (fills as -inf)
+            reduced = Masking(mask, **masking).for_reduced_variant()
+            self.capture = SiteCapture(q.detach(), k.detach(), v.detach(), None if reduced is None else reduced.detach(),
                                        float(scale), bool(causal), float(dropout_p), out.detach())
         return out
 

@@ -12,10 +12,10 @@ All sites, rewritten or not, land in the backend's `Report`.
 
 from __future__ import annotations
 
-import collections
 import copy
 import itertools
 import math
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -93,7 +93,6 @@ class AttnoptBackend:
         self.report = Report()
         self._site_ids = itertools.count()
         self.compiled_signatures = 0
-        self._known: dict[tuple, Site] = {}  # a site seen again (grad mode changed, a guard failed)
         self._chosen: dict[int, nn.Module] = {}  # site id → its attention module, once decided
         self.options_key: int | None = None  # set for backends made by torch.compile(backend="attnopt")
         self.parameter_ids: set[int] = set()  # parameters seen in its graphs, to find its report
@@ -105,7 +104,7 @@ class AttnoptBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_options: Any) -> Callable:
         graph_index = self.report.graphs
         self.report.graphs += 1
-        return _PerSignature(self, gm, graph_index)
+        return _PerSignature(self, gm, graph_index, per_instance=self.policy is not None and self.policy.per_instance)
 
     def compile_for(self, gm: fx.GraphModule, args: tuple[Any, ...], graph_index: int) -> Callable:
         """Analyse and (if a policy is set) rewrite `gm` for the concrete `args`."""
@@ -116,8 +115,7 @@ class AttnoptBackend:
         canonicalize(work)
         _propagate_meta(work, args)
         self._note_opaque_regions(work)
-        found = [(self._site_for(match, signature, graph_index, occurrences), match)
-                 for occurrences in [collections.Counter()] for match in detect(work, subgraphs=True)]
+        found = [(self._site_for(match, signature, graph_index), match) for match in detect(work, subgraphs=True)]
         rewritable = [(site, match) for site, match in found if site.rewritable]
         if self.policy is None or not rewritable:
             return gm
@@ -144,16 +142,10 @@ class AttnoptBackend:
                 return gm
         return rewritten
 
-    def _site_for(self, match: SiteMatch, signature: str, graph_index: int, occurrences: collections.Counter) -> Site:
-        """The report's Site for a match: the known one when dynamo recompiled the same code
-        (a new grad mode, a failed guard), else a new, verified one."""
-        identity = (match.module, match.source, match.form, signature, tuple(sorted(match.shape.items())),
-                    match.dropout)
-        occurrences[identity] += 1
-        identity += (occurrences[identity],)
-        site = self._known.get(identity)
-        if site is not None:
-            return site
+    def _site_for(self, match: SiteMatch, signature: str, graph_index: int) -> Site:
+        """A new, verified Site for a match. Every compiled graph (a recompile for another grad
+        mode or a failed guard included) and every shape gets its own sites and decisions, so
+        the report describes exactly what each running graph does."""
         site_id = next(self._site_ids)
         site = Site(id=site_id, module=match.module, source=match.source, form=match.form,
                     shape=dict(match.shape), causal=match.causal, mask=match.mask,
@@ -162,7 +154,6 @@ class AttnoptBackend:
         if match.reason is None:
             site.reason = verify(match, SITE_CALLS[match.kind](ExactAttention(), match.recipe, site_id))
         site.rewritable = site.reason is None
-        self._known[identity] = site
         self.report.sites.append(site)
         return site
 
@@ -207,17 +198,41 @@ class AttnoptBackend:
         return None
 
 
-class _PerSignature:
-    """What dynamo gets back for one graph: compiles per concrete input signature, lazily."""
+def model_state_positions(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph inputs that are a module's parameters or buffers (dynamo lifts
+    them to inputs, so one graph can serve several instances of a class)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    positions = []
+    for index, node in enumerate(placeholders):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = source.name if source is not None else ""
+        if "._parameters[" in name or "._buffers[" in name or isinstance(node.meta.get("example_value"), nn.Parameter):
+            positions.append(index)
+    return positions
 
-    def __init__(self, backend: AttnoptBackend, gm: fx.GraphModule, graph_index: int):
+
+class _PerSignature:
+    """What dynamo gets back for one graph: compiles per concrete input signature, lazily.
+
+    With `per_instance` (policies whose decisions depend on the weights: measured errors), the
+    parameters and buffers the call passes are part of the key, by identity: another instance
+    of the same class is planned and checked for its own weights, never handed another's plan.
+    """
+
+    def __init__(self, backend: AttnoptBackend, gm: fx.GraphModule, graph_index: int, per_instance: bool):
         self.backend = backend
         self.gm = gm
         self.graph_index = graph_index
-        self.compiled: dict[tuple, Callable] = {}
+        self.state_positions = model_state_positions(gm) if per_instance else []
+        self.compiled: dict[tuple, list[tuple[list[weakref.ref], Callable]]] = {}
 
     def __call__(self, *args: Any) -> Any:
-        key = signature_of(args)
-        if key not in self.compiled:
-            self.compiled[key] = self.backend.compile_for(self.gm, args, self.graph_index)
-        return self.compiled[key](*args)
+        state = [args[i] for i in self.state_positions if i < len(args) and isinstance(args[i], torch.Tensor)]
+        entries = self.compiled.setdefault(signature_of(args), [])
+        for refs, compiled in entries:
+            if len(refs) == len(state) and all(ref() is tensor for ref, tensor in zip(refs, state)):
+                return compiled(*args)
+        entries[:] = [(refs, compiled) for refs, compiled in entries if all(ref() is not None for ref in refs)]
+        compiled = self.backend.compile_for(self.gm, args, self.graph_index)
+        entries.append(([weakref.ref(tensor) for tensor in state], compiled))
+        return compiled(*args)

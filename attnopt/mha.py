@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masking import Masking, run_attention
+
 
 def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """(L, B, E) → (B, H, L, E/H)."""
@@ -51,8 +53,12 @@ def multi_head_attention_forward(attention: nn.Module, *, query, key, value, emb
                                  in_proj_weight, in_proj_bias, dropout_p, out_proj_weight, out_proj_bias,
                                  training=True, key_padding_mask=None, attn_mask=None,
                                  use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None,
-                                 v_proj_weight=None, is_causal=False, **_ignored: Any) -> tuple[torch.Tensor, None]:
-    """`F.multi_head_attention_forward` with `need_weights` answered by None (weights unused)."""
+                                 v_proj_weight=None, is_causal=False, need_weights=True,
+                                 **_ignored: Any) -> tuple[torch.Tensor, None]:
+    """`F.multi_head_attention_forward` with `need_weights` answered by None (weights unused).
+
+    Rows whose every key is masked give 0 when torch takes its SDPA path (need_weights=False)
+    and NaN when it computes the weights with a softmax (need_weights=True), as torch does."""
     unbatched = query.dim() == 2
     if unbatched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -70,8 +76,8 @@ def multi_head_attention_forward(attention: nn.Module, *, query, key, value, emb
     if padding is not None:
         padding = padding.reshape(batch, 1, 1, source_length)
         mask = padding if mask is None else mask + padding
-    out = attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), causal=False,
-                    dropout_p=dropout_p if training else 0.0)
+    out = run_attention(attention, q, k, v, Masking(mask=mask, zero_empty_rows=not need_weights),
+                        scale=1.0 / math.sqrt(q.shape[-1]), causal=False, dropout_p=dropout_p if training else 0.0)
     out = out.permute(2, 0, 1, 3).reshape(target_length * batch, embed)
     out = F.linear(out, out_proj_weight, out_proj_bias).reshape(target_length, batch, embed)
     return (out.squeeze(1) if unbatched else out), None
@@ -90,7 +96,8 @@ def encoder_layer_forward(attention: nn.Module, *, src, embed_dim, num_heads, qk
         if additive is not None:
             if mask_type == 1:  # key padding (B, S)
                 additive = additive.reshape(batch, 1, 1, length)
-        out = attention(q, k, v, mask=additive, scale=1.0 / math.sqrt(q.shape[-1]), causal=False, dropout_p=0.0)
+        out = run_attention(attention, q, k, v, Masking(mask=additive), scale=1.0 / math.sqrt(q.shape[-1]),
+                            causal=False, dropout_p=0.0)
         return F.linear(out.transpose(1, 2).reshape(batch, length, embed_dim), proj_weight, proj_bias)
 
     def feed_forward(x: torch.Tensor) -> torch.Tensor:

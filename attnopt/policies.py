@@ -51,6 +51,8 @@ class GraphRequest:
 
 class Policy(Protocol):
     name: str
+    per_instance: bool
+    """Decisions depend on the weights (measured errors, calibration): plan each instance anew."""
 
     def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
         """Site id → the attention module computing it, for the sites to rewrite."""
@@ -61,6 +63,7 @@ class ExactPolicy:
     """Every site computed by attnopt's exact op: same function, attnopt's kernel."""
 
     name = "exact"
+    per_instance = False  # the exact op is verified for any weights
 
     def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
         chosen = {}
@@ -88,6 +91,8 @@ def _profile(device: Any, analysis: Analysis) -> costmodel.DeviceProfile:
 
 class VariantPolicy:
     """One variant config at every site that does not refuse it, calibrated on the call's inputs."""
+
+    per_instance = True
 
     def __init__(self, config: Any, device: Any = None):
         self.config = config
@@ -118,6 +123,7 @@ class BudgetPolicy:
     """Plan every site of the graph under a Budget (see attnopt.planner for the method)."""
 
     name = "budget"
+    per_instance = True
 
     def __init__(self, budget: Budget | float, candidates: Sequence[Any] | None = None, *, strict: bool = False,
                  device: Any = None):

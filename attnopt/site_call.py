@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .masking import Masking, run_attention
 from .mha import encoder_layer_forward, multi_head_attention_forward
 
 
 def call_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: torch.Tensor | None, *, scale: float, causal: bool, dropout_p: float,
+                   masking: Masking, *, scale: float, causal: bool, dropout_p: float,
                    grouped: bool, head_split: tuple[int, int] | None = None) -> torch.Tensor:
     """Call `attention` on tensors of shape (*L, N, d), (*L, M, d), (*L, M, e).
 
@@ -34,16 +35,15 @@ def call_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
     if grouped:
         lead = tuple(q.shape[:-2])
         q4, k4, v4 = q, k, v
-        mask4 = mask
     else:
-        mask_lead = tuple(mask.shape[:-2]) if mask is not None and mask.dim() > 2 else ()
-        lead = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], mask_lead))
+        mask_leads = [tuple(m.shape[:-2]) for m in (masking.mask, masking.fill_mask) if m is not None and m.dim() > 2]
+        lead = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], *mask_leads))
         batch, heads = _fold(lead, head_split)
         q4 = _to_4d(q, lead, batch, heads)
         k4 = _to_4d(k, lead, batch, heads)
         v4 = _to_4d(v, lead, batch, heads)
-        mask4 = _mask_to_4d(mask, lead, batch, heads) if mask is not None else None
-    out = attention(q4, k4, v4, mask=mask4, scale=scale, causal=causal, dropout_p=dropout_p)
+        masking = masking.map_masks(lambda m: _mask_to_4d(m, lead, batch, heads))
+    out = run_attention(attention, q4, k4, v4, masking, scale=scale, causal=causal, dropout_p=dropout_p)
     return out.reshape(*lead, n, e) if tuple(out.shape[:-2]) != lead else out
 
 
@@ -66,8 +66,8 @@ def _to_4d(x: torch.Tensor, lead: tuple[int, ...], batch: int, heads: int) -> to
     return x.reshape(batch, heads, *x.shape[-2:])
 
 
-def _mask_to_4d(mask: torch.Tensor, lead: tuple[int, ...], batch: int, heads: int) -> torch.Tensor:
-    if len(lead) == 2 or mask.dim() <= 2:
+def _mask_to_4d(mask: torch.Tensor | None, lead: tuple[int, ...], batch: int, heads: int) -> torch.Tensor | None:
+    if mask is None or len(lead) == 2 or mask.dim() <= 2:
         return mask  # already broadcastable to (B, H, N, M)
     mask = mask.expand(*lead, *mask.shape[-2:])
     return mask.reshape(batch, heads, *mask.shape[-2:])
@@ -79,21 +79,17 @@ def _materialize(spec: tuple[str, Any], tensors: tuple[torch.Tensor, ...]) -> An
 
 
 def combine_mask_terms(terms: list[dict[str, Any]], tensors: tuple[torch.Tensor, ...],
-                       dtype: torch.dtype) -> torch.Tensor | None:
-    """One mask for the attention op from the additive / fill terms found on the scores path.
+                       dtype: torch.dtype) -> Masking:
+    """The masking that the additive / fill terms found on the scores path apply, in order.
 
-    A single `masked_fill(..., -inf)` becomes a boolean keep-mask (what fused kernels want);
-    anything else becomes one additive float mask.
+    Terms run from the QK matmul to the softmax. Fills replace the score (the detector made their
+    value one constant for the site); adds made before a fill are lost where it fills, adds made
+    after it still apply. A lone -inf fill becomes a bool keep-mask (what fused kernels want).
     """
-    if not terms:
-        return None
-    if len(terms) == 1 and terms[0]["kind"] in ("fill", "keep") and not terms[0]["factor_nodes"]:
-        term = terms[0]
-        fill = _materialize(term["fill"], tensors)
-        if isinstance(fill, (int, float)) and fill * term["factor"] == -math.inf:
-            condition = _materialize(term["value"], tensors).bool()
-            return ~condition if term["kind"] == "fill" else condition
-    total = None
+    fill_mask = None
+    fill_value = -math.inf
+    additive = None
+    score_dtype = None
     for term in terms:
         factor: Any = term["factor"]
         for index in term["factor_nodes"]:
@@ -102,21 +98,21 @@ def combine_mask_terms(terms: list[dict[str, Any]], tensors: tuple[torch.Tensor,
         if term["kind"] == "add":
             if isinstance(value, torch.Tensor) and not value.is_floating_point():
                 value = value.to(dtype)
-            additive = value * factor if not (isinstance(factor, float) and factor == 1.0) else value
-        else:
-            fill = _materialize(term["fill"], tensors)
-            fill = fill * factor
-            condition = value.bool()
-            zero = torch.zeros((), dtype=dtype, device=condition.device)
-            fill_tensor = torch.as_tensor(fill, dtype=dtype, device=condition.device)
-            if term["kind"] == "fill":
-                additive = torch.where(condition, fill_tensor, zero)
-            else:
-                additive = torch.where(condition, zero, fill_tensor)
-        total = additive if total is None else total + additive
-    if not isinstance(total, torch.Tensor):
-        total = torch.as_tensor(total, dtype=dtype)
-    return total
+            value = value if isinstance(factor, float) and factor == 1.0 else value * factor
+            additive = value if additive is None else additive + value
+            score_dtype = score_dtype or term.get("score_dtype")
+            continue
+        condition = value.bool()
+        filled = condition if term["kind"] == "fill" else ~condition
+        fill_value = float(_materialize(term["fill"], tensors) * term["factor"])
+        if additive is not None:
+            additive = torch.as_tensor(additive, device=filled.device).masked_fill(filled, 0)
+        fill_mask = filled if fill_mask is None else fill_mask | filled
+    if isinstance(additive, (int, float)):
+        additive = torch.as_tensor(additive, dtype=dtype)
+    if fill_mask is not None and additive is None and fill_value == -math.inf:
+        return Masking(mask=~fill_mask)
+    return Masking(mask=additive, fill_mask=fill_mask, fill_value=fill_value, score_dtype=score_dtype)
 
 
 class SiteCall(nn.Module):
@@ -143,8 +139,8 @@ class MatmulSiteCall(SiteCall):
             k = k.transpose(-1, -2)
         if recipe["leads"] is not None:
             return self._regrouped(q, k, v, tensors)
-        mask = combine_mask_terms(recipe["terms"], tensors, q.dtype)
-        out = call_attention(self.attention, q, k, v, mask, scale=recipe["scale"], causal=False,
+        masking = combine_mask_terms(recipe["terms"], tensors, q.dtype)
+        out = call_attention(self.attention, q, k, v, masking, scale=recipe["scale"], causal=False,
                              dropout_p=recipe["dropout_p"], grouped=recipe["grouped"],
                              head_split=recipe["head_split"])
         out_dtype = recipe["out_dtype"]
@@ -170,8 +166,8 @@ class MatmulSiteCall(SiteCall):
                     values.append(values[value].expand(*term["layout"], n, m).reshape(*softmax_lead, n, m))
                     term["value"] = ("input", len(values) - 1)
             terms.append(term)
-        mask = combine_mask_terms(terms, tuple(values), q.dtype)
-        out = call_attention(self.attention, q, k, v, mask, scale=recipe["scale"], causal=False,
+        masking = combine_mask_terms(terms, tuple(values), q.dtype)
+        out = call_attention(self.attention, q, k, v, masking, scale=recipe["scale"], causal=False,
                              dropout_p=recipe["dropout_p"], grouped=False, head_split=recipe["head_split"])
         out = out.reshape(*pv_lead, n, v.shape[-1])
         out_dtype = recipe["out_dtype"]
@@ -183,7 +179,10 @@ class SdpaSiteCall(SiteCall):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         recipe = self.recipe
-        out = call_attention(self.attention, q, k, v, mask, scale=recipe["scale"], causal=recipe["causal"],
+        # SDPA adds a float mask to fp32 scores whatever the inputs' dtype, and gives 0 on rows
+        # where every key is masked
+        masking = Masking(mask=mask, score_dtype=torch.promote_types(q.dtype, torch.float32), zero_empty_rows=True)
+        out = call_attention(self.attention, q, k, v, masking, scale=recipe["scale"], causal=recipe["causal"],
                              dropout_p=recipe["dropout_p"], grouped=recipe["grouped"])
         out_dtype = recipe["out_dtype"]
         return out.to(out_dtype) if out_dtype is not None and out.dtype != out_dtype else out

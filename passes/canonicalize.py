@@ -9,7 +9,8 @@ After this pass, detection matches meaning, not spelling:
     exp(x - max(x)) / sum(exp(...))  (softmax written by hand)  → torch.softmax
     .float() / .half() / .to(dtype) / .type(dtype) / .type_as(t) → Tensor.to(dtype)
     dropout in eval                                             → removed
-    in-place += *= /= masked_fill_ whose input has no other use → out-of-place
+    in-place writes (add_, +=, masked_fill_, x[i] = v, …) to a
+    fresh, unaliased tensor                                     → out-of-place, later reads redirected
     a.expand_as(s), zeros_like(s)                               → the same, with s's shape spelled out
 
 Each canonical node remembers the spelling it replaced in `node.meta["attnopt_form"]`, so the
@@ -20,6 +21,7 @@ x/c → x·(1/c)); the rewritten model is checked end to end against the origina
 from __future__ import annotations
 
 import copy
+import operator
 import string
 from typing import Callable
 
@@ -27,12 +29,14 @@ import torch
 import torch.fx as fx
 
 from .fx_utils import (
-    arg, body_module, copy_meta, is_scalar, op_name, propagate_body_meta, searched_body, shape_of, tensor_meta,
+    ALIASING_OPS, arg, body_module, copy_meta, has_side_effects, is_scalar, mutated_by, op_name, propagate_body_meta,
+    searched_body, shape_of, tensor_meta,
 )
 
 _MATMUL_SPELLINGS = {"matmul", "bmm", "mm", "__matmul__"}
 _CAST_TO = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
-_INPLACE = {"add_": "add", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill"}
+_OUT_OF_PLACE = {"add_": torch.add, "sub_": torch.sub, "mul_": torch.mul, "div_": torch.div,
+                 "masked_fill_": torch.Tensor.masked_fill}
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -53,12 +57,13 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             propagate_body_meta(node, owned)
     # _manual_softmax runs before _division: its `exps / exps.sum(...)` must still be a division
     # (with a single query the sum is (..., 1, 1), which _division would fold into a product).
-    for rule in (_shape_only_uses, _inplace_to_outofplace, _einsum, _baddbmm, _matmul, _manual_softmax,
+    _functionalise(graph)
+    for rule in (_shape_only_uses, _einsum, _baddbmm, _matmul, _manual_softmax,
                  _division, _casts, _softmax, _eval_dropout):
         for node in list(graph.nodes):
             if node.graph is graph:
                 rule(graph, node)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=has_side_effects)
     graph.lint()
     gm.recompile()
     return gm
@@ -127,19 +132,113 @@ def _shape_only_uses(graph: fx.Graph, node: fx.Node) -> None:
         _replace(graph, node, lambda: _call(graph, factory, tuple(meta.shape), dtype=dtype, device=meta.device), form=name)
 
 
-def _inplace_to_outofplace(graph: fx.Graph, node: fx.Node) -> None:
-    name = op_name(node)
-    if name not in _INPLACE or not node.args or not isinstance(node.args[0], fx.Node):
-        return
-    mutated = node.args[0]
-    if len(mutated.users) != 1 or mutated.op == "placeholder":
-        return  # someone else sees the mutation: keep the in-place semantics
-    pure = _INPLACE[name]
-    if pure == "masked_fill":
-        target = torch.Tensor.masked_fill
-    else:
-        target = getattr(torch, pure)
-    _replace(graph, node, lambda: _call(graph, target, *node.args, **node.kwargs), form=name)
+def _functionalise(graph: fx.Graph) -> None:
+    """Turn each in-place write to a fresh, unaliased tensor into an out-of-place op, and make every
+    later read of that tensor read the new value instead.
+
+    `s.masked_fill_(~keep, -inf); softmax(s)` then reads as `softmax(s.masked_fill(~keep, -inf))`,
+    so detection sees the mask. Writes to inputs, parameters, buffers or views (whose storage
+    someone else may see) stay in place; detection refuses the sites they touch, and
+    dead-code elimination keeps them (fx_utils.has_side_effects).
+    """
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        target = mutated_by(node)
+        if target is None or not _fresh_and_unaliased(target, node, position):
+            continue
+        with graph.inserting_before(node):
+            new = _out_of_place(graph, node, target)
+        if new is None:
+            continue
+        new.meta["attnopt_form"] = op_name(node)
+        copy_meta(node, new)
+        if "val" in target.meta:
+            new.meta["val"] = target.meta["val"]
+        for user in list(target.users):
+            if user is not node and user is not new and position.get(user, -1) > position[node]:
+                user.replace_input_with(target, new)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
+def _fresh_and_unaliased(target: fx.Node, write: fx.Node, position: dict[fx.Node, int]) -> bool:
+    """`target` owns its storage (computed here, not an input, attribute or view) and no view of it
+    taken before `write` could observe the write."""
+    if target.op not in ("call_function", "call_method") or op_name(target) in ALIASING_OPS:
+        return False
+    if mutated_by(target) is not None or "val" not in target.meta:
+        return False
+    for user in target.users:
+        if user is write or position.get(user, -1) > position[write]:
+            continue
+        if op_name(user) in ALIASING_OPS or mutated_by(user) is not None:
+            return False
+    return True
+
+
+def _out_of_place(graph: fx.Graph, write: fx.Node, target: fx.Node) -> fx.Node | None:
+    """The value `write` leaves in `target`, computed without writing: the plain op where one
+    exists with the same result dtype (so detection can read it), else a write to a copy."""
+    name = op_name(write)
+    args = list(write.args)
+    if write.target is operator.setitem:
+        return graph.call_function(functional_setitem, tuple(args))
+    if write.kwargs.get("out") is not None:
+        return None  # `out=` writes are rare here: leave them in place (refused where they matter)
+    plain = _OUT_OF_PLACE.get(name)
+    if plain is not None and len(args) >= 2 and _keeps_dtype(target, args[1:], write.kwargs):
+        return graph.call_function(plain, tuple(args), dict(write.kwargs))
+    method = write.target if write.op == "call_method" else getattr(write.target, "__name__", None)
+    if write.op == "call_function" and write.target in _OPERATOR_METHODS:
+        method = _OPERATOR_METHODS[write.target]
+    if not isinstance(method, str):
+        return None
+    kwargs = {k: v for k, v in write.kwargs.items() if k != "inplace"}
+    if write.kwargs.get("inplace") is True:
+        return graph.call_function(write.target, tuple(args), kwargs)  # F.relu(x, inplace=False)
+    return graph.call_function(functional_inplace, (method, *args), kwargs)
+
+
+_OPERATOR_METHODS = {operator.iadd: "add_", operator.isub: "sub_", operator.imul: "mul_",
+                     operator.itruediv: "div_", operator.ifloordiv: "floor_divide_", operator.imod: "remainder_",
+                     operator.ipow: "pow_", operator.iand: "bitwise_and_", operator.ior: "bitwise_or_",
+                     operator.ixor: "bitwise_xor_", operator.ilshift: "bitwise_left_shift_",
+                     operator.irshift: "bitwise_right_shift_", operator.imatmul: "__imatmul__"}
+
+
+def _keeps_dtype(target: fx.Node, others: list, kwargs: dict) -> bool:
+    """The out-of-place op gives the same dtype as the in-place one (which keeps `target`'s)."""
+    meta = tensor_meta(target)
+    if meta is None:
+        return False
+    if kwargs and set(kwargs) - {"alpha", "value", "mask"}:
+        return False
+    values = [tensor_meta(o) if isinstance(o, fx.Node) else o for o in others]
+    if any(v is None for v in values):
+        return False
+    try:
+        result = meta
+        for value in values[-1:]:  # the operand that is combined with the target (last one for masked_fill)
+            if isinstance(value, (int, float, bool)) or isinstance(value, torch.Tensor):
+                result = torch.result_type(meta, value)
+    except (TypeError, RuntimeError):
+        return False
+    return result == meta.dtype
+
+
+def functional_inplace(method: str, target: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`target.<method>(*args)` applied to a copy: an in-place op made out-of-place, with the
+    in-place op's exact semantics (dtype kept, broadcasting only of the other operands)."""
+    result = target.clone()
+    getattr(result, method)(*args, **kwargs)
+    return result
+
+
+def functional_setitem(target: torch.Tensor, index, value) -> torch.Tensor:
+    """`target[index] = value` on a copy of `target`."""
+    result = target.clone()
+    result[index] = value
+    return result
 
 
 def _matmul(graph: fx.Graph, node: fx.Node) -> None:

@@ -31,8 +31,8 @@ import torch
 import torch.fx as fx
 
 from .fx_utils import (
-    arg, body_module, dtype_of, higher_order_name, is_scalar, meta_value, module_path, normalize_dim, op_name,
-    searched_body, shape_of, source_line, tensor_meta, to_networkx,
+    alias_root, arg, body_module, dtype_of, higher_order_name, is_scalar, meta_value, module_path, mutated_by,
+    normalize_dim, op_name, searched_body, shape_of, source_line, tensor_meta, to_networkx,
 )
 
 _PASSTHROUGH = {"to", "clone", "contiguous"}
@@ -43,9 +43,9 @@ _LAYOUT = {"transpose", "permute", "mT", "t", "swapaxes", "swapdims"}
 class MaskTerm:
     """One additive contribution to the scores, as seen from the QK matmul.
 
-    kind "add": `value` is added. kind "fill": where the bool `value` is True the score is
-    replaced by `fill`. Scales applied to the scores *after* the term (python `factor` and
-    tensor `factor_nodes`) also multiply it.
+    kind "add": `value` is added (to scores held in `score_dtype`). kind "fill" / "keep": where
+    the bool `value` is True / False the score is replaced by `fill`, a constant. Scales applied
+    to the scores *after* the term (python `factor` and tensor `factor_nodes`) also multiply it.
     """
 
     kind: str
@@ -54,6 +54,7 @@ class MaskTerm:
     factor: float = 1.0
     factor_nodes: list[fx.Node] = dataclasses.field(default_factory=list)
     layout: tuple[int, ...] = ()  # leading dims of the scores where the term is applied
+    score_dtype: torch.dtype | None = None  # dtype of the scores the value is added to
 
 
 @dataclasses.dataclass
@@ -73,10 +74,9 @@ class SiteMatch:
     dropout: float = 0.0
     scale: float | None = None
     reason: str | None = None
-    # Inputs that only ever hold 0/-inf (or bool) masks; verification draws such values for them.
+    # Inputs that hold masks (bool, or float 0/-inf/large negative); verification draws such
+    # values for them, whole rows masked included.
     mask_inputs: list[fx.Node] = dataclasses.field(default_factory=list)
-    # Inputs that hold the value masked scores are filled with; verification uses finfo.min.
-    fill_inputs: list[fx.Node] = dataclasses.field(default_factory=list)
 
     @property
     def module(self) -> str:
@@ -103,6 +103,9 @@ def detect(gm: fx.GraphModule, subgraphs: bool = False) -> list[SiteMatch]:
     own body, with metadata.
     """
     dag = to_networkx(gm.graph)
+    position = {node: index for index, node in enumerate(gm.graph.nodes)}
+    writes = [(position[node], node, alias_root(mutated_by(node))) for node in gm.graph.nodes
+              if mutated_by(node) is not None]
     matches = []
     for node in gm.graph.nodes:
         name = op_name(node)
@@ -121,8 +124,23 @@ def detect(gm: fx.GraphModule, subgraphs: bool = False) -> list[SiteMatch]:
         else:
             continue
         if match is not None:
+            if match.reason is None and writes:
+                match.reason = _write_inside(match, writes, position)
             matches.append(match)
     return matches
+
+
+def _write_inside(match: SiteMatch, writes: list[tuple[int, fx.Node, Any]], position: dict[fx.Node, int]) -> str | None:
+    """Why the site cannot be replaced by one call at its output: an in-place write, between the
+    site's first read and its output, to a tensor the site reads (or to one of its views)."""
+    nodes = [n for n in [*match.inputs, *match.internal] if isinstance(n, fx.Node)]
+    first = min(position[n] for n in match.internal) if match.internal else position[match.output]
+    read = {alias_root(n) for n in nodes}
+    for where, write, root in writes:
+        if first <= where <= position[match.output] and (root in read or write in match.internal):
+            return (f"`{write.name}` writes in place to `{getattr(root, 'name', root)}` while the attention "
+                    "reads it, so one call at the output would read another value.")
+    return None
 
 
 def unsearched_regions(gm: fx.GraphModule, subgraphs: bool = False) -> list[fx.Node]:
@@ -167,6 +185,9 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     )
     if up_reason:
         return _refuse(match, up_reason)
+    fill_reason = _constant_fills(terms, dag)
+    if fill_reason:
+        return _refuse(match, fill_reason)
     if scores_shape is None or len(scores_shape) < 2:
         return _refuse(match, "the scores have no known shape of rank ≥ 2.")
     dim = normalize_dim(arg(softmax, 1, "dim"), len(scores_shape))
@@ -214,7 +235,7 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     term_specs = []
     for term in terms:
         spec = {"kind": term.kind, "factor": term.factor, "factor_nodes": [], "value": None, "fill": None,
-                "layout": term.layout}
+                "layout": term.layout, "score_dtype": term.score_dtype}
         for key in ("value", "fill"):
             item = getattr(term, key)
             if isinstance(item, fx.Node):
@@ -232,7 +253,7 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
         "head_split": heads, "out_dtype": dtype_of(pv_matmul),
         "leads": (qk_lead, softmax_lead, pv_lead) if regrouped else None,
     }
-    match.fill_inputs = [term.fill for term in terms if isinstance(term.fill, fx.Node)]
+    match.mask_inputs = [term.value for term in terms if isinstance(term.value, fx.Node)]
     match.shape = _partial_shape(q_operand, kt_operand, v_operand, heads=heads, kv_heads=kv_heads)
     match.mask, match.causal = _mask_kind(terms, scores_shape, dag)
     match.scale = scale * _upstream_factor(q_operand) * _upstream_factor(kt_operand)
@@ -284,7 +305,7 @@ def _walk_up(node: Any):
             path, other = _split_operands(current, allow_full=True)
             if path is None:
                 return None
-            steps.append(("add", other))
+            steps.append(("add", (other, dtype_of(path))))
             current = path
             continue
         if name == "masked_fill":
@@ -330,16 +351,46 @@ def _walk_up(node: Any):
             what = f"`{item.name}`" if isinstance(item, fx.Node) else repr(item)
             reason = f"the scores are divided by {what}, which is not a scale attnopt can fold into the query."
         elif kind == "add":
-            terms.append(MaskTerm("add", item, layout=layout))
+            terms.append(MaskTerm("add", item[0], layout=layout, score_dtype=item[1]))
         else:
             cond, fill = item
-            if isinstance(fill, (int, float)) and fill > -1e4:
-                reason = f"the scores are filled with {fill}, which is not a mask value (-inf or a large negative number)."
             if isinstance(cond, tuple):
                 terms.append(MaskTerm("keep", cond[1], fill, layout=layout))
             else:
                 terms.append(MaskTerm("fill", cond, fill, layout=layout))
     return chain[0], chain, terms, scale, factor_nodes, reason
+
+
+def _constant_fills(terms: list[MaskTerm], dag: nx.DiGraph) -> str | None:
+    """Make every fill a Python number, or say why not: a fill held in a tensor is data (an
+    input, a buffer, `q.mean()`) unless it is built from constants alone; it must be a mask
+    value (≤ -1e4, or -inf); and one site fills with one value (scaled as the scores are)."""
+    filled = set()
+    for term in terms:
+        if term.kind == "add":
+            continue
+        fill = term.fill
+        if isinstance(fill, fx.Node):
+            value = _constant_value(fill, dag)
+            if not isinstance(value, torch.Tensor) or value.numel() == 0 or value.is_complex():
+                return (f"the scores are filled with `{fill.name}`, a value computed from the inputs or the "
+                        "model's tensors, not a constant mask value.")
+            flat = value.detach().double().flatten()
+            if not bool((flat == flat[0]).all()):
+                return f"the scores are filled with `{fill.name}`, whose values differ from entry to entry."
+            fill = float(flat[0])
+        if not isinstance(fill, (int, float)) or isinstance(fill, bool) or math.isnan(fill) or fill > _BLOCKING:
+            return f"the scores are filled with {fill}, which is not a mask value (-inf or a large negative number)."
+        term.fill = float(fill)
+        if term.fill * term.factor > _BLOCKING:
+            return f"the filled scores are scaled by {term.factor}, which makes the fill {term.fill * term.factor}, not a mask value."
+        if term.factor_nodes:
+            return ("the filled scores are then multiplied by a tensor, so the masked value is not a known "
+                    "constant.")
+        filled.add(term.fill * term.factor)
+    if len(filled) > 1:
+        return f"the scores are filled with several different values ({sorted(filled)}), which attnopt does not model."
+    return None
 
 
 def _same_last_two(a: Any, b: Any) -> bool:

@@ -205,3 +205,65 @@ def propagate_body_meta(call: fx.Node, body: fx.GraphModule) -> bool:
     except Exception:  # a body that fake tensors cannot run: keep dynamo's example values
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutation and aliasing: in-place ops are semantics, never something a pass may drop or ignore.
+
+# Ops whose result may share storage with their first argument (a write to one is seen by the other).
+ALIASING_OPS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "mT", "T", "H", "mH", "swapaxes",
+    "swapdims", "movedim", "moveaxis", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten",
+    "narrow", "select", "split", "chunk", "unbind", "getitem", "detach", "to", "type", "type_as", "float",
+    "half", "bfloat16", "double", "contiguous", "as_strided", "diagonal", "real", "imag", "unfold", "alias",
+    "view_as_real", "view_as_complex", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "data",
+})
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+_NOT_MUTATIONS = {"requires_grad_", "retain_grad", "share_memory_", "record_stream"}
+
+
+def mutated_by(node: fx.Node) -> fx.Node | None:
+    """The graph value `node` writes to in place (`x.add_(...)`, `x += y`, `x[i] = v`,
+    `torch.relu_(x)`, `F.relu(x, inplace=True)`, `out=` arguments), or None."""
+    if node.op not in ("call_method", "call_function"):
+        return None
+    first = node.args[0] if node.args else None
+    out = node.kwargs.get("out")
+    if isinstance(out, fx.Node):
+        return out
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return first if isinstance(first, fx.Node) else None
+    if node.kwargs.get("inplace") is True:
+        return first if isinstance(first, fx.Node) else None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        if not node.target._schema.is_mutable:
+            return None
+        name = node.target._schema.name.split("::")[-1]
+    if isinstance(name, str) and name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATIONS:
+        return first if isinstance(first, fx.Node) else None
+    return None
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep `node`: torch's own rule, plus every in-place write."""
+    return node.is_impure() or mutated_by(node) is not None
+
+
+def alias_root(node: Any) -> Any:
+    """The value whose storage `node` may share: followed up through view-like ops and in-place
+    results (an in-place op returns its own target)."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 64:
+        target = mutated_by(node)
+        if target is not None and node.target is not operator.setitem:
+            node = target
+        elif op_name(node) in ALIASING_OPS and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            break
+        seen += 1
+    return node

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from .detect import SiteMatch
-from .fx_utils import body_module, copy_meta, searched_body
+from .fx_utils import body_module, copy_meta, has_side_effects, searched_body
 
 
 def rewrite(gm: fx.GraphModule, replacements: list[tuple[SiteMatch, nn.Module, int]]) -> fx.GraphModule:
@@ -38,7 +38,7 @@ def rewrite(gm: fx.GraphModule, replacements: list[tuple[SiteMatch, nn.Module, i
             call.meta["val"] = match.output.meta["val"]
         match.output.replace_all_uses_with(call)
     for owner in touched.values():
-        owner.graph.eliminate_dead_code()
+        owner.graph.eliminate_dead_code(is_impure_node=has_side_effects)
         owner.graph.lint()
         owner.recompile()
     return gm
@@ -87,7 +87,6 @@ def rewritten_copy(gm: fx.GraphModule, replacements: list[tuple[SiteMatch, nn.Mo
 
     moved = [(dataclasses.replace(match, anchor=carry(match.anchor), output=carry(match.output),
                                   inputs=[carry(i) for i in match.inputs], internal=[carry(n) for n in match.internal],
-                                  mask_inputs=[carry(n) for n in match.mask_inputs],
-                                  fill_inputs=[carry(n) for n in match.fill_inputs]), call, site_id)
+                                  mask_inputs=[carry(n) for n in match.mask_inputs]), call, site_id)
              for match, call, site_id in replacements]
     return rewrite(work, moved)

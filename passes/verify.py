@@ -9,6 +9,7 @@ axis, a scale read wrongly — is refused with the measured error as its reason.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from .detect import SiteMatch
 from .fx_utils import tensor_meta
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-TRIALS = 2
+TRIALS = 3
 
 
 def extract_subgraph(match: SiteMatch) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -48,18 +49,27 @@ def extract_subgraph(match: SiteMatch) -> tuple[fx.GraphModule, list[fx.Node]]:
     return fx.GraphModule(root, graph), placeholders
 
 
-def _random_like(node: fx.Node, generator: torch.Generator, mask_like: bool = False, fill: bool = False) -> Any:
+BLOCKING_VALUES = (float("-inf"), "finfo.min", -1e9, -1e4)
+"""Values a float mask blocks a key with in the wild; verification draws each of them."""
+
+
+def _random_like(node: fx.Node, generator: torch.Generator, trial: int, mask_like: bool = False) -> Any:
+    """Random values of `node`'s shape and dtype. Masks are drawn adversarially, never from the
+    example: trial 0 masks random entries, trials 1 and 2 mask whole rows (and keep whole rows)
+    with each blocking value, so a rewrite that drops a mask or mistakes its meaning on fully
+    masked rows fails here, whatever the example input held."""
     meta = tensor_meta(node)
     if meta is None:
         raise TypeError(f"`{node.name}` is not a tensor")
     shape, dtype = tuple(meta.shape), meta.dtype
-    if fill and dtype.is_floating_point:
-        return torch.full(shape, torch.finfo(dtype).min, dtype=dtype)
-    if mask_like and dtype.is_floating_point:
-        blocked = torch.rand(shape, generator=generator) < 0.3
-        if blocked.dim() > 0:
-            blocked[..., 0] = False  # never a row with every key masked
-        return torch.zeros(shape, dtype=dtype).masked_fill(blocked, float("-inf"))
+    if mask_like and (dtype == torch.bool or dtype.is_floating_point):
+        blocked = _blocked_pattern(shape, generator, trial)
+        if dtype == torch.bool:
+            return blocked if trial != 2 else ~blocked
+        value = BLOCKING_VALUES[(trial + int(torch.randint(0, 4, (), generator=generator))) % len(BLOCKING_VALUES)]
+        value = torch.finfo(dtype).min if value == "finfo.min" else max(float(value), torch.finfo(dtype).min)
+        bias = torch.randn(shape, generator=generator) if trial == 0 else torch.zeros(shape)
+        return bias.to(dtype).masked_fill(blocked, value)
     if dtype == torch.bool:
         return torch.rand(shape, generator=generator) < 0.5
     if dtype.is_floating_point:
@@ -68,6 +78,16 @@ def _random_like(node: fx.Node, generator: torch.Generator, mask_like: bool = Fa
             value = value.abs() + 0.5  # a scale: keep it positive and away from zero
         return value.to(dtype)
     return torch.randint(0, 2, shape, generator=generator).to(dtype)
+
+
+def _blocked_pattern(shape: tuple[int, ...], generator: torch.Generator, trial: int) -> torch.Tensor:
+    """Bool: random entries (trial 0), or every row of the last dim fully blocked or fully open
+    at random, with the rest random (trials 1, 2)."""
+    blocked = torch.rand(shape, generator=generator) < 0.3
+    if trial > 0 and len(shape) >= 1 and math.prod(shape):
+        rows = torch.rand(shape[:-1] + (1,), generator=generator)
+        blocked = torch.where(rows < 0.35, True, torch.where(rows > 0.65, False, blocked))
+    return blocked
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -106,8 +126,7 @@ def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
     for trial in range(TRIALS):
         generator = torch.Generator().manual_seed(seed + trial)
         try:
-            values = [_random_like(node, generator, any(node is m for m in match.mask_inputs),
-                                   any(node is f for f in match.fill_inputs))
+            values = [_random_like(node, generator, trial, any(node is m for m in match.mask_inputs))
                       for node in placeholders]
         except TypeError as error:
             return f"an input of the site is not a tensor ({error}), so it cannot be verified."

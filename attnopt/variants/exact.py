@@ -23,11 +23,14 @@ class ExactConfig:
 
 
 class ExactAttention(nn.Module):
-    """softmax(q kᵀ·scale + mask) v, with causality and dropout exactly as the site had them."""
+    """softmax(q kᵀ·scale + mask) v, with causality, dropout and the site's masking exactly as
+    the original had them (fills, the dtype masks are added in, fully masked rows)."""
+
+    exact_masking = True  # takes attnopt.masking.Masking's arguments (see attnopt.site_call)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
-                scale: float, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
-        return exact_attention(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p)
+                scale: float, causal: bool = False, dropout_p: float = 0.0, **masking) -> torch.Tensor:
+        return exact_attention(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, **masking)
 
 
 def _refusal(config: ExactConfig, site_info: SiteInfo) -> str | None:
