@@ -12,6 +12,7 @@ All sites, rewritten or not, land in the backend's `Report`.
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import math
@@ -94,6 +95,9 @@ class AttnoptBackend:
         self._site_ids = itertools.count()
         self.compiled_signatures = 0
         self._chosen: dict[int, nn.Module] = {}  # site id → its attention module, once decided
+        # the decided site of an earlier graph with the same identity (another grad mode, a guard
+        # that failed): its decision is reused, and checked again, for the new graph
+        self._decided: dict[tuple, tuple[Site, list[weakref.ref]]] = {}
         self.options_key: int | None = None  # set for backends made by torch.compile(backend="attnopt")
         self.parameter_ids: set[int] = set()  # parameters seen in its graphs, to find its report
 
@@ -106,8 +110,14 @@ class AttnoptBackend:
         self.report.graphs += 1
         return _PerSignature(self, gm, graph_index, per_instance=self.policy is not None and self.policy.per_instance)
 
-    def compile_for(self, gm: fx.GraphModule, args: tuple[Any, ...], graph_index: int) -> Callable:
-        """Analyse and (if a policy is set) rewrite `gm` for the concrete `args`."""
+    def compile_for(self, gm: fx.GraphModule, args: tuple[Any, ...], graph_index: int,
+                    state: list[torch.Tensor] = ()) -> Callable:
+        """Analyse and (if a policy is set) rewrite `gm` for the concrete `args`.
+
+        `state`: the parameters and buffers the call passes when the policy plans per instance.
+        The graph's sites are new records; when every rewritable one has the identity of a site
+        decided in an earlier graph for the same instance, those decisions are reused instead
+        of planning again — and the rewritten graph is still checked end to end on its own."""
         self.compiled_signatures += 1
         signature = describe_inputs(args)
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -115,16 +125,25 @@ class AttnoptBackend:
         canonicalize(work)
         _propagate_meta(work, args)
         self._note_opaque_regions(work)
-        found = [(self._site_for(match, signature, graph_index), match) for match in detect(work, subgraphs=True)]
-        rewritable = [(site, match) for site, match in found if site.rewritable]
+        occurrences: collections.Counter = collections.Counter()
+        found = [(self._site_for(match, signature, graph_index), match, _identity(match, signature, occurrences))
+                 for match in detect(work, subgraphs=True)]
+        rewritable = [(site, match) for site, match, _ in found if site.rewritable]
         if self.policy is None or not rewritable:
             return gm
-        if any(site.decision is None for site, _ in rewritable):
-            request = GraphRequest(work, args, mutated, rewritable, graph_index, signature)
+        earlier = {site.id: self._earlier(identity, state) for site, _, identity in found if site.rewritable}
+        if all(prior is not None for prior in earlier.values()):
             for site, _ in rewritable:
-                site.decision = None
-                self._chosen.pop(site.id, None)
+                prior = earlier[site.id]
+                site.decision = prior.decision
+                if prior.id in self._chosen:
+                    self._chosen[site.id] = self._chosen[prior.id]
+        else:
+            request = GraphRequest(work, args, mutated, rewritable, graph_index, signature)
             self._chosen.update(self.policy.choose(request, self.report))
+        for site, _, identity in found:
+            if site.rewritable and site.decision is not None and identity not in self._decided:
+                self._decided[identity] = (site, [weakref.ref(t) for t in state])
         replacements = [(match, SITE_CALLS[match.kind](self._chosen[site.id], match.recipe, site.id), site.id)
                         for site, match in rewritable if site.id in self._chosen]
         if not replacements:
@@ -141,6 +160,16 @@ class AttnoptBackend:
                     site.reason = problem
                 return gm
         return rewritten
+
+    def _earlier(self, identity: tuple, state: list[torch.Tensor]) -> Site | None:
+        """The site decided in an earlier graph with this identity, for these same weights."""
+        entry = self._decided.get(identity)
+        if entry is None:
+            return None
+        site, refs = entry
+        if len(refs) != len(state) or any(ref() is not tensor for ref, tensor in zip(refs, state)):
+            return None
+        return site if site.rewritable and site.decision is not None else None
 
     def _site_for(self, match: SiteMatch, signature: str, graph_index: int) -> Site:
         """A new, verified Site for a match. Every compiled graph (a recompile for another grad
@@ -198,6 +227,13 @@ class AttnoptBackend:
         return None
 
 
+def _identity(match: SiteMatch, signature: str, occurrences: collections.Counter) -> tuple:
+    """What makes a site of one graph the same as a site of another compile of the same code."""
+    identity = (match.module, match.source, match.form, signature, tuple(sorted(match.shape.items())), match.dropout)
+    occurrences[identity] += 1
+    return identity + (occurrences[identity],)
+
+
 def model_state_positions(gm: fx.GraphModule) -> list[int]:
     """Positions of the graph inputs that are a module's parameters or buffers (dynamo lifts
     them to inputs, so one graph can serve several instances of a class)."""
@@ -233,6 +269,6 @@ class _PerSignature:
             if len(refs) == len(state) and all(ref() is tensor for ref, tensor in zip(refs, state)):
                 return compiled(*args)
         entries[:] = [(refs, compiled) for refs, compiled in entries if all(ref() is not None for ref in refs)]
-        compiled = self.backend.compile_for(self.gm, args, self.graph_index)
+        compiled = self.backend.compile_for(self.gm, args, self.graph_index, state)
         entries.append(([weakref.ref(tensor) for tensor in state], compiled))
         return compiled(*args)

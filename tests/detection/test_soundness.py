@@ -134,6 +134,8 @@ def test_rows_whose_keys_are_all_filled_with_a_finite_value_average_the_values()
     for dtype, rtol in ((torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)):
         q, k, v = _qkv(dtype)
         for fill in (-1e4, -1e9, "finfo.min"):
+            if fill != "finfo.min" and fill < torch.finfo(dtype).min:
+                continue  # torch itself refuses to fill half scores with it
             model = FiniteFill(fill)
             rewritten = attnopt.rewrite(model, "exact", args=(q, k, v, torch.ones(2, 1, 5, 5, dtype=torch.bool)))
             assert attnopt.report_of(rewritten).sites[0].rewritable, str(attnopt.report_of(rewritten))
