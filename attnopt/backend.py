@@ -28,15 +28,15 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from attnopt.passes.canonicalize import canonicalize
 from attnopt.passes.detect import SiteMatch, detect, unsearched_regions
 from attnopt.passes.rewrite import rewritten_copy
-from attnopt.passes.verify import relative_error, verify
+from attnopt.passes.verify import verify
 
 from .analysis import run_graph
+from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
 from .policies import GraphRequest, Policy
 from .report import Report, Site
 from .site_call import SITE_CALLS
 from .variants import ExactAttention
 
-END_TO_END_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 
 class AttnoptError(RuntimeError):
@@ -214,10 +214,10 @@ class AttnoptBackend:
                 if not torch.equal(e, a):
                     return "end-to-end check failed: an integer output of the graph changed."
                 continue
-            error = relative_error(a, e)
+            error = mismatch(a, e)
             if not math.isfinite(error) and bool(e.isfinite().all()):
                 return "end-to-end check failed: the rewritten graph produced non-finite values."
-            if exact and error > END_TO_END_TOLERANCE.get(e.dtype, 1e-4):
+            if exact and error > tolerance(END_TO_END_TOLERANCE, e.dtype):
                 return f"end-to-end check failed: the rewritten graph differs from the original by {error:.2e} (relative)."
             errors.append(error)
         for plan in reversed(self.report.plans):

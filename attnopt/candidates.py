@@ -23,6 +23,7 @@ from . import costmodel
 from .analysis import SiteCapture
 from .planner import Candidate
 from .report import Site
+from .numerics import output_error
 from .variants import (
     AgentConfig,
     ExactConfig,
@@ -33,7 +34,6 @@ from .variants import (
     handler_for,
     infer_grid,
     mask_kind_of,
-    output_error,
     refusal,
 )
 

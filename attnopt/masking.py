@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .variants.masks import MASKED_AT_OR_BELOW
+from .numerics import MASKED_AT_OR_BELOW
 
 
 @dataclasses.dataclass

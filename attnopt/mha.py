@@ -76,7 +76,10 @@ def multi_head_attention_forward(attention: nn.Module, *, query, key, value, emb
     if padding is not None:
         padding = padding.reshape(batch, 1, 1, source_length)
         mask = padding if mask is None else mask + padding
-    out = run_attention(attention, q, k, v, Masking(mask=mask, zero_empty_rows=not need_weights),
+    # with need_weights torch adds the mask to scores in q's dtype; without, SDPA adds it in fp32
+    score_dtype = None if need_weights else torch.promote_types(q.dtype, torch.float32)
+    masking = Masking(mask=mask, score_dtype=score_dtype, zero_empty_rows=not need_weights)
+    out = run_attention(attention, q, k, v, masking,
                         scale=1.0 / math.sqrt(q.shape[-1]), causal=False, dropout_p=dropout_p if training else 0.0)
     out = out.permute(2, 0, 1, 3).reshape(target_length * batch, embed)
     out = F.linear(out, out_proj_weight, out_proj_bias).reshape(target_length, batch, embed)

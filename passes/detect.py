@@ -30,6 +30,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from attnopt.numerics import MASKED_AT_OR_BELOW
+
 from .fx_utils import (
     alias_root, arg, body_module, dtype_of, higher_order_name, is_scalar, meta_value, module_path, mutated_by,
     normalize_dim, op_name, searched_body, shape_of, source_line, tensor_meta, to_networkx,
@@ -379,10 +381,10 @@ def _constant_fills(terms: list[MaskTerm], dag: nx.DiGraph) -> str | None:
             if not bool((flat == flat[0]).all()):
                 return f"the scores are filled with `{fill.name}`, whose values differ from entry to entry."
             fill = float(flat[0])
-        if not isinstance(fill, (int, float)) or isinstance(fill, bool) or math.isnan(fill) or fill > _BLOCKING:
+        if not isinstance(fill, (int, float)) or isinstance(fill, bool) or math.isnan(fill) or fill > MASKED_AT_OR_BELOW:
             return f"the scores are filled with {fill}, which is not a mask value (-inf or a large negative number)."
         term.fill = float(fill)
-        if term.fill * term.factor > _BLOCKING:
+        if term.fill * term.factor > MASKED_AT_OR_BELOW:
             return f"the filled scores are scaled by {term.factor}, which makes the fill {term.fill * term.factor}, not a mask value."
         if term.factor_nodes:
             return ("the filled scores are then multiplied by a tensor, so the masked value is not a known "
@@ -648,7 +650,6 @@ _MASK_LIMIT = 1 << 25  # elements of any tensor computed to name a mask
 _NOT_CONSTANT = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "dropout",
                  "normal", "randperm", "multinomial", "uniform_", "normal_", "bernoulli_", "empty", "empty_like",
                  "new_empty", "empty_strided"}
-_BLOCKING = -1e4  # the same bound as for fill values: at most this is a mask value
 
 
 def _is_causal(terms: list[MaskTerm], scores_shape: tuple[int, ...], dag: nx.DiGraph) -> bool:
@@ -665,14 +666,14 @@ def _is_causal(terms: list[MaskTerm], scores_shape: tuple[int, ...], dag: nx.DiG
             if value.dtype == torch.bool:
                 return False  # a bool added shifts scores by 0 or 1: never a mask
             value = value * term.factor if term.factor != 1.0 else value
-            if not bool(((value == 0) | (value <= _BLOCKING)).all()):
+            if not bool(((value == 0) | (value <= MASKED_AT_OR_BELOW)).all()):
                 return False  # a bias, not only a mask
-            term_blocked = value <= _BLOCKING
+            term_blocked = value <= MASKED_AT_OR_BELOW
         else:
             fill = _constant_value(term.fill, dag)
             if isinstance(fill, torch.Tensor):
                 fill = float(fill.double().max()) if fill.numel() else None
-            if not isinstance(fill, (int, float)) or fill * term.factor > _BLOCKING:
+            if not isinstance(fill, (int, float)) or fill * term.factor > MASKED_AT_OR_BELOW:
                 return False
             condition = value.bool()
             term_blocked = condition if term.kind == "fill" else ~condition

@@ -16,10 +16,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from attnopt.numerics import VERIFY_TOLERANCE, mismatch, tolerance
+
 from .detect import SiteMatch
 from .fx_utils import tensor_meta
 
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 TRIALS = 3
 
 
@@ -90,21 +91,6 @@ def _blocked_pattern(shape: tuple[int, ...], generator: torch.Generator, trial: 
     return blocked
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖a − e‖ / ‖e‖ over the finite entries; inf when NaNs sit in different places."""
-    if actual.shape != expected.shape:
-        return float("inf")
-    actual, expected = actual.detach().double(), expected.detach().double()
-    if not torch.equal(torch.isnan(actual), torch.isnan(expected)):
-        return float("inf")
-    finite = torch.isfinite(expected)
-    if not torch.equal(finite, torch.isfinite(actual)):
-        return float("inf")
-    diff = (actual - expected)[finite].norm()
-    scale = expected[finite].norm().clamp_min(1e-30)
-    return float(diff / scale)
-
-
 def _first(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
 
@@ -121,7 +107,7 @@ def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
         return f"the attention also reads {names}, which attnopt does not model."
     dtype = tensor_meta(match.output)
     dtype = dtype.dtype if dtype is not None else (tensor_meta(match.inputs[0]).dtype)
-    tolerance = TOLERANCE.get(dtype, 1e-4)
+    allowed = tolerance(VERIFY_TOLERANCE, dtype)
     worst = 0.0
     for trial in range(TRIALS):
         generator = torch.Generator().manual_seed(seed + trial)
@@ -138,7 +124,7 @@ def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
                 actual = _first(site_call(*values))
         except Exception as error:
             return f"verification raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        worst = max(worst, relative_error(actual, expected))
-    if worst > tolerance:
+        worst = max(worst, mismatch(actual, expected))
+    if worst > allowed:
         return f"verification failed: the canonical form differs from the original by {worst:.2e} (relative) on random inputs."
     return None

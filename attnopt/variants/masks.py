@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-MASKED_AT_OR_BELOW = -1e4
-"""Additive mask values this low mean "never attend" (-inf, finfo.min and the old -10000 convention)."""
+from attnopt.numerics import MASKED_AT_OR_BELOW
 
 
 def as_4d(mask: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from torch import nn
 
 from attnopt.kernels import exact_attention
 
+from attnopt.numerics import output_error
+
 from .site import SiteInfo
 
 Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
@@ -81,18 +83,3 @@ def relative_error(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
     """‖module(q, k, v) − exact‖ / ‖exact‖ over the query rows whose exact output is finite (output_error)."""
     out = module(q, k, v, mask=mask, scale=scale, causal=causal)
     return output_error(out, exact_attention(q, k, v, mask, scale=scale, causal=causal))
-
-
-def output_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """‖output − reference‖ / ‖reference‖ over the rows (last dim) where the reference is finite.
-
-    Rows with every key masked are NaN in softmax attention, so they are left out of both norms;
-    an output that is not finite on a row the reference computes gets an infinite error.
-    """
-    output, reference = output.float(), reference.float()
-    finite_rows = reference.isfinite().all(-1, keepdim=True)
-    difference = torch.where(finite_rows, output - reference, 0)
-    if not bool(difference.isfinite().all()):
-        return float("inf")
-    reference = torch.where(finite_rows, reference, 0)
-    return (torch.linalg.vector_norm(difference) / torch.linalg.vector_norm(reference).clamp_min(1e-30)).item()
