@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect as python_inspect
+import weakref
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .backend import AttnoptBackend, AttnoptError
-from .capture import CompiledCall, capture
+from .capture import CompiledCall, capture, check_inputs, compiling_context, own_region
 from .planner import Budget
 from .policies import BudgetPolicy, ExactPolicy, Policy, VariantPolicy
 from .report import Report
@@ -29,21 +30,28 @@ class AttnoptModule(nn.Module):
     modified. Graphs are compiled per input signature on first use (decisions are per shape).
     When the model's forward takes a `timestep` argument (diffusers), each call runs inside
     `mediator_timestep(timestep)`, so mediator sites follow their schedule.
+
+    `copy.deepcopy` and pickling (`torch.save`) give a module that owns its copy of the model
+    and plans anew, for that copy's weights, on its first call (the report starts empty).
+    Hooks registered on the model's modules after the rewrite run: the call recompiles.
     """
 
     def __init__(self, model: nn.Module, backend: AttnoptBackend, timestep_arg: str | None = "timestep"):
         super().__init__()
         self.model = model
-        object.__setattr__(self, "_attnopt_backend", backend)
-        object.__setattr__(self, "_attnopt_call", CompiledCall(model, backend))
+        object.__setattr__(self, "_attnopt_call", CompiledCall(backend))
         object.__setattr__(self, "_timestep_arg", timestep_arg if _takes(model, timestep_arg) else None)
+
+    @property
+    def _attnopt_backend(self) -> AttnoptBackend:
+        return self._attnopt_call.backend
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         timestep = self._timestep(args, kwargs)
         if timestep is None:
-            return self._attnopt_call(*args, **kwargs)
+            return self._attnopt_call(self.model, *args, **kwargs)
         with mediator_timestep(timestep):
-            return self._attnopt_call(*args, **kwargs)
+            return self._attnopt_call(self.model, *args, **kwargs)
 
     def _timestep(self, args: tuple, kwargs: dict) -> Any:
         if self._timestep_arg is None:
@@ -83,6 +91,7 @@ def _variant_policy(variant: str, params: dict[str, Any]) -> Policy:
 
 
 def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, timestep_arg: str | None) -> AttnoptModule:
+    check_inputs(args, kwargs)
     wrapped = AttnoptModule(model, AttnoptBackend(policy), timestep_arg)
     if args or kwargs:
         with torch.random.fork_rng(devices=[]):
@@ -136,22 +145,24 @@ def _budget(budget: Any) -> Budget:
         raise AttnoptError(str(bad)) from None
 
 
-_RECENT: list[AttnoptBackend] = []
-
-
 def report_of(module: Any) -> Report:
     """The report of a module returned by `rewrite`/`optimize` or compiled with backend="attnopt"."""
-    backend = getattr(module, "_attnopt_backend", None)
-    if backend is not None:
-        return backend.report
-    original = getattr(module, "_orig_mod", None)
-    if original is not None and _RECENT:
-        owned = {id(p) for p in original.parameters()}
-        for backend in reversed(_RECENT):
-            if backend.parameter_ids & owned:
-                return backend.report
-        return _RECENT[-1].report
+    if isinstance(module, AttnoptModule):
+        return module._attnopt_backend.report
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        if _is_attnopt(torch._dynamo.eval_frame.innermost_backend(module.dynamo_ctx.callback)):
+            backend = getattr(module.dynamo_ctx, "_attnopt_backend", None)
+            if backend is None:
+                raise AttnoptError("this model was compiled with backend=\"attnopt\" but has not run yet: "
+                                   "its report is filled by its first call.")
+            return backend.report
+        if isinstance(module._orig_mod, AttnoptModule):
+            return module._orig_mod._attnopt_backend.report
     raise AttnoptError(f"{type(module).__name__} was not produced by attnopt, so it has no report.")
+
+
+def _is_attnopt(wrapper: Any) -> bool:
+    return isinstance(wrapper, torch._TorchCompileWrapper) and wrapper.compiler_fn is attnopt_backend
 
 
 def _policy_from_options(options: dict[str, Any]) -> Policy:
@@ -170,25 +181,35 @@ def _policy_from_options(options: dict[str, Any]) -> Policy:
     return _variant_policy(variant, options)
 
 
-def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
+def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None,
+                    mode: str | None = None, _backend: weakref.ref[AttnoptBackend] | None = None) -> Callable:
     """`torch.compile(model, backend="attnopt", options={...})`: exact rewrite by default.
 
     Options: {"budget": 0.5 or attnopt.Budget(...), "candidates", "strict", "device"} plans under
-    a budget; {"variant": "agent", **params} rewrites into one variant. One backend (and report)
-    is kept per model and options, so recompiles add to the same report.
+    a budget; {"variant": "agent", **params} rewrites into one variant. Each torch.compile call
+    gets its own backend and report (`report_of(compiled)`), kept across its recompiles, and its
+    own dynamo region, so separately compiled instances of one class never share compiled code.
     """
-    options = dict(options or {})
-    key = hash(tuple(sorted((k, repr(v)) for k, v in options.items())))
-    parameter_ids = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
-    backend = None
-    for candidate in reversed(_RECENT):
-        if candidate.options_key == key and (candidate.parameter_ids & parameter_ids or not parameter_ids):
-            backend = candidate
-            break
-    if backend is None:
-        backend = AttnoptBackend(_policy_from_options(options))
-        backend.options_key = key
-        _RECENT.append(backend)
-        del _RECENT[:-64]
-    backend.parameter_ids |= parameter_ids
+    if mode is not None:
+        raise AttnoptError(f"the attnopt backend takes options={{...}}, not mode={mode!r}.")
+    backend = _backend() if _backend is not None else _backend_of_this_compile(options)
     return backend(gm, example_inputs)
+
+
+def _backend_of_this_compile(options: dict | None) -> AttnoptBackend:
+    """A new backend for the torch.compile call compiling now (its first compile).
+
+    The call's dynamo context holds it (for report_of). Its backend wrapper gets a weak reference
+    to it, which dynamo passes back as `_backend` on recompiles and which makes the wrapper unequal
+    to those of other calls: dynamo reuses cache entries across calls whose backends compare
+    equal. (Dynamo keeps every wrapper until torch._dynamo.reset(), hence the weak reference.)
+    """
+    context = compiling_context()
+    wrapper = torch._dynamo.eval_frame.innermost_backend(context.callback) if context is not None else None
+    if not _is_attnopt(wrapper):
+        raise AttnoptError('use the attnopt backend through torch.compile(model, backend="attnopt", options={...}).')
+    backend = AttnoptBackend(_policy_from_options(options or {}))
+    context._attnopt_backend = backend
+    wrapper.kwargs = {**wrapper.kwargs, "_backend": weakref.ref(backend)}
+    own_region(context)
+    return backend

@@ -27,6 +27,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from attnopt.passes.canonicalize import canonicalize
 from attnopt.passes.detect import SiteMatch, detect, unsearched_regions
+from attnopt.passes.eager_paths import restore_eager_paths
 from attnopt.passes.rewrite import rewritten_copy
 from attnopt.passes.verify import verify
 
@@ -93,13 +94,10 @@ class AttnoptBackend:
         self.check = check
         self.report = Report()
         self._site_ids = itertools.count()
-        self.compiled_signatures = 0
         self._chosen: dict[int, nn.Module] = {}  # site id → its attention module, once decided
         # the decided site of an earlier graph with the same identity (another grad mode, a guard
         # that failed): its decision is reused, and checked again, for the new graph
         self._decided: dict[tuple, tuple[Site, list[weakref.ref]]] = {}
-        self.options_key: int | None = None  # set for backends made by torch.compile(backend="attnopt")
-        self.parameter_ids: set[int] = set()  # parameters seen in its graphs, to find its report
 
     @property
     def name(self) -> str:
@@ -118,8 +116,10 @@ class AttnoptBackend:
         The graph's sites are new records; when every rewritable one has the identity of a site
         decided in an earlier graph for the same instance, those decisions are reused instead
         of planning again — and the rewritten graph is still checked end to end on its own."""
-        self.compiled_signatures += 1
         signature = describe_inputs(args)
+        # what eager runs where dynamo traced another path: the reference for every check, and
+        # what runs when nothing is rewritten
+        gm = restore_eager_paths(fx.GraphModule(gm, copy.deepcopy(gm.graph)))
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         mutated = _propagate_meta(work, args)
         canonicalize(work)

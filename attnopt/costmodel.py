@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -333,21 +334,34 @@ def cache_path(device: torch.device, dtype: torch.dtype = torch.float32) -> Path
     return folder / f"device-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+_UNSAVED_PROFILES: dict[Path, DeviceProfile] = {}
+"""Profiles measured in this process whose cache file could not be written, by that file."""
+
+
 def device_profile(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DeviceProfile:
     """The cached profile of `device`, measured (and cached) when missing or unreadable.
 
     A profile measured while other work loaded the machine stays too slow; delete its file
-    (cache_path) to measure again.
+    (cache_path) to measure again. When the file cannot be written (the cache folder is a file,
+    read-only, or holds a folder in its place) the profile is kept in memory, with a warning.
     """
     device = torch.device(device)
     path = cache_path(device, dtype)
+    if path in _UNSAVED_PROFILES:
+        return _UNSAVED_PROFILES[path]
     try:
         return DeviceProfile(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
-        profile = measure_device(device, dtype)
+        pass
+    profile = measure_device(device, dtype)
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dataclasses.asdict(profile), indent=2))
-        return profile
+    except OSError as error:
+        warnings.warn(f"attnopt could not save the device profile to {path} ({error}); it is kept in memory "
+                      "for this process only. Set ATTNOPT_CACHE_DIR to a writable folder to keep it.", stacklevel=2)
+        _UNSAVED_PROFILES[path] = profile
+    return profile
 
 
 def resolve_profile(device: DeviceProfile | torch.device | str | None, dtype: torch.dtype) -> DeviceProfile:

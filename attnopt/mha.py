@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnopt.passes.eager_paths import eager_takes_fast_path
+
 from .masking import Masking, run_attention
 
 
@@ -53,12 +55,17 @@ def multi_head_attention_forward(attention: nn.Module, *, query, key, value, emb
                                  in_proj_weight, in_proj_bias, dropout_p, out_proj_weight, out_proj_bias,
                                  training=True, key_padding_mask=None, attn_mask=None,
                                  use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None,
-                                 v_proj_weight=None, is_causal=False, need_weights=True,
+                                 v_proj_weight=None, is_causal=False, need_weights=True, eager_fused_path=False,
                                  **_ignored: Any) -> tuple[torch.Tensor, None]:
     """`F.multi_head_attention_forward` with `need_weights` answered by None (weights unused).
 
     Rows whose every key is masked give 0 when torch takes its SDPA path (need_weights=False)
-    and NaN when it computes the weights with a softmax (need_weights=True), as torch does."""
+    and NaN when it computes the weights with a softmax (need_weights=True) or, for calls that
+    eager runs through its fused kernel (`eager_fused_path`, see passes/eager_paths.py), there."""
+    fused = eager_fused_path and eager_takes_fast_path(dict(
+        query=query, key=key, value=value, num_heads=num_heads, in_proj_weight=in_proj_weight,
+        in_proj_bias=in_proj_bias, out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias, training=training,
+        use_separate_proj_weight=use_separate_proj_weight, bias_k=None, bias_v=None, add_zero_attn=False))
     unbatched = query.dim() == 2
     if unbatched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -77,8 +84,8 @@ def multi_head_attention_forward(attention: nn.Module, *, query, key, value, emb
         padding = padding.reshape(batch, 1, 1, source_length)
         mask = padding if mask is None else mask + padding
     # with need_weights torch adds the mask to scores in q's dtype; without, SDPA adds it in fp32
-    score_dtype = None if need_weights else torch.promote_types(q.dtype, torch.float32)
-    masking = Masking(mask=mask, score_dtype=score_dtype, zero_empty_rows=not need_weights)
+    score_dtype = None if need_weights or fused else torch.promote_types(q.dtype, torch.float32)
+    masking = Masking(mask=mask, score_dtype=score_dtype, zero_empty_rows=not (need_weights or fused))
     out = run_attention(attention, q, k, v, masking,
                         scale=1.0 / math.sqrt(q.shape[-1]), causal=False, dropout_p=dropout_p if training else 0.0)
     out = out.permute(2, 0, 1, 3).reshape(target_length * batch, embed)
@@ -90,12 +97,14 @@ def encoder_layer_forward(attention: nn.Module, *, src, embed_dim, num_heads, qk
                           proj_weight, proj_bias, use_gelu, norm_first, eps, norm_weight_1, norm_bias_1,
                           norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2,
                           mask=None, mask_type=None) -> torch.Tensor:
-    """`torch._transformer_encoder_layer_fwd` (batch-first, eval) decomposed."""
+    """`torch._transformer_encoder_layer_fwd` (batch-first, eval) decomposed, with its masking:
+    a float mask counts as bool (nonzero = masked), fully masked rows give NaN."""
     batch, length, _ = src.shape
 
     def self_attention(x: torch.Tensor) -> torch.Tensor:
         q, k, v = F.linear(x, qkv_weight, qkv_bias).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
-        additive = _additive(mask, x.dtype)
+        # the fused kernel reads a float mask as bool: any nonzero entry masks its key
+        additive = _additive(mask if mask is None or mask.dtype == torch.bool else mask != 0, x.dtype)
         if additive is not None:
             if mask_type == 1:  # key padding (B, S)
                 additive = additive.reshape(batch, 1, 1, length)

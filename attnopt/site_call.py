@@ -104,7 +104,8 @@ def combine_mask_terms(terms: list[dict[str, Any]], tensors: tuple[torch.Tensor,
             continue
         condition = value.bool()
         filled = condition if term["kind"] == "fill" else ~condition
-        fill_value = float(_materialize(term["fill"], tensors) * term["factor"])
+        fill_value = _held_in(_held_in(_materialize(term["fill"], tensors), term["score_dtype"]) * term["factor"],
+                              term["score_dtype"])
         if additive is not None:
             additive = torch.as_tensor(additive, device=filled.device).masked_fill(filled, 0)
         fill_mask = filled if fill_mask is None else fill_mask | filled
@@ -113,6 +114,11 @@ def combine_mask_terms(terms: list[dict[str, Any]], tensors: tuple[torch.Tensor,
     if fill_mask is not None and additive is None and fill_value == -math.inf:
         return Masking(mask=~fill_mask)
     return Masking(mask=additive, fill_mask=fill_mask, fill_value=fill_value, score_dtype=score_dtype)
+
+
+def _held_in(value: float, dtype: torch.dtype | None) -> float:
+    """`value` as scores of `dtype` hold it (-1e9 in fp16 scores is -inf)."""
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype)) if dtype is not None else float(value)
 
 
 class SiteCall(nn.Module):
@@ -199,6 +205,8 @@ class ModuleSiteCall(SiteCall):
     def forward(self, *tensors: torch.Tensor) -> Any:
         arguments = {name: _materialize(spec, tensors) for name, spec in self.recipe["arguments"].items()}
         function = self._functions[self.recipe["kind"]]
+        if self.recipe.get("eager_fused_path"):
+            arguments["eager_fused_path"] = True
         return function(self.attention, **arguments)
 
 

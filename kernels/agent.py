@@ -4,9 +4,9 @@ Stage 1: the n agents attend over the M keys (agent_v = softmax(agents kᵀ·sca
 stage 2: the N queries attend over the agents (softmax(q agentsᵀ·agent_scale + agent_bias) agent_v).
 CPU tensors run `agent_reference` (one fused SDPA call per stage); CUDA tensors (or forced CPU
 ones under TRITON_INTERPRET=1) run two generated Triton kernels, the agent bias entering stage 2
-as an additive mask over the agents. Backward is autograd through the reference. The op takes
-agent_bias as its sixth positional argument (torch.library allows no keyword-only tensors); the
-Python wrapper keeps it keyword-only.
+as an additive mask over the agents. Backward is autograd through the reference, twice
+differentiable (see autograd_reference). The op takes agent_bias as its sixth positional
+argument (torch.library allows no keyword-only tensors); the Python wrapper keeps it keyword-only.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import triton
 from .codegen import kernel_module
 from .exact_triton import softmax_kernel_args
 from .launch_config import attention_tiles, dtype_name, mask_layout
-from .softmax_template import AgentKernelConfig
+from .softmax_template import AgentKernelConfig, scores_in_natural_units
 from .template_parts import block_width
 
 
@@ -29,11 +29,12 @@ def _keys_per_split(device: torch.device, n_programs: int, n_keys: int, block_n:
     return triton.cdiv(n_tiles, n_splits) * block_n
 
 
-def _merge_splits(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
-    """Combine split-K partials (S, B, H, n, ·) whose maxima are in log2 units into the softmax output."""
+def _merge_splits(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor, natural_units: bool) -> torch.Tensor:
+    """Combine split-K partials (S, B, H, n, ·) into the softmax output; their maxima are in
+    natural-log units or log2 units (see softmax_template.scores_in_natural_units)."""
     top = row_max.amax(0)
     top = torch.where(torch.isinf(top), 0.0, top)
-    weight = torch.exp2(row_max - top)
+    weight = (torch.exp if natural_units else torch.exp2)(row_max - top)
     # all keys masked: the total sum is 0 and the row becomes NaN, as torch.softmax gives
     return (weight.unsqueeze(-1) * acc).sum(0) / (weight * row_sum).sum(0).unsqueeze(-1)
 
@@ -82,7 +83,7 @@ def agent_attention_triton(
         row_max, row_sum, partial.stride(0), keys_per_split,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    agent_values = _merge_splits(partial, row_max, row_sum)
+    agent_values = _merge_splits(partial, row_max, row_sum, scores_in_natural_units(config.mask))
 
     out = q.new_empty(batch, n_heads, n_queries, value_dim)
     torch.library.wrap_triton(module.agent_stage2_kernel)[(triton.cdiv(n_queries, tiles.block_m), batch * n_heads)](

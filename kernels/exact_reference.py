@@ -1,10 +1,15 @@
 """Plain-PyTorch exact attention: the oracle for the Triton kernel and the CPU path.
 
 Written densely (the full N×M score matrix) so it is obviously right; every generated kernel and
-the autograd of the op are checked against (or derived from) this function.
+the autograd of the op are checked against (or derived from) this function. It reproduces torch's
+own masking on every edge: fills that replace scores, float masks added in torch's promoted dtype
+(so a half model's rounding of `scores + finfo.min` is kept), and fully masked rows as either
+torch.softmax (NaN) or SDPA (0) gives them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,41 +26,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def masked_scores(
-    scores: torch.Tensor, mask: torch.Tensor | None, causal: bool
-) -> torch.Tensor:
-    """Apply a bool (True = may attend) or additive mask, and top-left causality, to scores."""
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.to(scores.dtype)
-    if causal:
-        n_queries, n_keys = scores.shape[-2:]
-        visible = torch.ones(n_queries, n_keys, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return scores
-
-
-def softmax_attention_fp32(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    scale: float,
-    causal: bool = False,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """softmax(q kᵀ·scale + mask) v computed and returned in at least fp32 (shared by exact and agent)."""
-    dtype = accumulation_dtype(q.dtype)
-    k = repeat_kv_heads(k, q.shape[1]).to(dtype)
-    v = repeat_kv_heads(v, q.shape[1]).to(dtype)
-    scores = (q.to(dtype) @ k.transpose(-1, -2)) * scale
-    probs = torch.softmax(masked_scores(scores, mask, causal), dim=-1)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p, training=True)
-    return probs @ v
+def mask_sum_dtype(
+    q_dtype: torch.dtype, mask: torch.Tensor | None, score_dtype: torch.dtype | None
+) -> torch.dtype | None:
+    """Dtype a float mask is added to the scores in, as torch promotes `scores + mask` with scores
+    held in score_dtype (else q's dtype); None without a float mask."""
+    if mask is None or mask.dtype == torch.bool:
+        return None
+    return torch.promote_types(score_dtype or q_dtype, mask.dtype)
 
 
 def exact_attention_reference(
@@ -67,7 +45,36 @@ def exact_attention_reference(
     scale: float,
     causal: bool = False,
     dropout_p: float = 0.0,
+    fill_mask: torch.Tensor | None = None,
+    fill_value: float = -math.inf,
+    score_dtype: torch.dtype | None = None,
+    zero_empty_rows: bool = False,
 ) -> torch.Tensor:
-    """softmax(q kᵀ·scale + mask) v in q's dtype, fp32 inside for half inputs; see exact_attention."""
-    out = softmax_attention_fp32(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p)
-    return out.to(q.dtype)
+    """softmax(where(fill_mask, fill_value, q kᵀ·scale) + mask) v in q's dtype; see exact_attention.
+
+    Scores are computed in at least fp32; a float mask is added in mask_sum_dtype (the scores
+    rounded to it first), and the softmax runs in that dtype promoted to at least fp32.
+    """
+    dtype = accumulation_dtype(q.dtype)
+    scores = (q.to(dtype) @ repeat_kv_heads(k, q.shape[1]).to(dtype).transpose(-1, -2)) * scale
+    if fill_mask is not None:
+        scores = torch.where(fill_mask, fill_value, scores)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, -math.inf)
+    elif mask is not None:
+        sum_dtype = mask_sum_dtype(q.dtype, mask, score_dtype)
+        scores = (scores.to(sum_dtype) + mask.to(sum_dtype)).to(torch.promote_types(sum_dtype, dtype))
+    if causal:
+        n_queries, n_keys = scores.shape[-2:]
+        visible = torch.ones(n_queries, n_keys, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~visible, -math.inf)
+    if zero_empty_rows:
+        # SDPA's rule: a row with no visible key gives 0; softmax runs on zeros there so that
+        # neither the output nor any gradient sees the NaN of an all -inf softmax
+        empty = scores.isneginf().all(dim=-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    return (probs @ repeat_kv_heads(v, q.shape[1]).to(probs.dtype)).to(q.dtype)

@@ -1,12 +1,14 @@
 """Disk cache of generated kernel modules, keyed by the SHA-256 of their text.
 
-Triton reads a kernel's source from its file, so generated text must live on disk. Each module
-is stored as <cache_dir>/attnopt_<hash>.py. Writes go to a temporary file in the same folder and
-are renamed into place (os.replace is atomic), so concurrent processes only ever see complete
-files; as every writer of one name writes the same bytes, racing writers agree. On load the
-file's bytes are hashed again: an entry that does not match its name (truncated, edited,
-half-copied) is rewritten from the freshly generated text, and the module is always executed
-from text whose hash was just checked — a corrupted entry is never imported.
+Each module is stored as <cache_dir>/attnopt_<hash>.py: its file name in tracebacks and in
+Triton's view of the source, which linecache serves from the verified text. Writes go to a
+temporary file in the same folder and are renamed into place (os.replace is atomic), so
+concurrent processes only ever see complete files; as every writer of one name writes the same
+bytes, racing writers agree. On load the file's bytes are hashed again: an entry that does not
+match its name (truncated, edited, half-copied) is rewritten from the freshly generated text,
+and the module is always executed from text whose hash was just checked — a corrupted entry is
+never imported. When the entry cannot be written (the cache folder is a file, read-only, or
+holds a folder in the entry's place) the module runs from memory, with a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import linecache
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -36,7 +39,7 @@ def entry_path(text: str) -> Path:
 def _is_intact(path: Path, digest: str) -> bool:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest() == digest
-    except FileNotFoundError:
+    except OSError:
         return False
 
 
@@ -62,7 +65,12 @@ def load_module(text: str) -> ModuleType:
         return module
     path = entry_path(text)
     if not _is_intact(path, digest):
-        _write_atomically(path, text)
+        try:
+            _write_atomically(path, text)
+        except OSError as error:
+            warnings.warn(f"attnopt could not store a generated kernel module at {path} ({error}); it runs from "
+                          "memory. Set ATTNOPT_CACHE_DIR to a writable folder to keep kernels between runs.",
+                          stacklevel=2)
     module = ModuleType(f"attnopt_generated_{digest[:16]}")
     module.__file__ = str(path)
     # serve inspect.getsource (used by triton.jit) the verified text, not a re-read of the file

@@ -5,7 +5,8 @@ tensors); the Python wrapper keeps it keyword-only. CPU tensors run `linear_refe
 form (a d×e state per head, chunked when causal: O(N·d·e), no N×M matrix); CUDA tensors (or
 forced CPU ones under TRITON_INTERPRET=1) run generated Triton kernels that build the same state
 Σφ(k)ᵀv — chunked and prefix-summed when causal — with the feature map (and feature_scale)
-fused in. Backward is autograd through the state-form reference.
+fused in. Backward is autograd through the state-form reference, twice differentiable (see
+autograd_reference).
 `linear_reference.linear_attention_quadratic` (the N×M form) is the oracle the tests hold both
 paths to.
 """

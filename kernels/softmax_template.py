@@ -6,6 +6,14 @@ accumulator) in the exp2 domain. Everything that can be decided before launch is
 the text instead of being tested at run time: head dims and their padding, causality, the mask
 kind and which of its dims broadcast, the dtype of the matmul operands, block sizes.
 
+Scores are in log2 units (scale·log2(e) folded into one multiply, then exp2) unless the kernel
+adds a float mask or fills scores: those values may lie near the fp32 range (finfo.min), where
+×log2(e) would overflow to -inf and turn a finite fill into a masked key, so such kernels keep
+natural units and exp2 takes (score − max)·log2(e), which cannot overflow to a wrong value.
+The exact kernel can also replace scores by a fill value where a bool fill mask is set, round
+scores and mask sum to the dtype the original added them in, and give 0 for rows with no
+visible key.
+
 Agent attention is two such kernels in one module. Stage 1 (agents over keys, per-key mask) has
 few query rows and many keys, so it also splits the keys across programs (split-K, as in
 flash-decoding): each writes its unnormalised accumulator with its running max and sum, and the
@@ -37,6 +45,20 @@ class SoftmaxKernelSpec:
     block_m: int
     block_n: int
     split_keys: bool = False
+    fill: bool = False
+    fill_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    mask_sum_dtype: str = "float32"
+    zero_empty_rows: bool = False
+
+    @property
+    def natural_units(self) -> bool:
+        return scores_in_natural_units(self.mask, self.fill)
+
+
+def scores_in_natural_units(mask: str, fill: bool = False) -> bool:
+    """Whether a kernel keeps its scores (and a split's stored row max) in natural-log units:
+    with a float mask or a fill; otherwise log2 units."""
+    return mask == "additive" or fill
 
 
 _KERNEL = Template('''
@@ -48,7 +70,7 @@ def $name(
     stride_vb, stride_vh, stride_vn, stride_ve,
     stride_ob, stride_oh, stride_on, stride_oe,
     stride_mb, stride_mh, stride_mn, stride_mk,
-    n_heads, kv_group, n_queries, n_keys, qk_scale,$split_params
+    n_heads, kv_group, n_queries, n_keys, scale,$fill_params$split_params
 ):
     """$summary"""
     query_block = tl.program_id(0)
@@ -68,7 +90,8 @@ def $name(
     acc = tl.zeros([$block_m, $e_pad], tl.float32)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
-$mask_setup$key_range
+    score_scale = scale$to_log2
+$mask_setup$fill_setup$key_range
     for start_n in range(key_start, key_limit, $block_n):
         offs_n = start_n + tl.arange(0, $block_n)
         key_ok = offs_n < n_keys
@@ -76,14 +99,14 @@ $mask_setup$key_range
             k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=key_ok[:, None]$d_load_mask, other=0.0,
         )
-        scores = tl.dot(q, tl.trans(k)$precision) * qk_scale
+        scores = tl.dot(q, tl.trans(k)$precision) * score_scale
         visible = query_ok[:, None] & key_ok[None, :]$causal_visible
-$apply_mask        scores = tl.where(visible, scores, float("-inf"))
+$apply_fill$apply_mask        scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # rows with no visible key yet keep max -inf; shift by 0 so exp2 gives 0, not NaN
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp2(row_max - shift)
-        probs = tl.exp2(scores - shift[:, None])
+        rescale = tl.exp2($rescale_exponent)
+        probs = tl.exp2($probs_exponent)
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_e[None, :] * stride_ve,
@@ -93,8 +116,7 @@ $apply_mask        scores = tl.where(visible, scores, float("-inf"))
         row_max = new_max
 $finish''')
 
-_FINISH = '''    # a row whose keys are all masked divides 0 by 0: NaN, as torch.softmax gives
-    out = acc / row_sum[:, None]
+_FINISH = '''$empty_rows
     tl.store(
         Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_e[None, :] * stride_oe,
         out.to(Out.dtype.element_ty),
@@ -102,7 +124,13 @@ _FINISH = '''    # a row whose keys are all masked divides 0 by 0: NaN, as torch
     )
 '''
 
-# split-K: keep this split's accumulator, max (log2 units) and sum for the launcher to merge
+# a row whose keys are all masked has a running sum of 0
+_EMPTY_ROWS_NAN = """    # 0 / 0 where every key is masked: NaN, as torch.softmax gives
+    out = acc / row_sum[:, None]"""
+_EMPTY_ROWS_ZERO = """    # 0 where every key is masked, as SDPA gives
+    out = tl.where(row_sum[:, None] > 0, acc / row_sum[:, None], 0.0)"""
+
+# split-K: keep this split's accumulator, max (in the kernel's units) and sum for the launcher to merge
 _FINISH_SPLIT = '''    split_row = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * n_queries + offs_m
     tl.store(RowMax + split_row, row_max, mask=query_ok)
     tl.store(RowSum + split_row, row_sum, mask=query_ok)
@@ -114,45 +142,86 @@ _FINISH_SPLIT = '''    split_row = (tl.program_id(2) * tl.num_programs(1) + tl.p
     )
 '''
 
-_MASK_TILE = "mask_base + mask_rows[:, None] + mask_cols[None, :]"
-
-_BOOL_MASK = f'''{{cols}}
-        allowed = tl.load({_MASK_TILE}, mask=query_ok[:, None] & key_ok[None, :], other=0)
-        visible = visible & (allowed != 0)
-'''
-
-# the mask is in natural-log units, the scores in log2 units (qk_scale holds log2(e))
-_ADDITIVE_MASK = f'''{{cols}}
-        bias = tl.load({_MASK_TILE}, mask=query_ok[:, None] & key_ok[None, :], other=0.0)
-        scores = scores + bias.to(tl.float32) * 1.4426950408889634
-'''
+_LOG2_E = "1.4426950408889634"
 
 
-def _mask_setup(spec: SoftmaxKernelSpec) -> str:
-    """Mask base pointer and row offsets; dims the mask broadcasts over (size 1) are left out."""
-    if spec.mask == "none":
-        return ""
-    batch_b, head_b, row_b, _ = spec.mask_broadcast
-    base = ["Mask"] + (["batch * stride_mb"] if not batch_b else []) + (["head * stride_mh"] if not head_b else [])
-    rows = f"tl.zeros([{spec.block_m}], tl.int32)" if row_b else "offs_m * stride_mn"
-    return f"    mask_base = {' + '.join(base)}\n    mask_rows = {rows}\n"
+def _tile_setup(pointer: str, prefix: str, stride: str, broadcast: tuple[bool, ...], block_m: int) -> str:
+    """Base pointer and row offsets of a (B|1, H|1, N|1, M|1) tensor read beside each score tile;
+    dims it broadcasts over (size 1) are left out of the address arithmetic."""
+    batch_b, head_b, row_b, _ = broadcast
+    base = [pointer] + ([f"batch * {stride}b"] if not batch_b else []) + ([f"head * {stride}h"] if not head_b else [])
+    rows = f"tl.zeros([{block_m}], tl.int32)" if row_b else f"offs_m * {stride}n"
+    return f"    {prefix}_base = {' + '.join(base)}\n    {prefix}_rows = {rows}\n"
+
+
+def _tile_load(name: str, prefix: str, stride: str, broadcast: tuple[bool, ...], block_n: int, other: str) -> str:
+    """Per key tile: load `name` from the tensor set up by _tile_setup."""
+    cols = f"tl.zeros([{block_n}], tl.int32)" if broadcast[3] else f"offs_n * {stride}k"
+    return (
+        f"        {prefix}_cols = {cols}\n"
+        f"        {name} = tl.load({prefix}_base + {prefix}_rows[:, None] + {prefix}_cols[None, :], "
+        f"mask=query_ok[:, None] & key_ok[None, :], other={other})\n"
+    )
+
+
+# Rounding an fp32 tile to the dtype a half mask is added in (nearest, ties to even, as torch);
+# the result stays fp32. bfloat16 is rounded by its bits: Triton's interpreter truncates a bf16 cast.
+_ROUND_TO_SUM_DTYPE = {
+    "float16": '''
+@triton.jit
+def round_to_sum_dtype(x):
+    """x rounded to float16, kept in fp32."""
+    return x.to(tl.float16).to(tl.float32)
+''',
+    "bfloat16": '''
+@triton.jit
+def round_to_sum_dtype(x):
+    """x rounded to bfloat16 (add half an ulp, and the kept bit for ties to even; drop 16 bits), kept in fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+''',
+}
+
+
+def _add_bias(spec: SoftmaxKernelSpec) -> str:
+    """scores + bias in natural units; with a half mask_sum_dtype the scores and the sum are
+    rounded to it, as torch adds a half mask to half scores (the fp32 sum of two half values,
+    rounded to half, is their correctly rounded half sum)."""
+    if spec.mask_sum_dtype == "float32":
+        return "        scores = scores + bias.to(tl.float32)\n"
+    return "        scores = round_to_sum_dtype(round_to_sum_dtype(scores) + bias.to(tl.float32))\n"
 
 
 def _mask_apply(spec: SoftmaxKernelSpec) -> str:
     """Per key tile: load the mask tile and apply it (bool: hide keys; additive: add to scores)."""
     if spec.mask == "none":
         return ""
-    cols = f"tl.zeros([{spec.block_n}], tl.int32)" if spec.mask_broadcast[3] else "offs_n * stride_mk"
-    template = _BOOL_MASK if spec.mask == "bool" else _ADDITIVE_MASK
-    return template.format(cols=f"        mask_cols = {cols}")
+    if spec.mask == "bool":
+        load = _tile_load("allowed", "mask", "stride_m", spec.mask_broadcast, spec.block_n, "0")
+        return load + "        visible = visible & (allowed != 0)\n"
+    return _tile_load("bias", "mask", "stride_m", spec.mask_broadcast, spec.block_n, "0.0") + _add_bias(spec)
+
+
+def _fill_apply(spec: SoftmaxKernelSpec) -> str:
+    """Per key tile: replace the scores where the fill mask is set by fill_value."""
+    if not spec.fill:
+        return ""
+    load = _tile_load("filled", "fill", "stride_f", spec.fill_broadcast, spec.block_n, "0")
+    return load + "        scores = tl.where(filled != 0, fill_value, scores)\n"
+
+
+def _exponent(difference: str, spec: SoftmaxKernelSpec) -> str:
+    """Argument of exp2 for a score difference in the kernel's units."""
+    return f"({difference}) * {_LOG2_E}" if spec.natural_units else difference
 
 
 def render_softmax_kernel(spec: SoftmaxKernelSpec, summary: str) -> str:
     """Text of one @triton.jit softmax-attention kernel specialised on `spec`."""
     check_choice("mask", spec.mask, MASK_KINDS)
     d_pad, e_pad = block_width(spec.head_dim), block_width(spec.value_dim)
-    if spec.causal and spec.split_keys:
-        raise ValueError("split_keys kernels are not causal")
+    check_choice("mask_sum_dtype", spec.mask_sum_dtype, DTYPES)
+    if spec.split_keys and (spec.causal or spec.zero_empty_rows):
+        raise ValueError("split_keys kernels are not causal and leave empty rows to the merge")
     if spec.split_keys:
         key_range = (
             "    key_start = tl.program_id(2) * keys_per_split\n"
@@ -174,10 +243,18 @@ def render_softmax_kernel(spec: SoftmaxKernelSpec, summary: str) -> str:
         e_load_mask=e_load_mask,
         key_range=key_range,
         split_params="\n    RowMax, RowSum, stride_os, keys_per_split," if spec.split_keys else "",
-        finish=Template(_FINISH_SPLIT if spec.split_keys else _FINISH).substitute(e_load_mask=e_load_mask),
+        fill_params="\n    FillMask, stride_fb, stride_fh, stride_fn, stride_fk, fill_value," if spec.fill else "",
+        finish=Template(_FINISH_SPLIT if spec.split_keys else _FINISH).substitute(
+            e_load_mask=e_load_mask, empty_rows=_EMPTY_ROWS_ZERO if spec.zero_empty_rows else _EMPTY_ROWS_NAN
+        ),
+        to_log2="" if spec.natural_units else f" * {_LOG2_E}",
+        rescale_exponent=_exponent("row_max - shift", spec),
+        probs_exponent=_exponent("scores - shift[:, None]", spec),
         causal_visible=" & (offs_n[None, :] <= offs_m[:, None])" if spec.causal else "",
-        mask_setup=_mask_setup(spec),
+        mask_setup="" if spec.mask == "none" else _tile_setup("Mask", "mask", "stride_m", spec.mask_broadcast, spec.block_m),
+        fill_setup=_tile_setup("FillMask", "fill", "stride_f", spec.fill_broadcast, spec.block_m) if spec.fill else "",
         apply_mask=_mask_apply(spec),
+        apply_fill=_fill_apply(spec),
         dot_dtype=triton_dtype(spec.dot_dtype),
         precision=dot_precision(spec.dot_dtype),
     )
@@ -185,7 +262,13 @@ def render_softmax_kernel(spec: SoftmaxKernelSpec, summary: str) -> str:
 
 @dataclass(frozen=True)
 class ExactKernelConfig:
-    """Specialisation of the exact-attention module (see attnopt.kernels.source)."""
+    """Specialisation of the exact-attention module (see attnopt.kernels.source).
+
+    fill: scores where a bool fill mask (broadcast dims `fill_broadcast`) is set are replaced by
+    the kernel's fill_value argument. mask_sum_dtype: the dtype an additive mask is added in
+    ("float16"/"bfloat16" round scores and sum to it, "float32" does not). zero_empty_rows: rows
+    with no visible key give 0 instead of NaN.
+    """
 
     head_dim: int
     value_dim: int
@@ -195,6 +278,10 @@ class ExactKernelConfig:
     mask_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, False)
     block_m: int = 64
     block_n: int = 64
+    fill: bool = False
+    fill_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    mask_sum_dtype: str = "float32"
+    zero_empty_rows: bool = False
 
 
 def render_exact_module(config: ExactKernelConfig) -> str:
@@ -210,9 +297,15 @@ def render_exact_module(config: ExactKernelConfig) -> str:
         mask_broadcast=tuple(config.mask_broadcast),
         block_m=config.block_m,
         block_n=config.block_n,
+        fill=config.fill,
+        fill_broadcast=tuple(config.fill_broadcast),
+        mask_sum_dtype=config.mask_sum_dtype,
+        zero_empty_rows=config.zero_empty_rows,
     )
-    summary = "softmax(q kᵀ·scale + mask) v for BLOCK_M queries of one (batch, head)."
-    return MODULE_HEADER + render_softmax_kernel(spec, summary)
+    fill = "where(fill_mask, fill_value, q kᵀ·scale)" if config.fill else "q kᵀ·scale"
+    summary = f"softmax({fill} + mask) v for BLOCK_M queries of one (batch, head)."
+    rounding = _ROUND_TO_SUM_DTYPE.get(config.mask_sum_dtype, "") if config.mask == "additive" else ""
+    return MODULE_HEADER + rounding + render_softmax_kernel(spec, summary)
 
 
 @dataclass(frozen=True)

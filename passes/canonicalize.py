@@ -161,18 +161,24 @@ def _functionalise(graph: fx.Graph) -> None:
         graph.erase_node(node)
 
 
-def _fresh_and_unaliased(target: fx.Node, write: fx.Node, position: dict[fx.Node, int]) -> bool:
-    """`target` owns its storage (computed here, not an input, attribute or view) and no view of it
-    taken before `write` could observe the write."""
-    if target.op not in ("call_function", "call_method") or op_name(target) in ALIASING_OPS:
-        return False
-    if mutated_by(target) is not None or "val" not in target.meta:
+def _fresh_and_unaliased(target: fx.Node, write: fx.Node, position: dict[fx.Node, int],
+                         via: fx.Node | None = None) -> bool:
+    """Nothing but `write` and the reads after it can see `target`'s storage: it is computed here
+    (not an input, attribute or parameter), no view of it taken before `write` could observe the
+    write, and a view is written only when its base is seen through that view alone
+    (`s = bmm(...).view(b, h, n, m); s += bias`)."""
+    if target.op not in ("call_function", "call_method") or mutated_by(target) is not None or "val" not in target.meta:
         return False
     for user in target.users:
-        if user is write or position.get(user, -1) > position[write]:
+        if user is write or user is via or position.get(user, -1) > position[write]:
             continue
         if op_name(user) in ALIASING_OPS or mutated_by(user) is not None:
             return False
+    if op_name(target) in ALIASING_OPS:
+        base = target.args[0] if target.args else None
+        if not isinstance(base, fx.Node) or len(base.users) != 1:
+            return False
+        return _fresh_and_unaliased(base, write, position, via=target)
     return True
 
 
@@ -421,7 +427,10 @@ def _reduced_over(node: fx.Node, names: set[str]) -> tuple[fx.Node, int] | None:
 
 
 def _manual_softmax(graph: fx.Graph, node: fx.Node) -> None:
-    """exp(x [- max(x, d)]) / sum(exp(...), d) → softmax(x, d)."""
+    """exp(x - max(x, d)) / sum(exp(...), d) → softmax(x, d).
+
+    Without the max subtraction it is another function (its exp overflows above ~88 and a row
+    of very negative scores is 0/0): left as written, marked for detection to report."""
     if op_name(node) not in ("div", "truediv") or len(node.args) != 2:
         return
     numerator, denominator = node.args
@@ -432,12 +441,15 @@ def _manual_softmax(graph: fx.Graph, node: fx.Node) -> None:
         return
     dim = summed[1]
     exponent = numerator.args[0]
-    x = exponent
+    x = None
     if isinstance(exponent, fx.Node) and op_name(exponent) == "sub":
         left, right = exponent.args
         peak = _reduced_over(right, {"max", "amax"}) if isinstance(right, fx.Node) else None
         if peak is not None and peak[0] is left and _same_dim(peak[1], dim, left):
             x = left
+    if x is None:
+        node.meta["attnopt_unstable_softmax"] = exponent
+        return
     if not _same_dim(dim, dim, x) or shape_of(x) != shape_of(node):
         return
     _replace(graph, node, lambda: _call(graph, torch.softmax, x, dim), form="manual-softmax")

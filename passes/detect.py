@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from attnopt.numerics import MASKED_AT_OR_BELOW
 
+from .eager_paths import eager_multi_head_attention_forward, mha_call_arguments
 from .fx_utils import (
     alias_root, arg, body_module, dtype_of, higher_order_name, is_scalar, meta_value, module_path, mutated_by,
     normalize_dim, op_name, searched_body, shape_of, source_line, tensor_meta, to_networkx,
@@ -79,6 +80,9 @@ class SiteMatch:
     # Inputs that hold masks (bool, or float 0/-inf/large negative); verification draws such
     # values for them, whole rows masked included.
     mask_inputs: list[fx.Node] = dataclasses.field(default_factory=list)
+    # Nodes the site reads whose value is a constant the recipe holds (fills): verification feeds
+    # them their value; the rewrite does not read them.
+    constants: dict[fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def module(self) -> str:
@@ -117,9 +121,11 @@ def detect(gm: fx.GraphModule, subgraphs: bool = False) -> list[SiteMatch]:
             continue
         if node.target is torch.softmax:
             match = _match_softmax(node, dag)
+        elif "attnopt_unstable_softmax" in node.meta:
+            match = _match_unstable_softmax(node)
         elif name == "scaled_dot_product_attention":
             match = _match_sdpa(node, dag)
-        elif name == "multi_head_attention_forward":
+        elif name in ("multi_head_attention_forward", "eager_multi_head_attention_forward"):
             match = _match_mha(node)
         elif name == "_transformer_encoder_layer_fwd":
             match = _match_encoder_layer(node)
@@ -174,6 +180,12 @@ def _user_names(node: fx.Node) -> str:
 def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     up = _walk_up(softmax.args[0])
     if up is None:
+        write = _write_on_scores(softmax.args[0])
+        if write is not None:  # attention, seen through a write attnopt could not make out-of-place
+            match = SiteMatch(kind="matmul", anchor=softmax, output=softmax, form="matmul", inputs=[], internal=[],
+                              recipe={}, shape={})
+            return _refuse(match, f"the scores are written in place by `{write.name}` on a tensor others can see "
+                                  "(an input, a buffer or a shared view), so attnopt cannot follow them.")
         return None  # not fed by a matmul: a softmax, but not attention
     scores_matmul, chain, terms, scale, factor_nodes, up_reason = up
     q_operand, kt_operand = scores_matmul.args
@@ -187,13 +199,14 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     )
     if up_reason:
         return _refuse(match, up_reason)
-    fill_reason = _constant_fills(terms, dag)
+    fill_reason = _constant_fills(terms, dag, match.constants)
     if fill_reason:
         return _refuse(match, fill_reason)
     if scores_shape is None or len(scores_shape) < 2:
         return _refuse(match, "the scores have no known shape of rank ≥ 2.")
-    dim = normalize_dim(arg(softmax, 1, "dim"), len(scores_shape))
-    if dim != len(scores_shape) - 1:
+    softmax_rank = len(shape_of(softmax) or scores_shape)
+    dim = normalize_dim(arg(softmax, 1, "dim"), softmax_rank)
+    if dim != softmax_rank - 1:
         return _refuse(match, f"softmax is taken over dimension {dim}, not over the keys (the last dimension of QKᵀ).")
 
     down = [softmax]
@@ -266,6 +279,33 @@ def _match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     return match
 
 
+def _match_unstable_softmax(node: fx.Node) -> SiteMatch | None:
+    """`exp(s) / exp(s).sum(-1)` on attention scores, without subtracting the max: reported, not
+    rewritten (it overflows and underflows where softmax does not, so it is another function)."""
+    up = _walk_up(node.meta["attnopt_unstable_softmax"])
+    if up is None:
+        return None
+    match = SiteMatch(kind="matmul", anchor=node, output=node, form="manual-softmax", inputs=[], internal=[],
+                      recipe={}, shape=_partial_shape(*up[0].args, None))
+    return _refuse(match, "its softmax is written as exp(s) / Σ exp(s) without subtracting the row maximum, which "
+                          "overflows for scores above ~88 and gives 0/0 on rows of very negative scores; "
+                          "softmax would change those results.")
+
+
+def _write_on_scores(node: Any) -> fx.Node | None:
+    """The in-place write on the way up from a softmax's input to a QK matmul, if any."""
+    for _ in range(12):
+        if not isinstance(node, fx.Node):
+            return None
+        if mutated_by(node) is not None:
+            return node if _reaches_matmul(mutated_by(node)) or any(
+                _reaches_matmul(a) for a in node.args if isinstance(a, fx.Node)) else None
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
 def _walk_up(node: Any):
     """From the softmax input up to the QK matmul.
 
@@ -311,16 +351,16 @@ def _walk_up(node: Any):
             current = path
             continue
         if name == "masked_fill":
-            steps.append(("fill", (current.args[1], current.args[2])))
+            steps.append(("fill", (current.args[1], current.args[2], dtype_of(current))))
             current = current.args[0]
             continue
         if name == "where" and len(current.args) == 3:
             cond, a, b = current.args
             if _reaches_matmul(a):
-                steps.append(("fill", (("not", cond), b)))
+                steps.append(("fill", (("not", cond), b, dtype_of(current))))
                 current = a
             elif _reaches_matmul(b):
-                steps.append(("fill", (cond, a)))
+                steps.append(("fill", (cond, a, dtype_of(current))))
                 current = b
             else:
                 return None
@@ -355,15 +395,15 @@ def _walk_up(node: Any):
         elif kind == "add":
             terms.append(MaskTerm("add", item[0], layout=layout, score_dtype=item[1]))
         else:
-            cond, fill = item
+            cond, fill, dtype = item
             if isinstance(cond, tuple):
-                terms.append(MaskTerm("keep", cond[1], fill, layout=layout))
+                terms.append(MaskTerm("keep", cond[1], fill, layout=layout, score_dtype=dtype))
             else:
-                terms.append(MaskTerm("fill", cond, fill, layout=layout))
+                terms.append(MaskTerm("fill", cond, fill, layout=layout, score_dtype=dtype))
     return chain[0], chain, terms, scale, factor_nodes, reason
 
 
-def _constant_fills(terms: list[MaskTerm], dag: nx.DiGraph) -> str | None:
+def _constant_fills(terms: list[MaskTerm], dag: nx.DiGraph, constants: dict[fx.Node, torch.Tensor]) -> str | None:
     """Make every fill a Python number, or say why not: a fill held in a tensor is data (an
     input, a buffer, `q.mean()`) unless it is built from constants alone; it must be a mask
     value (≤ -1e4, or -inf); and one site fills with one value (scaled as the scores are)."""
@@ -380,6 +420,7 @@ def _constant_fills(terms: list[MaskTerm], dag: nx.DiGraph) -> str | None:
             flat = value.detach().double().flatten()
             if not bool((flat == flat[0]).all()):
                 return f"the scores are filled with `{fill.name}`, whose values differ from entry to entry."
+            constants[fill] = value
             fill = float(flat[0])
         if not isinstance(fill, (int, float)) or isinstance(fill, bool) or math.isnan(fill) or fill > MASKED_AT_OR_BELOW:
             return f"the scores are filled with {fill}, which is not a mask value (-inf or a large negative number)."
@@ -805,23 +846,9 @@ def _match_sdpa(node: fx.Node, dag: nx.DiGraph) -> SiteMatch:
 # ---------------------------------------------------------------------------------------------
 # nn.MultiheadAttention and the TransformerEncoderLayer fast path
 
-_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
-             "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
-             "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
-             "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-             "static_k", "static_v", "average_attn_weights", "is_causal")
-_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
-                 "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None,
-                 "v_proj_weight": None, "static_k": None, "static_v": None,
-                 "average_attn_weights": True, "is_causal": False}
-
-
 def mha_arguments(node: fx.Node) -> dict[str, Any]:
     """All arguments of an `F.multi_head_attention_forward` call node, by name."""
-    values = dict(_MHA_DEFAULTS)
-    values.update(zip(_MHA_ARGS, node.args))
-    values.update(node.kwargs)
-    return values
+    return mha_call_arguments(node.args, node.kwargs)
 
 
 def argument_recipe(args: dict[str, Any]) -> tuple[list[fx.Node], dict[str, tuple[str, Any]]]:
@@ -850,7 +877,8 @@ def _match_mha(node: fx.Node) -> SiteMatch:
         "causal" if args["is_causal"] else ("additive" if mask_node is not None else None))
     inputs, spec = argument_recipe(args)
     match = SiteMatch(kind="mha", anchor=node, output=node, form="mha", inputs=inputs, internal=[node],
-                      recipe={"kind": "mha", "arguments": spec}, shape=shape, causal=bool(args["is_causal"]) and mask_node is not None,
+                      recipe={"kind": "mha", "arguments": spec, "eager_fused_path": node.target is eager_multi_head_attention_forward},
+                      shape=shape, causal=bool(args["is_causal"]) and mask_node is not None,
                       mask=mask, dropout=dropout, scale=1.0 / math.sqrt(embed // heads),
                       mask_inputs=[n for n in (mask_node, padding) if isinstance(n, fx.Node)])
     weights_used = [u for u in node.users if op_name(u) == "getitem" and u.args[1] == 1 and u.users]

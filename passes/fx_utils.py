@@ -236,6 +236,8 @@ def mutated_by(node: fx.Node) -> fx.Node | None:
         return out
     if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
         return first if isinstance(first, fx.Node) else None
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return None  # operator.and_ / or_ are `&` / `|`, not in-place
     if node.kwargs.get("inplace") is True:
         return first if isinstance(first, fx.Node) else None
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")

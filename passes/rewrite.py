@@ -87,6 +87,7 @@ def rewritten_copy(gm: fx.GraphModule, replacements: list[tuple[SiteMatch, nn.Mo
 
     moved = [(dataclasses.replace(match, anchor=carry(match.anchor), output=carry(match.output),
                                   inputs=[carry(i) for i in match.inputs], internal=[carry(n) for n in match.internal],
-                                  mask_inputs=[carry(n) for n in match.mask_inputs]), call, site_id)
+                                  mask_inputs=[carry(n) for n in match.mask_inputs],
+                                  constants={carry(n): value for n, value in match.constants.items()}), call, site_id)
              for match, call, site_id in replacements]
     return rewrite(work, moved)

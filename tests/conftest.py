@@ -12,3 +12,19 @@ from pathlib import Path
 
 if not any(Path("/dev").glob("nvidia[0-9]*")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis profiles for the property-based soundness suite (tests/soundness). Nothing loads
+# them globally: tests/soundness uses "soundness" unless `--hypothesis-profile=NAME` picks
+# another (e.g. `--hypothesis-profile=soak` for a long run); other tests keep their own settings.
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+_SOUNDNESS_COMMON = dict(
+    deadline=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),  # the suite records every case, never shrinks
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture],
+)
+# Quick and reproducible: a few hundred cases in about two minutes on two CPU cores.
+settings.register_profile("soundness", max_examples=130, derandomize=True, database=None, **_SOUNDNESS_COMMON)
+# Long runs: thousands of cases, new draws every run.
+settings.register_profile("soak", max_examples=4000, derandomize=False, database=None, **_SOUNDNESS_COMMON)

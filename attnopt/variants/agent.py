@@ -25,7 +25,8 @@ from .masks import valid_queries
 from .reasons import causal_reason, dropout_reason, first_reason, per_query_mask_reason
 from .registry import Example, register_variant
 from .site import SiteInfo, TokenGrid, infer_grid
-from .two_stage import TwoStageSiteAttention, agent_bias, two_stage_attention
+from .two_stage import (TwoStageSiteAttention, agent_bias, require_int, require_offsets, require_real,
+                        two_stage_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,13 +138,15 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown agent selection {self.selection!r}; expected one of {sorted(SELECTIONS)}")
-        if not 0 < self.agent_fraction <= 1 or not 0 <= self.outlier_fraction < 1:
-            raise ValueError(f"agent_fraction must be in (0, 1] and outlier_fraction in [0, 1), got "
-                             f"{self.agent_fraction} and {self.outlier_fraction}")
-        if self.agent_count is not None and self.agent_count < 1:
-            raise ValueError(f"agent_count must be at least 1, got {self.agent_count}")
-        if self.temperature <= 0 or self.kmeans_iterations < 0 or (self.kmeans_window or 1) < 1:
-            raise ValueError("temperature must be positive, kmeans_iterations ≥ 0 and kmeans_window ≥ 1")
+        require_real("agent_fraction", self.agent_fraction, 0, 1)
+        if self.agent_count is not None:
+            require_int("agent_count", self.agent_count, 1)
+        require_int("kmeans_iterations", self.kmeans_iterations, 0)
+        if self.kmeans_window is not None:
+            require_int("kmeans_window", self.kmeans_window, 1)
+        require_real("outlier_fraction", self.outlier_fraction, 0, 1, low_closed=True, high_closed=False)
+        require_real("temperature", self.temperature, 0)
+        require_offsets("shortcut_offsets", self.shortcut_offsets)
 
     def grid_for(self, n_tokens: int, site_info: SiteInfo) -> TokenGrid | None:
         """The token grid to pool on for a call with n_tokens queries (None: pool 1-D)."""

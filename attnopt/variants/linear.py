@@ -27,6 +27,7 @@ from .masks import as_4d, key_validity, per_key_mask
 from .reasons import dropout_reason, first_reason, per_query_mask_reason
 from .registry import Example, register_variant
 from .site import SiteInfo
+from .two_stage import require_real
 
 FIXED_FEATURE_MAPS = ("elu1", "relu", "focused")
 
@@ -50,6 +51,8 @@ class LinearConfig:
             raise ValueError(f"unknown feature_map {self.feature_map!r}; expected one of {expected}")
         if self.normalization not in ("sum", "inline"):
             raise ValueError(f"unknown normalization {self.normalization!r}; expected 'sum' or 'inline'")
+        require_real("power", self.power, 0)
+        require_real("eps", self.eps, 0)
 
     def cost_params(self, site_info: SiteInfo) -> dict:
         """Parameters for attnopt.costmodel's "linear" formula (a learned map costs like elu1 plus its matmul)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Iterator
 
 import torch
@@ -28,7 +29,7 @@ from .masks import per_key_mask, valid_queries
 from .reasons import causal_reason, dropout_reason, first_reason, per_query_mask_reason
 from .registry import Example, register_variant
 from .site import SiteInfo
-from .two_stage import TwoStageSiteAttention, two_stage_attention
+from .two_stage import TwoStageSiteAttention, require_int, require_offsets, require_real, two_stage_attention
 
 _TIMESTEP: contextvars.ContextVar[float | None] = contextvars.ContextVar("attnopt_mediator_timestep", default=None)
 _COUNT: contextvars.ContextVar[int | None] = contextvars.ContextVar("attnopt_mediator_count", default=None)
@@ -57,8 +58,7 @@ def mediator_timestep(timestep: float | int | torch.Tensor) -> Iterator[None]:
 @contextlib.contextmanager
 def mediator_count(count: int) -> Iterator[None]:
     """Within this block, every mediator site uses `count` mediators (capped at its n_mediators)."""
-    if count < 1:
-        raise ValueError(f"mediator_count must be at least 1, got {count}")
+    require_int("mediator_count", count, 1)
     token = _COUNT.set(int(count))
     try:
         yield
@@ -78,11 +78,14 @@ class MediatorSchedule:
     steps: tuple[tuple[float, int], ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.steps, tuple) or any(not (isinstance(s, tuple) and len(s) == 2) for s in self.steps):
+            raise ValueError(f"schedule steps must be a tuple of (from_timestep, count) pairs; got {self.steps!r}")
+        for start, count in self.steps:
+            require_real("a schedule step's from_timestep", start, -math.inf)
+            require_int("a schedule step's mediator count", count, 1)
         starts = [start for start, _ in self.steps]
         if not self.steps or starts != sorted(starts) or len(set(starts)) != len(starts):
             raise ValueError(f"schedule steps need distinct, increasing timesteps; got {self.steps}")
-        if any(count < 1 for _, count in self.steps):
-            raise ValueError(f"schedule counts must be at least 1; got {self.steps}")
 
     def count_at(self, timestep: float) -> int:
         count = self.steps[0][1]
@@ -110,8 +113,12 @@ class MediatorConfig:
     shortcut_offsets: tuple[int, ...] = (-1, 0, 1)
 
     def __post_init__(self) -> None:
-        if self.n_mediators < 1 or self.temperature <= 0 or self.kmeans_iterations < 0:
-            raise ValueError("n_mediators must be ≥ 1, temperature positive and kmeans_iterations ≥ 0")
+        require_int("n_mediators", self.n_mediators, 1)
+        if self.schedule is not None and not isinstance(self.schedule, MediatorSchedule):
+            raise ValueError(f"schedule must be a MediatorSchedule or None, got {type(self.schedule).__name__}")
+        require_real("temperature", self.temperature, 0)
+        require_int("kmeans_iterations", self.kmeans_iterations, 0)
+        require_offsets("shortcut_offsets", self.shortcut_offsets)
 
     def count(self) -> int:
         """The mediator count for the current call, from mediator_count / mediator_timestep."""

@@ -12,6 +12,10 @@ copies) and the op stays the single place where the attention math lives.
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -23,6 +27,30 @@ from .site import SiteInfo
 
 EMPTY_TOKEN_PENALTY = 30.0
 """How far (in logits) an empty token sits below the token it copies: weight e⁻³⁰, i.e. none."""
+
+
+def require_int(name: str, value: Any, minimum: int) -> None:
+    """Raise ValueError naming the parameter unless `value` is an integer ≥ minimum (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+
+
+def require_real(name: str, value: Any, low: float, high: float = math.inf, *, low_closed: bool = False,
+                 high_closed: bool = True) -> None:
+    """Raise ValueError naming the parameter unless `value` is a finite real number in the interval."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    above = real and (low <= value if low_closed else low < value)
+    if not above or not (value <= high if high_closed else value < high):
+        interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed and high < math.inf else ')'}"
+        raise ValueError(f"{name} must be a finite real number in {interval}, got {value!r}")
+
+
+def require_offsets(name: str, offsets: Any) -> None:
+    """Raise ValueError naming the parameter unless `offsets` is a tuple of distinct integers."""
+    integers = isinstance(offsets, tuple) and all(
+        isinstance(o, numbers.Integral) and not isinstance(o, bool) for o in offsets)
+    if not integers or len(set(offsets)) != len(offsets):
+        raise ValueError(f"{name} must be a tuple of distinct integer token offsets, got {offsets!r}")
 
 
 def two_stage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,

@@ -48,6 +48,31 @@ def test_causal_kernels_stop_at_the_diagonal_and_others_do_not():
     assert "<= offs_m" not in source("exact_attention", head_dim=32, value_dim=32)
 
 
+def test_scores_stay_in_natural_units_only_where_masks_or_fills_may_reach_the_fp32_range():
+    """×log2(e) would overflow a finfo.min fill or mask to -inf: such kernels scale the difference."""
+    for mask in ("none", "bool"):
+        folded = source("exact_attention", head_dim=32, value_dim=32, mask=mask)
+        assert "score_scale = scale * 1.44" in folded and "tl.exp2(scores - shift[:, None])" in folded
+    for config in (dict(mask="additive"), dict(fill=True)):
+        natural = source("exact_attention", head_dim=32, value_dim=32, **config)
+        assert "score_scale = scale\n" in natural and "tl.exp2((scores - shift[:, None]) * 1.44" in natural
+
+
+def test_exact_masking_flags_each_write_only_their_own_code():
+    plain = source("exact_attention", head_dim=32, value_dim=32, mask="additive")
+    assert "FillMask" not in plain and "round_to_sum_dtype" not in plain and "row_sum[:, None] > 0" not in plain
+    filled = source("exact_attention", head_dim=32, value_dim=32, fill=True, fill_broadcast=(False, True, True, False))
+    assert "tl.where(filled != 0, fill_value, scores)" in filled and "batch * stride_fb" in filled
+    assert "head * stride_fh" not in filled and "offs_m * stride_fn" not in filled
+    for dtype, rounding in (("float16", "x.to(tl.float16)"), ("bfloat16", "bits >> 16")):
+        rounded = source("exact_attention", head_dim=32, value_dim=32, mask="additive", mask_sum_dtype=dtype)
+        assert rounding in rounded and "round_to_sum_dtype(round_to_sum_dtype(scores) + bias" in rounded
+    assert "round_to_sum_dtype" not in source("exact_attention", head_dim=32, value_dim=32, mask="bool", mask_sum_dtype="float16")
+    assert "tl.where(row_sum[:, None] > 0, acc / row_sum[:, None], 0.0)" in source(
+        "exact_attention", head_dim=32, value_dim=32, zero_empty_rows=True
+    )
+
+
 def test_padding_masks_appear_only_for_head_dims_that_are_not_tile_widths():
     assert "offs_d[None, :] < 24" in source("exact_attention", head_dim=24, value_dim=32)
     assert "offs_d[None, :] <" not in source("exact_attention", head_dim=32, value_dim=32)
@@ -94,6 +119,7 @@ def test_linear_feature_scale_multiplies_each_loaded_tile_and_one_writes_nothing
         ("softmax", dict(head_dim=16, value_dim=16), "unknown op"),
         ("exact_attention", dict(head_dim=16, value_dim=16, mask="float"), "unknown mask"),
         ("exact_attention", dict(head_dim=16, value_dim=16, dtype="float64"), "unknown dtype"),
+        ("exact_attention", dict(head_dim=16, value_dim=16, mask="additive", mask_sum_dtype="float64"), "unknown mask_sum_dtype"),
         ("linear_attention", dict(head_dim=16, value_dim=16, feature_map="softmax"), "unknown feature_map"),
         ("exact_attention", dict(head_dim=16, value_dim=16, n_agents=4), "n_agents"),
         ("linear_attention", dict(head_dim=16, value_dim=16, feature_scale=float("inf")), "feature_scale"),

@@ -17,13 +17,26 @@ from attnopt.kernels.codegen import GENERATORS
 from attnopt.kernels.linear_template import LinearKernelConfig
 from attnopt.kernels.softmax_template import AgentKernelConfig, ExactKernelConfig
 
-BF16, FP32, U8 = "*bf16", "*fp32", "*u8"
+BF16, FP16, FP32, U8 = "*bf16", "*fp16", "*fp32", "*u8"
 CASES = [
     (
         "exact_attention",
         ExactKernelConfig(head_dim=64, value_dim=64, dtype="bfloat16", causal=True, mask="bool", mask_broadcast=(False, True, False, False), block_m=128, block_n=64),
         "exact_attention_kernel",
         dict(Q=BF16, K=BF16, V=BF16, Out=BF16, Mask=U8),
+    ),
+    (
+        "exact_attention",
+        ExactKernelConfig(head_dim=64, value_dim=64, dtype="float16", mask="additive", block_m=128, block_n=64, fill=True,
+                          fill_broadcast=(False, True, True, False), mask_sum_dtype="float16", zero_empty_rows=True),
+        "exact_attention_kernel",
+        dict(Q=FP16, K=FP16, V=FP16, Out=FP16, Mask=FP16, FillMask=U8),
+    ),
+    (
+        "exact_attention",
+        ExactKernelConfig(head_dim=64, value_dim=64, dtype="bfloat16", mask="additive", block_m=128, block_n=64, mask_sum_dtype="bfloat16"),
+        "exact_attention_kernel",
+        dict(Q=BF16, K=BF16, V=BF16, Out=BF16, Mask=BF16),
     ),
     (
         "agent_attention",
@@ -54,7 +67,7 @@ def compile_cases() -> None:
 
     for op, config, kernel_name, pointers in CASES:
         kernel = getattr(kernel_cache.load_module(GENERATORS[op][1](config)), kernel_name)
-        signature = {name: pointers.get(name, "fp32" if name in ("qk_scale", "eps") else "i32") for name in kernel.arg_names}
+        signature = {name: pointers.get(name, "fp32" if name in ("scale", "eps", "fill_value") else "i32") for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
         assert compiled.asm["cubin"], f"{op}.{kernel_name} produced no cubin"
         print(f"{op}.{kernel_name} compiled")

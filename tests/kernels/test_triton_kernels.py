@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnopt.kernels import (
     agent_attention,
@@ -93,6 +94,65 @@ def test_exact_kernel_rows_with_every_key_masked_are_nan_like_softmax(triton_dev
         out = exact_attention(q, k, v, mask, scale=0.3)
         assert out.isnan().any()
         _assert_matches(out, exact_attention_reference(q, k, v, mask, scale=0.3))
+
+
+def _blocking_masks(device, dtype, mask_kind, fill_shape):
+    """A fill mask filling query row 1, and a mask blocking row 2 (bool: False; float: finfo.min
+    of the mask's dtype, -inf on row 3) — in q's dtype, or fp32 for half q ("wider")."""
+    n_queries, n_keys = 18, 21
+    fill = torch.rand(fill_shape, device=device) > 0.7
+    fill[..., 1, :] = True
+    blocked = torch.rand(2, 4, n_queries, n_keys, device=device) > 0.7
+    blocked[..., 2, :] = True
+    if mask_kind == "bool":
+        return fill, ~blocked
+    mask_dtype = torch.float32 if mask_kind == "wider" else dtype
+    mask = torch.randn(2, 4, n_queries, n_keys, device=device).to(mask_dtype).masked_fill(blocked, torch.finfo(mask_dtype).min)
+    mask[..., 3, :] = float("-inf")
+    return fill, mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fill_value", [None, -1e4, -3.4e38, float("-inf")])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "wider"])
+@pytest.mark.parametrize("zero_empty_rows", [False, True])
+def test_exact_kernel_fills_rounds_and_empties_rows_like_the_reference(triton_device, dtype, fill_value, mask_kind, zero_empty_rows):
+    """Fills (finite up to the fp32 range, and -inf), float masks added in their promoted dtype
+    (rounded in fp16 when mask and scores are fp16), and fully blocked rows (NaN, uniform or 0)."""
+    q, k, v = _randn(triton_device, dtype, 2, 4, 18, 16), _randn(triton_device, dtype, 2, 2, 21, 16), _randn(triton_device, dtype, 2, 2, 21, 16)
+    fill_shape = (2, 1, 18, 21) if fill_value is None or fill_value > -1e5 else (1, 4, 18, 1)
+    fill, mask = _blocking_masks(triton_device, dtype, mask_kind, fill_shape)
+    options = dict(scale=0.3, zero_empty_rows=zero_empty_rows)
+    if fill_value is not None:
+        options.update(fill_mask=fill, fill_value=fill_value)
+    _assert_matches(exact_attention(q, k, v, mask, **options), exact_attention_reference(q, k, v, mask, **options))
+
+
+def test_exact_kernel_rounds_in_bfloat16_when_the_original_added_the_mask_there(triton_device):
+    """score_dtype bf16 with a bf16 mask: scores and sum rounded to bf16 in the kernel (fp32 dots)."""
+    q, k, v = (_randn(triton_device, torch.float32, 1, 2, 17, 16) for _ in range(3))
+    mask = (-1e4 * (torch.rand(1, 1, 17, 17, device=triton_device) > 0.5)).to(torch.bfloat16)
+    options = dict(scale=0.3, score_dtype=torch.bfloat16)
+    out = exact_attention(q, k, v, mask, **options)
+    _assert_matches(out, exact_attention_reference(q, k, v, mask, **options))
+    assert not torch.allclose(out, exact_attention_reference(q, k, v, mask, scale=0.3), atol=1e-3)
+
+
+def test_exact_float_masks_summed_in_fp64_run_the_reference(triton_device, monkeypatch):
+    """The kernel's softmax is fp32: a mask the original added in fp64 (-1e300) takes the reference."""
+    import attnopt.kernels.exact_triton as exact_triton
+
+    launched = []
+    kernel = exact_triton.exact_attention_triton
+    monkeypatch.setattr(exact_triton, "exact_attention_triton", lambda *a, **kw: launched.append(1) or kernel(*a, **kw))
+    q, k, v = (_randn(triton_device, torch.float32, 1, 2, 17, 16) for _ in range(3))
+    mask = torch.zeros(17, 17, dtype=torch.float64, device=triton_device)
+    mask[4] = -1e300
+    out = exact_attention(q, k, v, mask, scale=0.3)
+    assert not launched and out[0, :, 4].isfinite().all()
+    _assert_matches(out, exact_attention_reference(q, k, v, mask, scale=0.3))
+    exact_attention(q, k, v, mask.float(), scale=0.3)
+    assert launched
 
 
 def test_exact_kernel_reads_strided_inputs(triton_device):
@@ -206,7 +266,10 @@ def test_linear_kernels_scale_the_loaded_tiles_by_feature_scale(triton_device, f
     _assert_linear_matches(linear_attention(q, k, v, feature_scale=0.4, **options), expected)
 
 
-def test_gradients_through_the_triton_path_match_the_reference(triton_device):
+@pytest.mark.parametrize("penalty", [False, True])
+def test_gradients_through_the_triton_path_match_the_reference(triton_device, penalty):
+    """First-order gradients, and with penalty those of a gradient penalty (create_graph=True)."""
+
     def leaves(*shapes):
         return [torch.randn(*shape, device=triton_device, requires_grad=True) for shape in shapes]
 
@@ -218,9 +281,14 @@ def test_gradients_through_the_triton_path_match_the_reference(triton_device):
     ]
     for op, reference, inputs, options in calls:
         weights = torch.randn(1, 2, 17, 16, device=triton_device)
-        grads = torch.autograd.grad((op(*inputs, **options) * weights).sum(), inputs)
-        expected = torch.autograd.grad((reference(*inputs, **options) * weights).sum(), inputs)
-        for grad, want in zip(grads, expected):
+
+        def gradients(attention):
+            with sdpa_kernel(SDPBackend.MATH):  # the plain agent reference: fused CPU SDPA has no second derivative
+                out = attention(*inputs, **options)
+            grads = torch.autograd.grad((out * weights).sum(), inputs, create_graph=penalty)
+            return torch.autograd.grad(sum(grad.pow(2).sum() for grad in grads), inputs) if penalty else grads
+
+        for grad, want in zip(gradients(op), gradients(reference)):
             torch.testing.assert_close(grad, want, atol=1e-4, rtol=1e-4)
 
 
