@@ -23,9 +23,9 @@ from attnopt.kernels import exact_attention
 from attnopt.passes.detect import SiteMatch
 from attnopt.passes.rewrite import rewritten_copy
 
-from .masking import Masking
+from attnopt.passes.masking import Masking
 from .report import Site
-from .site_call import SITE_CALLS
+from attnopt.passes.site_call import site_call
 
 
 @dataclasses.dataclass
@@ -86,7 +86,7 @@ def analyse(canonical: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],
             sites: list[tuple[Site, SiteMatch]]) -> Analysis:
     """Record every listed site while running a rewritten copy of `canonical` on the real `args`."""
     recorders = {site.id: RecordingAttention() for site, _ in sites}
-    work = rewritten_copy(canonical, [(match, SITE_CALLS[match.kind](recorders[site.id], match.recipe, site.id),
+    work = rewritten_copy(canonical, [(match, site_call(recorders[site.id], match.recipe, site.id),
                                        site.id) for site, match in sites])
     with FlopCounterMode(display=False) as counter:
         run_graph(work, args, mutated)

@@ -29,13 +29,13 @@ from attnopt.passes.canonicalize import canonicalize
 from attnopt.passes.detect import SiteMatch, detect, unsearched_regions
 from attnopt.passes.eager_paths import restore_eager_paths
 from attnopt.passes.rewrite import rewritten_copy
+from attnopt.passes.site_call import site_call
 from attnopt.passes.verify import verify
 
 from .analysis import run_graph
 from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
 from .policies import GraphRequest, Policy
 from .report import Report, Site
-from .site_call import SITE_CALLS
 from .variants import ExactAttention
 
 
@@ -144,7 +144,7 @@ class AttnoptBackend:
         for site, _, identity in found:
             if site.rewritable and site.decision is not None and identity not in self._decided:
                 self._decided[identity] = (site, [weakref.ref(t) for t in state])
-        replacements = [(match, SITE_CALLS[match.kind](self._chosen[site.id], match.recipe, site.id), site.id)
+        replacements = [(match, site_call(self._chosen[site.id], match.recipe, site.id), site.id)
                         for site, match in rewritable if site.id in self._chosen]
         if not replacements:
             return gm
@@ -181,7 +181,7 @@ class AttnoptBackend:
                     dropout=match.dropout, dtype=match.dtype, rewritable=False,
                     reason=match.reason, scale=match.scale, graph=graph_index, signature=signature)
         if match.reason is None:
-            site.reason = verify(match, SITE_CALLS[match.kind](ExactAttention(), match.recipe, site_id))
+            site.reason = verify(match, site_call(ExactAttention(), match.recipe, site_id))
         site.rewritable = site.reason is None
         self.report.sites.append(site)
         return site

@@ -107,6 +107,21 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return dag
 
 
+def nodes_between(dag: nx.DiGraph, inputs: list[Any], output: fx.Node) -> list[fx.Node]:
+    """Nodes on a path from one of `inputs` to `output` that passes through no other input,
+    in graph order. (A mask shared by every layer must not pull earlier layers in.)"""
+    boundary = {n for n in inputs if isinstance(n, fx.Node)}
+    cut = dag.subgraph(n for n in dag.nodes if n not in boundary)
+    ancestors = nx.ancestors(cut, output) | {output}
+    reached: set[fx.Node] = set()
+    for node in boundary:
+        for user in dag.successors(node):
+            if user not in boundary:
+                reached |= nx.descendants(cut, user) | {user}
+    inside = ancestors & reached
+    return [n for n in output.graph.nodes if n in inside]
+
+
 def module_path(node: fx.Node) -> str:
     """The dotted path of the innermost module the node was traced from."""
     stack = node.meta.get("nn_module_stack") or {}

@@ -103,7 +103,8 @@ def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
         subgraph, placeholders = extract_subgraph(match)
     except Exception as error:  # a node we cannot copy out: refuse, never guess
         return f"its subgraph could not be isolated for verification ({type(error).__name__}: {error})."
-    extra = [n for n in placeholders[len(match.inputs):] if n not in match.constants]
+    bound = set(match.inputs)
+    extra = [n for n in placeholders if n not in bound and n not in match.constants]
     if extra:
         names = ", ".join(f"`{n.name}`" for n in extra)
         return f"the attention also reads {names}, which attnopt does not model."
@@ -124,7 +125,9 @@ def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
                 torch.manual_seed(seed + trial)
                 expected = _first(subgraph(*values))
                 torch.manual_seed(seed + trial)
-                actual = _first(site_call(*values))
+                # one tensor may be bound twice (SDPA(q, kv, kv)): the call gets it in each place
+                value_of = dict(zip(placeholders, values))
+                actual = _first(site_call(*(value_of[node] for node in match.inputs)))
         except Exception as error:
             return f"verification raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         worst = max(worst, mismatch(actual, expected))

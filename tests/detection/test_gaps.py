@@ -23,7 +23,7 @@ from attnopt.passes.detect import detect, unsearched_regions
 from attnopt.passes.fx_utils import op_name
 from attnopt.passes.rewrite import rewrite, rewritten_copy
 from attnopt.passes.verify import verify
-from attnopt.site_call import SITE_CALLS
+from attnopt.passes.site_call import site_call
 
 from .idioms import BATCH, HEAD_DIM, HEADS, SEQ, bhsd
 from .support import assert_outputs_close, reference_attention
@@ -259,7 +259,7 @@ def test_attention_inside_a_checkpoint_is_found_verified_and_rewritten_exactly_b
     assert len(matches) == 2
     inner = matches[1]
     assert inner.output.graph is not work.graph and inner.causal and inner.reason is None
-    calls = [SITE_CALLS[m.kind](SdpaAttention(), m.recipe, i) for i, m in enumerate(matches)]
+    calls = [site_call(SdpaAttention(), m.recipe, i) for i, m in enumerate(matches)]
     assert [verify(m, call) for m, call in zip(matches, calls)] == [None, None]
 
     rewritten = rewritten_copy(work, [(m, call, i) for i, (m, call) in enumerate(zip(matches, calls))])

@@ -13,6 +13,7 @@ the site (exact, agent, linear, mediator); this file knows nothing about variant
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from .masking import Masking, run_attention
 from .mha import encoder_layer_forward, multi_head_attention_forward
+from .site_ir import Input, LibraryRecipe, MatmulRecipe, Recipe, SdpaRecipe, TermSpec, resolve
 
 
 def call_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -73,12 +75,7 @@ def _mask_to_4d(mask: torch.Tensor | None, lead: tuple[int, ...], batch: int, he
     return mask.reshape(batch, heads, *mask.shape[-2:])
 
 
-def _materialize(spec: tuple[str, Any], tensors: tuple[torch.Tensor, ...]) -> Any:
-    kind, value = spec
-    return tensors[value] if kind == "input" else value
-
-
-def combine_mask_terms(terms: list[dict[str, Any]], tensors: tuple[torch.Tensor, ...],
+def combine_mask_terms(terms: tuple[TermSpec, ...], tensors: tuple[torch.Tensor, ...],
                        dtype: torch.dtype) -> Masking:
     """The masking that the additive / fill terms found on the scores path apply, in order.
 
@@ -91,21 +88,20 @@ def combine_mask_terms(terms: list[dict[str, Any]], tensors: tuple[torch.Tensor,
     additive = None
     score_dtype = None
     for term in terms:
-        factor: Any = term["factor"]
-        for index in term["factor_nodes"]:
+        factor: Any = term.factor
+        for index in term.factor_inputs:
             factor = factor * tensors[index]
-        value = _materialize(term["value"], tensors)
-        if term["kind"] == "add":
+        value = resolve(term.value, tensors)
+        if term.kind == "add":
             if isinstance(value, torch.Tensor) and not value.is_floating_point():
                 value = value.to(dtype)
             value = value if isinstance(factor, float) and factor == 1.0 else value * factor
             additive = value if additive is None else additive + value
-            score_dtype = score_dtype or term.get("score_dtype")
+            score_dtype = score_dtype or term.score_dtype
             continue
         condition = value.bool()
-        filled = condition if term["kind"] == "fill" else ~condition
-        fill_value = _held_in(_held_in(_materialize(term["fill"], tensors), term["score_dtype"]) * term["factor"],
-                              term["score_dtype"])
+        filled = condition if term.kind == "fill" else ~condition
+        fill_value = _held_in(_held_in(term.fill, term.score_dtype) * term.factor, term.score_dtype)
         if additive is not None:
             additive = torch.as_tensor(additive, device=filled.device).masked_fill(filled, 0)
         fill_mask = filled if fill_mask is None else fill_mask | filled
@@ -122,9 +118,9 @@ def _held_in(value: float, dtype: torch.dtype | None) -> float:
 
 
 class SiteCall(nn.Module):
-    """Base: holds the site's attention module and its static recipe."""
+    """Base: holds the site's attention module and its typed recipe (passes/site_ir.py)."""
 
-    def __init__(self, attention: nn.Module, recipe: dict[str, Any], site_id: int):
+    def __init__(self, attention: nn.Module, recipe: Recipe, site_id: int):
         super().__init__()
         self.attention = attention
         self.recipe = recipe
@@ -138,76 +134,74 @@ class MatmulSiteCall(SiteCall):
     """Replaces `softmax(Q Kᵀ · s + masks) V` written with matmuls."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        recipe = self.recipe
-        for index in recipe["scale_inputs"]:
+        recipe: MatmulRecipe = self.recipe
+        for index in recipe.scale_inputs:
             q = q * tensors[index]
-        if recipe["key_transposed"]:
+        if recipe.key_transposed:
             k = k.transpose(-1, -2)
-        if recipe["leads"] is not None:
+        if recipe.leads is not None:
             return self._regrouped(q, k, v, tensors)
-        masking = combine_mask_terms(recipe["terms"], tensors, q.dtype)
-        out = call_attention(self.attention, q, k, v, masking, scale=recipe["scale"], causal=False,
-                             dropout_p=recipe["dropout_p"], grouped=recipe["grouped"],
-                             head_split=recipe["head_split"])
-        out_dtype = recipe["out_dtype"]
-        return out.to(out_dtype) if out_dtype is not None and out.dtype != out_dtype else out
+        masking = combine_mask_terms(recipe.terms, tensors, q.dtype)
+        out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=False,
+                             dropout_p=recipe.dropout_p, grouped=recipe.grouped, head_split=recipe.head_split)
+        return _in_dtype(out, recipe.out_dtype)
 
 
     def _regrouped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors) -> torch.Tensor:
         """The scores were viewed with other leading dims between the matmuls (bmm round
         trips): compute in the softmax's layout, masks brought to it term by term."""
-        recipe = self.recipe
-        qk_lead, softmax_lead, pv_lead = recipe["leads"]
+        recipe: MatmulRecipe = self.recipe
+        qk_lead, softmax_lead, pv_lead = recipe.leads
         n, m = q.shape[-2], k.shape[-2]
         q = q.expand(*qk_lead, *q.shape[-2:]).reshape(*softmax_lead, *q.shape[-2:])
         k = k.expand(*qk_lead, *k.shape[-2:]).reshape(*softmax_lead, *k.shape[-2:])
         v = v.expand(*pv_lead, *v.shape[-2:]).reshape(*softmax_lead, *v.shape[-2:])
         terms = []
         values = list(tensors)
-        for term in recipe["terms"]:
-            term = dict(term)
-            if tuple(term["layout"]) != tuple(softmax_lead):
-                kind, value = term["value"]
-                if kind == "input":
-                    values.append(values[value].expand(*term["layout"], n, m).reshape(*softmax_lead, n, m))
-                    term["value"] = ("input", len(values) - 1)
+        for term in recipe.terms:
+            if term.layout != tuple(softmax_lead) and isinstance(term.value, Input):
+                values.append(values[term.value.index].expand(*term.layout, n, m).reshape(*softmax_lead, n, m))
+                term = dataclasses.replace(term, value=Input(len(values) - 1))
             terms.append(term)
-        masking = combine_mask_terms(terms, tuple(values), q.dtype)
-        out = call_attention(self.attention, q, k, v, masking, scale=recipe["scale"], causal=False,
-                             dropout_p=recipe["dropout_p"], grouped=False, head_split=recipe["head_split"])
-        out = out.reshape(*pv_lead, n, v.shape[-1])
-        out_dtype = recipe["out_dtype"]
-        return out.to(out_dtype) if out_dtype is not None and out.dtype != out_dtype else out
+        masking = combine_mask_terms(tuple(terms), tuple(values), q.dtype)
+        out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=False,
+                             dropout_p=recipe.dropout_p, grouped=False, head_split=recipe.head_split)
+        return _in_dtype(out.reshape(*pv_lead, n, v.shape[-1]), recipe.out_dtype)
 
 
 class SdpaSiteCall(SiteCall):
     """Replaces `F.scaled_dot_product_attention`."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        recipe = self.recipe
+        recipe: SdpaRecipe = self.recipe
         # SDPA adds a float mask to fp32 scores whatever the inputs' dtype, and gives 0 on rows
         # where every key is masked
         masking = Masking(mask=mask, score_dtype=torch.promote_types(q.dtype, torch.float32), zero_empty_rows=True)
-        out = call_attention(self.attention, q, k, v, masking, scale=recipe["scale"], causal=recipe["causal"],
-                             dropout_p=recipe["dropout_p"], grouped=recipe["grouped"])
-        out_dtype = recipe["out_dtype"]
-        return out.to(out_dtype) if out_dtype is not None and out.dtype != out_dtype else out
+        out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=recipe.causal,
+                             dropout_p=recipe.dropout_p, grouped=recipe.grouped)
+        return _in_dtype(out, recipe.out_dtype)
 
 
-class ModuleSiteCall(SiteCall):
-    """Replaces `F.multi_head_attention_forward` or the fused encoder layer.
-
-    `recipe["arguments"]` maps each argument name to ("input", position) or ("const", value).
-    """
+class LibrarySiteCall(SiteCall):
+    """Replaces `F.multi_head_attention_forward` or the fused encoder layer (passes/mha.py)."""
 
     _functions = {"mha": multi_head_attention_forward, "encoder-layer": encoder_layer_forward}
 
     def forward(self, *tensors: torch.Tensor) -> Any:
-        arguments = {name: _materialize(spec, tensors) for name, spec in self.recipe["arguments"].items()}
-        function = self._functions[self.recipe["kind"]]
-        if self.recipe.get("eager_fused_path"):
+        recipe: LibraryRecipe = self.recipe
+        arguments = recipe.bind(tensors)
+        if recipe.eager_fused_path:
             arguments["eager_fused_path"] = True
-        return function(self.attention, **arguments)
+        return self._functions[recipe.function](self.attention, **arguments)
 
 
-SITE_CALLS = {"matmul": MatmulSiteCall, "sdpa": SdpaSiteCall, "mha": ModuleSiteCall, "encoder-layer": ModuleSiteCall}
+def _in_dtype(out: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return out.to(dtype) if dtype is not None and out.dtype != dtype else out
+
+
+_SITE_CALLS = {MatmulRecipe: MatmulSiteCall, SdpaRecipe: SdpaSiteCall, LibraryRecipe: LibrarySiteCall}
+
+
+def site_call(attention: nn.Module, recipe: Recipe, site_id: int) -> SiteCall:
+    """The runtime module that computes a site with `attention`, for its recipe's form."""
+    return _SITE_CALLS[type(recipe)](attention, recipe, site_id)

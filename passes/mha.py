@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnopt.passes.eager_paths import eager_takes_fast_path
+from .eager_paths import eager_takes_fast_path
 
 from .masking import Masking, run_attention
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .numerics import MASKED_AT_OR_BELOW
+from attnopt.numerics import MASKED_AT_OR_BELOW
 
 
 @dataclasses.dataclass

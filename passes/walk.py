@@ -1,0 +1,164 @@
+"""Walking the graph from a node through ops that do not change what it means.
+
+One table (`TRANSPARENT`) says which ops a walk may pass and how: VALUE ops leave every value
+where it was (casts, copies), VIEW ops regroup leading dims, LAYOUT ops move dims. Each walk
+below names the kinds it passes; all share one depth limit. Adding an idiom that is "the same
+tensor, spelled differently" is one row here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .fx_utils import arg, normalize_dim, op_name, shape_of
+
+VALUE, VIEW, LAYOUT = "value", "view", "layout"
+TRANSPARENT: dict[str, str] = {
+    "to": VALUE, "clone": VALUE, "contiguous": VALUE,
+    "view": VIEW, "reshape": VIEW, "flatten": VIEW,
+    "transpose": LAYOUT, "permute": LAYOUT, "mT": LAYOUT, "t": LAYOUT, "swapaxes": LAYOUT, "swapdims": LAYOUT,
+}
+"""Op name → how it changes a tensor without changing its values."""
+
+VALUE_OPS = frozenset(op for op, kind in TRANSPARENT.items() if kind == VALUE)
+LAYOUT_OPS = frozenset(op for op, kind in TRANSPARENT.items() if kind == LAYOUT)
+WALK_DEPTH = 12
+"""How many ops any walk passes before it gives up."""
+
+
+def keeps_last_two(a: Any, b: Any) -> bool:
+    """A view that only regroups leading (batch/head) dims, keeping (queries, keys)."""
+    sa, sb = shape_of(a), shape_of(b)
+    return sa is not None and sb is not None and len(sa) >= 2 and len(sb) >= 2 and sa[-2:] == sb[-2:]
+
+def reaches_matmul(node: Any, depth: int = WALK_DEPTH) -> bool:
+    """Whether the scores path from `node` leads up to a matmul (through values, regrouping
+    views, masks and scales)."""
+    while isinstance(node, fx.Node) and depth > 0:
+        if node.target is torch.matmul:
+            return True
+        name = op_name(node)
+        if name in VALUE_OPS or name in ("masked_fill", "div") or (
+                TRANSPARENT.get(name) == VIEW and keeps_last_two(node.args[0], node)):
+            node = node.args[0]
+        elif name in ("mul", "add") and len(node.args) == 2:
+            return any(reaches_matmul(a, depth - 1) for a in node.args
+                       if isinstance(a, fx.Node) and shape_of(a) == shape_of(node))
+        elif name == "where" and len(node.args) == 3:
+            return any(reaches_matmul(a, depth - 1) for a in node.args[1:] if isinstance(a, fx.Node))
+        else:
+            return False
+        depth -= 1
+    return False
+
+def unwrap_key(kt_operand: fx.Node) -> tuple[fx.Node, fx.Node | None, int | None]:
+    """For Kᵀ = transpose(repeat(K)), return (Kᵀ, K before repetition, its head count)."""
+    if op_name(kt_operand) not in LAYOUT_OPS:
+        return kt_operand, None, None
+    shape = shape_of(kt_operand)
+    inner = kt_operand.args[0]
+    inner_shape = shape_of(inner)
+    if shape is None or inner_shape is None or len(shape) != 4:
+        return kt_operand, None, None
+    if inner_shape[:2] != shape[:2] or inner_shape[2:] != (shape[3], shape[2]):
+        return kt_operand, None, None
+    _, peeled = peel_repeat(inner)
+    if peeled is None:
+        return kt_operand, None, None
+    return kt_operand, peeled, shape_of(peeled)[1]
+
+def peel_repeat(node: Any) -> tuple[Any, fx.Node | None]:
+    """If `node` repeats the heads of a (B, Hkv, M, d) tensor, return that tensor."""
+    shape = shape_of(node)
+    if shape is None or len(shape) != 4:
+        return node, None
+    name = op_name(node)
+    if name == "repeat_interleave":
+        source = node.args[0]
+        dim = arg(node, 2, "dim")
+        source_shape = shape_of(source)
+        if source_shape is not None and len(source_shape) == 4 and dim in (1, -3):
+            if source_shape[0] == shape[0] and source_shape[2:] == shape[2:] and shape[1] % source_shape[1] == 0:
+                return node, source
+        return node, None
+    if name in ("reshape", "view") or _flattens_dims_1_2(node):
+        expanded = node.args[0]
+        if op_name(expanded) != "expand":
+            return node, None
+        unsqueezed = expanded.args[0]
+        expanded_shape = shape_of(expanded)
+        source = _unsqueezed_at_2(unsqueezed)
+        source_shape = shape_of(source)
+        if source is None or expanded_shape is None or source_shape is None or len(expanded_shape) != 5:
+            return node, None
+        batch, kv_heads, repeats, length, dim = expanded_shape
+        if source_shape == (batch, kv_heads, length, dim) and shape == (batch, kv_heads * repeats, length, dim):
+            return node, source
+    return node, None
+
+def _flattens_dims_1_2(node: fx.Node) -> bool:
+    """`x.flatten(1, 2)` / `torch.flatten(x, 1, 2)` of a 5-D x (negative dims allowed)."""
+    if op_name(node) != "flatten" or not isinstance(node.args[0], fx.Node):
+        return False
+    source_shape = shape_of(node.args[0])
+    if source_shape is None or len(source_shape) != 5:
+        return False
+    start, end = arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)
+    if not isinstance(start, int) or not isinstance(end, int):
+        return False
+    return normalize_dim(start, 5) == 1 and normalize_dim(end, 5) == 2
+
+def _unsqueezed_at_2(node: Any) -> fx.Node | None:
+    """x for `x.unsqueeze(2)` or `x[:, :, None]` / `x[:, :, None, :, :]`, else None."""
+    name = op_name(node)
+    if name == "unsqueeze" and arg(node, 1, "dim") in (2, -3):
+        return node.args[0]
+    if name == "getitem" and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        full = slice(None, None, None)
+        if len(index) >= 3 and index[0] == full and index[1] == full and index[2] is None \
+                and all(i == full or i is Ellipsis for i in index[3:]):
+            return node.args[0]
+    return None
+
+def head_split(q_operand: fx.Node, scores_shape: tuple[int, ...], softmax_lead: tuple[int, ...] = ()) -> tuple[int, int] | None:
+    """(B, H) when 3-D scores come from a (B, H, N, d) tensor folded to (B·H, N, d)."""
+    if len(softmax_lead) == 2:
+        return softmax_lead
+    if len(scores_shape) != 3:
+        return None
+    node = q_operand
+    for _ in range(WALK_DEPTH):
+        if not isinstance(node, fx.Node):
+            return None
+        shape = shape_of(node)
+        if shape is not None and len(shape) == 4 and shape[0] * shape[1] == scores_shape[0]:
+            return shape[0], shape[1]
+        if TRANSPARENT.get(op_name(node)) in (VALUE, VIEW) or op_name(node) == "mul":
+            node = node.args[0]
+        else:
+            return None
+    return None
+
+def upstream_factor(node: Any) -> float:
+    """Python-number scale already applied to an operand (Q·s before QKᵀ), for the report."""
+    factor = 1.0
+    for _ in range(WALK_DEPTH):
+        if not isinstance(node, fx.Node):
+            break
+        name = op_name(node)
+        if name == "mul" and len(node.args) == 2:
+            a, b = node.args
+            number = a if isinstance(a, (int, float)) else b if isinstance(b, (int, float)) else None
+            if number is None:
+                break
+            factor *= float(number)
+            node = b if number is a else a
+        elif name in TRANSPARENT:
+            node = node.args[0]
+        else:
+            break
+    return factor
