@@ -15,7 +15,7 @@ from .capture import CompiledCall, capture, check_inputs, compiling_context, own
 from .planner import Budget
 from .policies import BudgetPolicy, ExactPolicy, Policy, VariantPolicy
 from .report import Report
-from .variants import config_for, mediator_timestep
+from .variants import ExactConfig, config_for, mediator_timestep
 
 
 def inspect(model: nn.Module | Callable, args: tuple = (), kwargs: dict | None = None) -> Report:
@@ -78,16 +78,14 @@ def _check_model(model: Any, verb: str) -> None:
 
 
 def _variant_policy(variant: str, params: dict[str, Any]) -> Policy:
-    if variant == "exact":
-        if params:
-            raise AttnoptError(f"the exact variant takes no parameters, got {sorted(params)}.")
-        return ExactPolicy()
     try:
-        return VariantPolicy(config_for(variant, **params))
+        config = config_for(variant, **params)
     except KeyError as unknown:
         raise AttnoptError(str(unknown.args[0])) from None
     except (TypeError, ValueError) as bad:
         raise AttnoptError(f"bad parameters for the {variant} variant: {bad}") from None
+    # the exact op stands in for any site unmeasured: no analysing run, no per-instance plans
+    return ExactPolicy() if isinstance(config, ExactConfig) else VariantPolicy(config)
 
 
 def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, timestep_arg: str | None) -> AttnoptModule:

@@ -34,7 +34,7 @@ from attnopt.passes.verify import verify
 
 from .analysis import run_graph
 from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
-from .policies import GraphRequest, Policy
+from .policies import Choice, Choices, GraphRequest, Policy
 from .report import Report, Site
 from .variants import ExactAttention
 
@@ -110,56 +110,81 @@ class AttnoptBackend:
 
     def compile_for(self, gm: fx.GraphModule, args: tuple[Any, ...], graph_index: int,
                     state: list[torch.Tensor] = ()) -> Callable:
-        """Analyse and (if a policy is set) rewrite `gm` for the concrete `args`.
+        """Analyse and (if a policy is set) rewrite `gm` for the concrete `args`: a pipeline of
+        steps that return values — eager paths restored → canonicalize → detect and verify →
+        decide → rewrite → check — with the report written here and nowhere else.
 
-        `state`: the parameters and buffers the call passes when the policy plans per instance.
-        The graph's sites are new records; when every rewritable one has the identity of a site
-        decided in an earlier graph for the same instance, those decisions are reused instead
-        of planning again — and the rewritten graph is still checked end to end on its own."""
+        `state`: the parameters and buffers the call passes when the policy plans per instance."""
         signature = describe_inputs(args)
         # what eager runs where dynamo traced another path: the reference for every check, and
         # what runs when nothing is rewritten
-        gm = restore_eager_paths(fx.GraphModule(gm, copy.deepcopy(gm.graph)))
-        work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        reference = restore_eager_paths(fx.GraphModule(gm, copy.deepcopy(gm.graph)))
+        work, mutated = self._canonical(reference, args)
+        found = self._sites(work, signature, graph_index)
+        rewritable = [(site, match) for site, match, _ in found if site.rewritable]
+        if self.policy is None or not rewritable:
+            return reference
+        choices = self._decide(GraphRequest(work, args, mutated, rewritable, graph_index, signature), found, state)
+        modules = self._record(choices, found, state)
+        if not modules:
+            return reference
+        rewritten = rewritten_copy(work, [(match, site_call(modules[site.id], match.recipe, site.id), site.id)
+                                          for site, match in rewritable if site.id in modules])
+        if not self.check:
+            return rewritten
+        exact = all(isinstance(module, ExactAttention) for module in modules.values())
+        problem = self._end_to_end(reference, rewritten, args, mutated, exact, graph_index, signature)
+        if problem is None:
+            return rewritten
+        for site, _ in rewritable:
+            self._chosen.pop(site.id, None)
+            site.decision = None
+            site.rewritable = False
+            site.reason = problem
+        return reference
+
+    def _canonical(self, reference: fx.GraphModule, args: tuple[Any, ...]) -> tuple[fx.GraphModule, set[int]]:
+        """A canonicalized copy of `reference` with concrete shapes on every node, and the
+        positions of the inputs it writes to in place."""
+        work = fx.GraphModule(reference, copy.deepcopy(reference.graph))
         mutated = _propagate_meta(work, args)
         canonicalize(work)
         _propagate_meta(work, args)
         self._note_opaque_regions(work)
+        return work, mutated
+
+    def _sites(self, work: fx.GraphModule, signature: str, graph_index: int) -> list[tuple[Site, SiteMatch, tuple]]:
+        """Every detected site as a verified report record, with its match and its identity."""
         occurrences: collections.Counter = collections.Counter()
-        found = [(self._site_for(match, signature, graph_index), match, _identity(match, signature, occurrences))
-                 for match in detect(work, subgraphs=True)]
-        rewritable = [(site, match) for site, match, _ in found if site.rewritable]
-        if self.policy is None or not rewritable:
-            return gm
+        return [(self._site_for(match, signature, graph_index), match, _identity(match, signature, occurrences))
+                for match in detect(work, subgraphs=True)]
+
+    def _decide(self, request: GraphRequest, found: list[tuple[Site, SiteMatch, tuple]],
+                state: list[torch.Tensor]) -> Choices:
+        """The policy's choices for the graph's rewritable sites — or, when every one of them has
+        the identity of a site decided in an earlier graph for the same instance (another grad
+        mode, a failed guard), those decisions again, without planning anew."""
         earlier = {site.id: self._earlier(identity, state) for site, _, identity in found if site.rewritable}
-        if all(prior is not None for prior in earlier.values()):
-            for site, _ in rewritable:
-                prior = earlier[site.id]
-                site.decision = prior.decision
-                if prior.id in self._chosen:
-                    self._chosen[site.id] = self._chosen[prior.id]
-        else:
-            request = GraphRequest(work, args, mutated, rewritable, graph_index, signature)
-            self._chosen.update(self.policy.choose(request, self.report))
+        if not all(prior is not None for prior in earlier.values()):
+            return self.policy.choose(request)
+        return Choices(sites={site_id: Choice(prior.decision, self._chosen.get(prior.id))
+                              for site_id, prior in earlier.items()})
+
+    def _record(self, choices: Choices, found: list[tuple[Site, SiteMatch, tuple]],
+                state: list[torch.Tensor]) -> dict[int, nn.Module]:
+        """Write the choices into the report; return site id → attention module to rewrite with."""
         for site, _, identity in found:
-            if site.rewritable and site.decision is not None and identity not in self._decided:
+            choice = choices.sites.get(site.id)
+            if not site.rewritable or choice is None:
+                continue
+            site.decision = choice.decision
+            if choice.module is not None:
+                self._chosen[site.id] = choice.module
+            if identity not in self._decided:
                 self._decided[identity] = (site, [weakref.ref(t) for t in state])
-        replacements = [(match, site_call(self._chosen[site.id], match.recipe, site.id), site.id)
-                        for site, match in rewritable if site.id in self._chosen]
-        if not replacements:
-            return gm
-        rewritten = rewritten_copy(work, replacements)
-        if self.check:
-            exact = all(site.decision.variant == "exact" for site, _ in rewritable if site.id in self._chosen)
-            problem = self._end_to_end(gm, rewritten, args, mutated, exact, graph_index, signature)
-            if problem is not None:
-                for site, _ in rewritable:
-                    self._chosen.pop(site.id, None)
-                    site.decision = None
-                    site.rewritable = False
-                    site.reason = problem
-                return gm
-        return rewritten
+        if choices.plan is not None:
+            self.report.add_plan(choices.plan)
+        return {site.id: self._chosen[site.id] for site, _, _ in found if site.id in self._chosen}
 
     def _earlier(self, identity: tuple, state: list[torch.Tensor]) -> Site | None:
         """The site decided in an earlier graph with this identity, for these same weights."""

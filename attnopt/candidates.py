@@ -2,10 +2,10 @@
 
 For each variant config: refuse it (with the variant's own sentence) or build its site module
 from the captured example, measure its relative error against the exact output at that site,
-and price it with the cost model — predicted seconds, FLOPs and the sequence length from which
-it pays off. The site's original attention is the baseline: error 0, priced as fused when the
-model called a fused kernel (SDPA, MultiheadAttention) and as three kernels when it wrote the
-matmuls out.
+and price it with its spec's cost formula — predicted seconds, FLOPs and the sequence length
+from which it pays off. The site's original attention is the baseline: error 0, priced by the
+exact spec's formula — fused when the model called a fused kernel (SDPA, MultiheadAttention),
+as three kernels when it wrote the matmuls out — and shown as `report.KEPT` ("softmax").
 """
 
 from __future__ import annotations
@@ -21,26 +21,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import costmodel
 from .analysis import SiteCapture
-from .planner import Candidate
-from .report import Site
 from .numerics import output_error
+from .planner import Candidate
+from .report import KEPT, Site
 from .variants import (
-    AgentConfig,
     ExactConfig,
-    LinearConfig,
-    MediatorConfig,
     SiteInfo,
     build_site_module,
-    handler_for,
-    infer_grid,
     mask_kind_of,
     refusal,
+    spec_for,
+    specs,
 )
 
 FUSED_FORMS = frozenset({"sdpa", "mha", "encoder-layer"})
 """Site forms whose original attention is one fused kernel call."""
 
-BASELINE = "softmax"
+EXACT = spec_for(ExactConfig())
+"""The spec whose formula prices the model's own attention."""
 
 
 def site_info_of(site: Site, capture: SiteCapture) -> SiteInfo:
@@ -54,38 +52,14 @@ def site_info_of(site: Site, capture: SiteCapture) -> SiteInfo:
     causal = capture.causal or mask_kind == "causal"
     return SiteInfo(B=q.shape[0], H=q.shape[1], Hkv=k.shape[1], N=q.shape[2], M=k.shape[2], d=q.shape[3],
                     e=v.shape[3], causal=causal, mask_kind="causal" if causal else mask_kind,
-                    dropout=capture.dropout_p, dtype=q.dtype, scale=capture.scale)
-
-
-def shape_of(info: SiteInfo) -> dict[str, int]:
-    return {"B": info.B, "H": info.H, "Hkv": info.Hkv, "N": info.N, "M": info.M, "d": info.d, "e": info.e}
+                    dropout=capture.dropout_p, dtype=q.dtype, scale=capture.scale, device=q.device.type)
 
 
 def default_candidates(info: SiteInfo) -> list[Any]:
-    """The variant configs `optimize` tries at a site when the caller gives none.
-
-    Agent attention at several agent fractions (and pooled on the token grid when N spells one),
-    linear attention with each fixed feature map, mediators at two counts, and attnopt's exact op.
-    Measured error then decides which of them is faithful enough for this model.
-    """
-    configs: list[Any] = [ExactConfig()]
-    grid = infer_grid(info.N) is not None
-    for fraction in (0.25, 0.2, 0.1, 0.05, 0.02):
-        configs.append(AgentConfig(agent_fraction=fraction))
-        if grid:
-            configs.append(AgentConfig(agent_fraction=fraction, infer_grid=True))
-    configs += [LinearConfig(feature_map=name) for name in ("focused", "elu1", "relu")]
-    configs += [MediatorConfig(n_mediators=count) for count in (64, 16)]
-    return configs
-
-
-def variant_name(config: Any) -> str:
-    return handler_for(config).name
-
-
-def params_of(config: Any) -> dict[str, Any]:
-    """A config's fields as plain data for reports."""
-    return dataclasses.asdict(config)
+    """The variant configs `optimize` tries at a site when the caller gives none: every registered
+    variant's own grid (its spec's `candidates`), in registration order. Measured error then
+    decides which of them is faithful enough for this model."""
+    return [config for spec in specs() for config in spec.candidates(info)]
 
 
 class CausalMaskAttention(nn.Module):
@@ -144,28 +118,26 @@ class Evaluated:
     row: dict[str, Any]
 
 
-def _price(name: str, info: SiteInfo, device: Any, **cost_params: Any) -> tuple[float, int, int | None]:
-    shape = shape_of(info)
-    seconds = costmodel.estimate_seconds(name, shape, device, info.dtype, **cost_params)
-    flops = costmodel.flops(name, shape, **cost_params)
-    pays_off = None if name == "exact" else costmodel.break_even_length(name, shape, device, info.dtype, **cost_params)
-    return seconds, flops, pays_off
+def _price(cost: costmodel.CostFormula, info: SiteInfo, device: Any) -> tuple[float, int]:
+    """Predicted seconds and FLOPs of one call costing `cost` at the site."""
+    return costmodel.estimate_seconds(cost, info.shape, device, info.dtype), costmodel.flops(cost, info.shape)
 
 
 def baseline(site: Site, info: SiteInfo, device: Any) -> Evaluated:
     """The site's own softmax attention: error 0, priced by how the model computed it."""
-    fused = site.form in FUSED_FORMS
-    seconds, flops, _ = _price("exact", info, device, fused=fused)
-    candidate = Candidate(variant=BASELINE, params={"fused": fused}, est_seconds=seconds, flops=flops, error=0.0)
-    row = {"variant": BASELINE, "params": {"fused": fused}, "est_seconds": seconds, "flops": flops, "error": 0.0,
+    params = {"fused": site.form in FUSED_FORMS}
+    seconds, flops = _price(EXACT.cost(**params), info, device)
+    candidate = Candidate(variant=KEPT, params=params, est_seconds=seconds, flops=flops, error=0.0)
+    row = {"variant": KEPT, "params": params, "shown": params, "est_seconds": seconds, "flops": flops, "error": 0.0,
            "pays_off_from_N": None, "refused": None}
     return Evaluated(None, None, candidate, row)
 
 
 def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any) -> Evaluated:
     """Refuse `config` at the site, or build it from the capture, measure its error and price it."""
-    name, params = variant_name(config), params_of(config)
-    row: dict[str, Any] = {"variant": name, "params": params}
+    spec = spec_for(config)
+    params = dataclasses.asdict(config)
+    row: dict[str, Any] = {"variant": spec.name, "params": params, "shown": spec.shown_params(config)}
     reason = refusal(config, info)
     module = None
     if reason is None:
@@ -186,11 +158,10 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any) -> 
         return Evaluated(config, None, None, row | {"refused": reason})
     if error == float("inf"):
         return Evaluated(config, None, None, row | {"refused": "it produced non-finite values where softmax attention does not."})
-    cost_params = config.cost_params(info) | {"kernel_calls": counter.calls}
-    if name == "exact":  # attnopt's exact op is a fused kernel on CUDA, matmul-softmax-matmul elsewhere
-        cost_params = {"fused": capture.q.is_cuda, "kernel_calls": counter.calls}
-    seconds, flops, pays_off = _price(name, info, device, **cost_params)
-    candidate = Candidate(variant=name, params=params, est_seconds=seconds, flops=flops, error=error)
+    cost = spec.formula(config, info).with_kernel_calls(counter.calls)
+    seconds, flops = _price(cost, info, device)
+    pays_off = costmodel.break_even_length(cost, info.shape, device, info.dtype)
+    candidate = Candidate(variant=spec.name, params=params, est_seconds=seconds, flops=flops, error=error)
     row |= {"est_seconds": seconds, "flops": flops, "error": error, "pays_off_from_N": pays_off, "refused": None}
     return Evaluated(config, module, candidate, row)
 

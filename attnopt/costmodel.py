@@ -1,9 +1,11 @@
 """Predict what an attention variant costs: FLOPs, bytes moved and roofline seconds on a device.
 
 The planner compares softmax, agent, mediator and linear attention at every site before running
-any of them. Each variant has one sympy formula (`FORMULAS`) in the shape symbols B, H, Hkv, N, M,
-d, e, n and dtype_bytes; evaluating it substitutes a site's shape. Seconds come from a roofline on
-a `DeviceProfile` measured once per machine, thread count and dtype, and cached as JSON.
+any of them. Each variant's spec (attnopt.variants) gives its cost as a `CostFormula`: sympy
+expressions in the shape symbols B, H, Hkv, N, M, d, e, n and dtype_bytes, composed from the
+building blocks here (softmax_attention, two_stage, value_shortcut, pooling, ...). Evaluating one
+substitutes a site's shape. Seconds come from a roofline on a `DeviceProfile` measured once per
+machine, thread count and dtype, and cached as JSON.
 
 Conventions (what a "FLOP", an "element op" and a "byte" mean here):
 - FLOPs count contractions (matmuls), 2 per multiply-add, as torch.utils.flop_counter does, so the
@@ -54,9 +56,16 @@ class CostFormula:
     def __add__(self, other: CostFormula) -> CostFormula:
         return CostFormula(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
+    def with_kernel_calls(self, kernel_calls: Expr) -> CostFormula:
+        """The same work in the number of kernels one call really launches (counted on the built module)."""
+        return dataclasses.replace(self, kernel_calls=kernel_calls)
 
-def _exact(fused: bool = True, **cost_free_params: Any) -> CostFormula:
-    """softmax(QKᵀ)V: N·M·(d+e) multiply-adds; fused (SDPA/flash) or as three separate kernels."""
+
+def softmax_attention(fused: bool = True) -> CostFormula:
+    """softmax(QKᵀ)V: N·M·(d+e) multiply-adds; fused (SDPA/flash) or as three separate kernels.
+
+    The exact variant's formula, and the model's own attention that every variant is compared with.
+    """
     scores = B * H * N * M
     unfused_traffic = 4 * dtype_bytes * scores  # scores written, softmax reads + writes, PV reads
     return CostFormula(
@@ -67,7 +76,7 @@ def _exact(fused: bool = True, **cost_free_params: Any) -> CostFormula:
     )
 
 
-def _two_stage(n_tokens: Expr) -> CostFormula:
+def two_stage(n_tokens: Expr) -> CostFormula:
     """Tokens attend to K, V (n·M·(d+e)); queries attend to the tokens (N·n·(d+e)); agent and mediator share it."""
     small_scores = B * H * (n_tokens * M + N * n_tokens)
     return CostFormula(
@@ -82,17 +91,18 @@ def _two_stage(n_tokens: Expr) -> CostFormula:
     )
 
 
-def _value_shortcut(n_offsets: int) -> CostFormula:
-    """out = w₀·attention + Σ_o w_o·v_(i+o): shift, stack and weigh N·e values per offset."""
+def value_shortcut(n_offsets: int) -> CostFormula:
+    """out = w₀·attention + Σ_o w_o·v_(i+o): one pass weighs the output (read, written), then one
+    in-place multiply-add per offset reads a shifted slice of V and reads and writes the output."""
     return CostFormula(
         flops=0,
-        elementwise_ops=B * H * N * e * (1 + 3 * n_offsets),
-        bytes_moved=dtype_bytes * B * H * N * e * (2 + 6 * n_offsets),
-        kernel_calls=1 + 3 * n_offsets,
+        elementwise_ops=B * H * N * e * (1 + n_offsets),
+        bytes_moved=dtype_bytes * B * H * N * e * (2 + 3 * n_offsets),
+        kernel_calls=1 + n_offsets,
     )
 
 
-def _pooling(n_tokens: Expr) -> CostFormula:
+def pooling(n_tokens: Expr) -> CostFormula:
     """Tokens as means of N/n consecutive queries (adaptive average pooling): one pass over Q."""
     return CostFormula(
         flops=0,
@@ -102,7 +112,7 @@ def _pooling(n_tokens: Expr) -> CostFormula:
     )
 
 
-def _kmeans(n_tokens: Expr, iterations: int, window: int | None) -> CostFormula:
+def kmeans(n_tokens: Expr, iterations: int, window: int | None) -> CostFormula:
     """Lloyd iterations from the pooled tokens: assign each query to its nearest token, re-average.
 
     Global assignment is a matmul Q·Tᵀ (N·n·d multiply-adds); local assignment (`window` nearest
@@ -115,11 +125,11 @@ def _kmeans(n_tokens: Expr, iterations: int, window: int | None) -> CostFormula:
         CostFormula(flops=0, elementwise_ops=5 * B * H * N * sympy.Min(window, n_tokens) * d,
                     bytes_moved=3 * dtype_bytes * B * H * N * sympy.Min(window, n_tokens) * d, kernel_calls=8)
     )
-    per_iteration = assignment + _pooling(n_tokens)
+    per_iteration = assignment + pooling(n_tokens)
     return CostFormula(*(iterations * term for term in dataclasses.astuple(per_iteration)))
 
 
-def _bipartite(n_tokens: Expr) -> CostFormula:
+def bipartite(n_tokens: Expr) -> CostFormula:
     """ToMe-style merging: rounds halve the T tokens, each with a (T/2)×(T/2) cosine similarity.
 
     Summed over the rounds from N down to n, the similarities cost (N² − n²)/3 · d multiply-adds —
@@ -134,90 +144,27 @@ def _bipartite(n_tokens: Expr) -> CostFormula:
     )
 
 
-def _agent(
-    n_agents: Expr = n,
-    selection: str = "pool",
-    kmeans_iterations: int = 3,
-    kmeans_window: int | None = None,
-    shortcut_offsets: tuple[int, ...] = (),
-    **cost_free_params: Any,
-) -> CostFormula:
-    """Agent attention: n agents selected from Q of this call, two stages, and the V shortcut if any."""
-    selections = {
-        "pool": lambda: _pooling(n_agents),
-        "kmeans": lambda: _pooling(n_agents) + _kmeans(n_agents, kmeans_iterations, kmeans_window),
-        "bipartite": lambda: _bipartite(n_agents),
-    }
-    select = _lookup(selections, selection, "agent selection")
-    return select() + _two_stage(n_agents) + _value_shortcut(len(shortcut_offsets))
+def outlier_split(n_outliers: Expr) -> CostFormula:
+    """Take the n_outliers queries farthest from their token out as tokens of their own.
 
-
-def _mediator(n_mediators: Expr = n, shortcut_offsets: tuple[int, ...] = (), **cost_free_params: Any) -> CostFormula:
-    """Mediator attention: learned tokens (no selection cost), two stages, and the V shortcut if any."""
-    return _two_stage(n_mediators) + _value_shortcut(len(shortcut_offsets))
-
-
-FEATURE_MAPS: dict[str, tuple[int, Expr]] = {
-    "identity": (0, 0),
-    "relu": (1, 0),
-    "elu1": (2, 0),
-    "focused": (6, 0),
-    "learned": (2, d),
-}
-"""Feature map φ → (element ops, multiply-adds) per feature: elu then +1; focused = relu, power,
-two norms and a rescale; learned = a d×d matmul then elu+1."""
-
-
-def _linear(feature_map: str = "elu1", normalization: str = "sum", **cost_free_params: Any) -> CostFormula:
-    """Linear attention φ(Q)(φ(K)ᵀV) normalised by φ(Q)·Σφ(K), through the d×e state per kv head.
-
-    Counted as attnopt.kernels' FLOP formula counts it (the key sum Σφ(K) as M·d multiply-adds);
-    "inline" normalisation adds Σv and a mean correction per output row.
+    One pass over Q for the distances (subtract, square, sum), a top-k over N, and gathers and
+    scatters of the n_outliers chosen queries; nothing when n_outliers is 0.
     """
-    feature_ops, feature_macs = _lookup(FEATURE_MAPS, feature_map, "feature map")
-    queries, keys = B * H * N, B * Hkv * M
-    normalizations = {"sum": queries * d + keys * d, "inline": (queries + keys) * (d + e)}
-    normaliser_macs = _lookup(normalizations, normalization, "normalization")
+    if n_outliers == 0:
+        return CostFormula(0, 0, 0, 0)
     return CostFormula(
-        flops=2 * ((keys + queries) * d * e + normaliser_macs + (queries + keys) * d * feature_macs),
-        elementwise_ops=feature_ops * (queries + keys) * d + queries * e,  # φ, then the division
-        bytes_moved=dtype_bytes * (
-            2 * (queries + keys) * d  # feature maps read Q, K and write φ(Q), φ(K)
-            + 2 * keys * d + keys * e + B * Hkv * d * (e + 1)  # state and key sum read φ(K), V
-            + 2 * queries * d + queries * (1 + 3 * e)  # output and normaliser read φ(Q); division
-        ),
-        kernel_calls=9,  # φ(Q), φ(K) two each (map, +1); state, key sum, output, normaliser, divide
+        flops=0,
+        elementwise_ops=B * H * (3 * N * d + N + 3 * n_outliers * d),
+        bytes_moved=dtype_bytes * B * H * (2 * N * d + N + 4 * n_outliers * d),
+        kernel_calls=8,
     )
 
 
-FORMULAS: dict[str, Callable[..., CostFormula]] = {
-    "exact": _exact,
-    "softmax": _exact,
-    "agent": _agent,
-    "mediator": _mediator,
-    "linear": _linear,
-}
-"""Variant name → builder of its CostFormula from the variant's params.
-
-"softmax" is the model's own attention, costed as exact. Builders ignore params that do not change
-the cost (scale, temperature, power, eps, ...), so a variant's full params can be passed.
-"""
-
-
-def _lookup(table: Mapping[str, Any], key: str, what: str) -> Any:
+def lookup(table: Mapping[str, Any], key: str, what: str) -> Any:
+    """`table[key]`, or a KeyError naming `what` and the keys there are (for the formulas' option tables)."""
     if key not in table:
         raise KeyError(f"unknown {what} {key!r}; expected one of {sorted(table)}")
     return table[key]
-
-
-def formula(variant: str, kernel_calls: Expr | None = None, **params: Any) -> CostFormula:
-    """The symbolic cost of `variant` with `params` (e.g. n_agents=64; left out, n stays a symbol).
-
-    kernel_calls: the number of kernels one call really launches, when counted on the built
-    module (attnopt.candidates counts the aten ops it dispatches); it replaces the formula's count.
-    """
-    cost = _lookup(FORMULAS, variant, "attention variant")(**params)
-    return cost if kernel_calls is None else dataclasses.replace(cost, kernel_calls=kernel_calls)
 
 
 def _substitutions(shape: Mapping[str, int], dtype: torch.dtype) -> dict[sympy.Symbol, int]:
@@ -235,14 +182,14 @@ def _evaluate(expression: Expr, shape: Mapping[str, int], dtype: torch.dtype) ->
     return value
 
 
-def flops(variant: str, shape: Mapping[str, int], **params: Any) -> int:
-    """FLOPs (2 per multiply-add of the matmuls) of one call of `variant` at `shape` {B,H,Hkv,N,M,d,e}."""
-    return int(round(_evaluate(formula(variant, **params).flops, shape, torch.float32)))
+def flops(cost: CostFormula, shape: Mapping[str, int]) -> int:
+    """FLOPs (2 per multiply-add of the matmuls) of one call costing `cost` at `shape` {B,H,Hkv,N,M,d,e}."""
+    return int(round(_evaluate(cost.flops, shape, torch.float32)))
 
 
-def bytes_moved(variant: str, shape: Mapping[str, int], dtype: torch.dtype = torch.float32, **params: Any) -> int:
-    """Bytes read and written by one call of `variant` at `shape` with tensors of `dtype`."""
-    return int(round(_evaluate(formula(variant, **params).bytes_moved, shape, dtype)))
+def bytes_moved(cost: CostFormula, shape: Mapping[str, int], dtype: torch.dtype = torch.float32) -> int:
+    """Bytes read and written by one call costing `cost` at `shape` with tensors of `dtype`."""
+    return int(round(_evaluate(cost.bytes_moved, shape, dtype)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,14 +346,12 @@ def roofline_seconds(
 
 
 def estimate_seconds(
-    variant: str,
+    cost: CostFormula,
     shape: Mapping[str, int],
     device: DeviceProfile | torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    **params: Any,
 ) -> float:
-    """Predicted seconds of one call of `variant` at `shape` on `device` (None: this machine's CPU)."""
-    cost = formula(variant, **params)
+    """Predicted seconds of one call costing `cost` at `shape` on `device` (None: this machine's CPU)."""
     evaluated = CostFormula(*(float(_evaluate(term, shape, dtype)) for term in dataclasses.astuple(cost)))
     return _seconds(evaluated, resolve_profile(device, dtype))
 
@@ -436,27 +381,28 @@ def _positive_roots(expression: sympy.Expr) -> list[float]:
 
 
 def break_even_length(
-    variant: str,
+    cost: CostFormula,
     shape: Mapping[str, int],
     device: DeviceProfile | torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    **params: Any,
+    baseline: CostFormula | None = None,
 ) -> int | None:
-    """Smallest N (with M = N) from which `variant` is predicted faster than fused exact attention.
+    """Smallest N (with M = N) from which `cost` is predicted below `baseline` (default: fused softmax attention).
 
     `shape` supplies B, H, Hkv, d, e (its N and M are ignored). Each roofline time is the larger of
     two terms in N (compute, memory) plus a constant, so which variant is faster can only change
     where two of the four terms cross; sympy finds those crossings, and the sign on each interval
     between them decides. None when the variant never becomes (and stays) faster.
     """
+    baseline = softmax_attention() if baseline is None else baseline
     profile = resolve_profile(device, dtype)
     fixed = {symbol: value for symbol, value in _substitutions(shape, dtype).items() if symbol not in (N, M)}
 
-    def terms(name: str, variant_params: Mapping[str, Any]) -> list[sympy.Expr]:
-        compute, memory, overhead = _roofline_terms(formula(name, **variant_params), profile)
+    def terms(formula: CostFormula) -> list[sympy.Expr]:
+        compute, memory, overhead = _roofline_terms(formula, profile)
         return [sympy.sympify(term + overhead).subs(fixed).subs(M, N) for term in (compute, memory)]
 
-    exact_terms, variant_terms = terms("exact", {}), terms(variant, params)
+    exact_terms, variant_terms = terms(baseline), terms(cost)
 
     def variant_faster(length: float) -> bool:
         def seconds(parts: list[sympy.Expr]) -> float:

@@ -1,8 +1,9 @@
 """What replaces each rewritable site of one graph: the "decide" step of the backend.
 
 A policy gets every rewritable site of one captured graph at one input signature and returns
-the attention module for the sites it rewrites (a site left out keeps its original code). It
-writes each site's `Decision`, and, when it planned, a `GraphPlan` into the report.
+its `Choices`: per site, the `Decision` and the attention module computing it (None: the site
+keeps its original code), and the graph's `GraphPlan` when it planned one. Policies write
+nothing: the backend records the decisions, the modules and the plan.
 
 - `ExactPolicy`: attnopt's exact op everywhere (`rewrite(model, "exact")`).
 - `VariantPolicy`: one variant everywhere it is not refused (`rewrite(model, "agent", ...)`).
@@ -28,10 +29,17 @@ from attnopt.passes.detect import SiteMatch
 
 from . import costmodel
 from .analysis import Analysis, analyse
-from .candidates import Evaluated, baseline, evaluate, evaluate_site, site_info_of
+from .candidates import (
+    EXACT,
+    Evaluated,
+    baseline,
+    evaluate,
+    evaluate_site,
+    site_info_of,
+)
 from .planner import Budget, SiteCandidates, plan
-from .report import Decision, GraphPlan, Report, Site
-from .variants import ExactAttention
+from .report import Decision, GraphPlan, Site
+from .variants import ExactConfig, SiteInfo, build_site_module
 
 
 @dataclasses.dataclass
@@ -49,29 +57,54 @@ class GraphRequest:
         return analyse(self.canonical, self.args, self.mutated, self.sites)
 
 
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What a policy decided for one site."""
+
+    decision: Decision
+    module: nn.Module | None
+    """The attention module computing the site, or None when it keeps its original code."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Choices:
+    """A policy's answer for one graph: a Choice per site it decided (a site it could not decide,
+    e.g. one the recording run never reached, is left out) and the graph's plan, if it made one."""
+
+    sites: dict[int, Choice]
+    plan: GraphPlan | None = None
+
+    @property
+    def modules(self) -> dict[int, nn.Module]:
+        """Site id → attention module, for the sites to rewrite."""
+        return {site_id: choice.module for site_id, choice in self.sites.items() if choice.module is not None}
+
+
 class Policy(Protocol):
     name: str
     per_instance: bool
     """Decisions depend on the weights (measured errors, calibration): plan each instance anew."""
 
-    def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
-        """Site id → the attention module computing it, for the sites to rewrite."""
+    def choose(self, request: GraphRequest) -> Choices:
+        """The decision, and module if rewritten, of every site of the request."""
         ...
 
 
 class ExactPolicy:
     """Every site computed by attnopt's exact op: same function, attnopt's kernel."""
 
-    name = "exact"
+    name = EXACT.name
     per_instance = False  # the exact op is verified for any weights
 
-    def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
-        chosen = {}
+    def choose(self, request: GraphRequest) -> Choices:
+        config = ExactConfig()
+        choices = {}
         for site, _ in request.sites:
-            flops = costmodel.flops("exact", site.shape)
-            site.decision = Decision(variant="exact", error=0.0, flops_before=flops, flops_after=flops)
-            chosen[site.id] = ExactAttention()
-        return chosen
+            info = SiteInfo.from_shape(site.shape)
+            flops = costmodel.flops(EXACT.formula(config, info), site.shape)
+            decision = Decision(variant=EXACT.name, error=0.0, flops_before=flops, flops_after=flops)
+            choices[site.id] = Choice(decision, build_site_module(config, info))
+        return Choices(choices)
 
 
 def _decision(chosen: Evaluated, base: Evaluated, rows: list[dict[str, Any]], reason: str | None) -> Decision:
@@ -99,10 +132,10 @@ class VariantPolicy:
         self.device = device
         self.name = f"rewrite {type(config).__name__}"
 
-    def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
+    def choose(self, request: GraphRequest) -> Choices:
         analysis = request.analyse()
         profile = _profile(self.device, analysis)
-        chosen = {}
+        choices = {}
         for site, _ in request.sites:
             capture = analysis.captures.get(site.id)
             if capture is None:
@@ -111,12 +144,10 @@ class VariantPolicy:
             base, evaluated = baseline(site, info, profile), evaluate(self.config, info, capture, profile)
             rows = [base.row, evaluated.row]
             if evaluated.module is None:
-                site.decision = _decision(base, base, rows, f"kept: {evaluated.row['refused']}")
-                continue
-            site.decision = _decision(evaluated, base, rows, "requested")
-            chosen[site.id] = evaluated.module
-        report.add_plan(GraphPlan(request.graph, request.signature, self.name, None, None))
-        return chosen
+                choices[site.id] = Choice(_decision(base, base, rows, f"kept: {evaluated.row['refused']}"), None)
+            else:
+                choices[site.id] = Choice(_decision(evaluated, base, rows, "requested"), evaluated.module)
+        return Choices(choices, GraphPlan(request.graph, request.signature, self.name, None, None))
 
 
 class BudgetPolicy:
@@ -132,7 +163,7 @@ class BudgetPolicy:
         self.strict = strict
         self.device = device
 
-    def choose(self, request: GraphRequest, report: Report) -> dict[int, nn.Module]:
+    def choose(self, request: GraphRequest) -> Choices:
         analysis = request.analyse()
         profile = _profile(self.device, analysis)
         evaluations: dict[int, tuple[Evaluated, list[Evaluated]]] = {}
@@ -149,25 +180,22 @@ class BudgetPolicy:
         entries = [SiteCandidates(site_id, base.candidate, [ev.candidate for ev in alternatives if ev.candidate])
                    for site_id, (base, alternatives) in evaluations.items()]
         result = plan(entries, self.budget, other_seconds=other_seconds, other_flops=other_flops, strict=self.strict)
-        chosen = {}
-        for site, _ in request.sites:
-            if site.id not in evaluations:
-                continue
-            base, alternatives = evaluations[site.id]
+        choices = {}
+        for site_id, (base, alternatives) in evaluations.items():
             rows = [base.row] + [ev.row for ev in alternatives]
-            pick = result.choices[site.id]
+            pick = result.choices[site_id]
             if pick is base.candidate:
-                site.decision = _decision(base, base, rows, self._kept_reason(base, alternatives, result.budget_met))
+                reason = self._kept_reason(base, alternatives, result.budget_met)
+                choices[site_id] = Choice(_decision(base, base, rows, reason), None)
                 continue
             evaluated = next(ev for ev in alternatives if ev.candidate is pick)
-            site.decision = _decision(evaluated, base, rows, "the least-error plan meeting the budget"
-                                      if result.budget_met else "the fastest plan (the budget cannot be met)")
-            chosen[site.id] = evaluated.module
-        report.add_plan(GraphPlan(
+            reason = ("the least-error plan meeting the budget" if result.budget_met
+                      else "the fastest plan (the budget cannot be met)")
+            choices[site_id] = Choice(_decision(evaluated, base, rows, reason), evaluated.module)
+        return Choices(choices, GraphPlan(
             request.graph, request.signature, self.name, _describe(self.budget), result.budget_met,
             seconds_before=result.seconds_before, seconds_after=result.seconds_after,
             flops_before=result.flops_before, flops_after=result.flops_after, total_error=result.total_error))
-        return chosen
 
     def _kept_reason(self, base: Evaluated, alternatives: list[Evaluated], budget_met: bool) -> str:
         faster = [ev for ev in alternatives
@@ -186,4 +214,4 @@ def _describe(budget: Budget) -> str:
                      if getattr(budget, name) is not None)
 
 
-__all__ = ["BudgetPolicy", "ExactPolicy", "GraphRequest", "Policy", "VariantPolicy"]
+__all__ = ["BudgetPolicy", "Choice", "Choices", "ExactPolicy", "GraphRequest", "Policy", "VariantPolicy"]

@@ -15,6 +15,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+KEPT = "softmax"
+"""`Decision.variant` of a site that keeps the model's own attention (and of its baseline candidate row)."""
+
 
 @dataclasses.dataclass
 class Decision:
@@ -28,10 +31,16 @@ class Decision:
     est_seconds_after: float | None = None
     error: float | None = None
     candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    """Every variant considered here: params, est_seconds, flops, measured error, the sequence
-    length from which it is predicted to pay off (`pays_off_from_N`), or why it was `refused`."""
+    """Every variant considered here: params (and the `shown` ones that tell it apart), est_seconds,
+    flops, measured error, the sequence length from which it is predicted to pay off
+    (`pays_off_from_N`), or why it was `refused`."""
     reason: str | None = None
     """Why this variant (e.g. why softmax was kept)."""
+
+    @property
+    def kept(self) -> bool:
+        """The site keeps the model's own attention."""
+        return self.variant == KEPT
 
 
 @dataclasses.dataclass
@@ -116,7 +125,7 @@ class Report:
 
     @property
     def rewritten(self) -> list[Site]:
-        return [s for s in self.sites if s.decision is not None and s.decision.variant != "softmax"]
+        return [s for s in self.sites if s.decision is not None and not s.decision.kept]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,7 +152,7 @@ class Report:
                 if site.decision.error is not None:
                     decision += f" (err {site.decision.error:.2e})"
                 before, after = site.decision.est_seconds_before, site.decision.est_seconds_after
-                if before and after and site.decision.variant != "softmax":
+                if before and after and not site.decision.kept:
                     decision += f", {before / after:.1f}x est."
             else:
                 decision = "-"
@@ -167,11 +176,11 @@ class Report:
         for column in ("variant", "params", "est ms", "× vs softmax", "error", "pays off from N", "refused"):
             table.add_column(column, overflow="fold")
         rows = decision.candidates if decision is not None else []
-        baseline = next((row.get("est_seconds") for row in rows if row["variant"] == "softmax"), None)
+        baseline = next((row.get("est_seconds") for row in rows if row["variant"] == KEPT), None)
         for row in rows:
             seconds, error = row.get("est_seconds"), row.get("error")
             table.add_row(
-                row["variant"], _short_params(row.get("params", {})),
+                row["variant"], ", ".join(f"{name}={value}" for name, value in row.get("shown", {}).items()),
                 f"{seconds * 1e3:.3g}" if seconds is not None else "-",
                 f"{baseline / seconds:.2f}" if seconds and baseline else "-",
                 f"{error:.3g}" if error is not None else "-",
@@ -207,13 +216,3 @@ def _render(table: Table) -> str:
     Console(file=buffer, width=200, force_terminal=False, color_system=None).print(table)
     return buffer.getvalue().rstrip()
 
-
-def _short_params(params: dict[str, Any]) -> str:
-    """The params that tell candidates apart (fields at their usual defaults left out)."""
-    usual = {"fused": None, "selection": "kmeans", "kmeans_iterations": 3, "kmeans_window": 17, "outlier_fraction": 0.05,
-             "temperature": 4.0, "distance_weighting": True, "size_weighting": True, "shortcut_offsets": (-1, 0, 1),
-             "infer_grid": False, "agent_count": None, "normalization": "sum", "power": 3.0, "eps": 1e-6,
-             "schedule": None}
-    shown = {k: v for k, v in params.items() if k not in usual or (usual[k] != v and
-                                                                  not (isinstance(v, list) and tuple(v) == usual[k]))}
-    return ", ".join(f"{k}={v}" for k, v in shown.items())

@@ -30,13 +30,14 @@ from scipy.stats import spearmanr
 
 from attnopt import costmodel
 from attnopt.kernels import agent_attention, linear_attention
+from attnopt.variants import spec_named
 from site_speed import pooled_agents
 from timing import interleaved_best_seconds
 
 HEADS, THREADS = 6, 2
 
 Call = tuple[str, dict[str, Any], Callable[[], torch.Tensor]]
-"""(variant as the cost model names it, its cost params, the call to time)."""
+"""(variant as its spec names it, its cost formula's params, the call to time)."""
 
 
 def calls_at(length: int, head_dim: int, token_counts: list[int], with_linear: bool) -> list[Call]:
@@ -83,7 +84,7 @@ def main() -> None:
             measured = interleaved_best_seconds({str(i): call for i, (_, _, call) in enumerate(calls)}, args.seconds)
             shape = {"B": 1, "H": HEADS, "N": length, "d": head_dim}
             for index, (variant, params, _) in enumerate(calls):
-                predicted = costmodel.estimate_seconds(variant, shape, profile, **params)
+                predicted = costmodel.estimate_seconds(spec_named(variant).cost(**params), shape, profile)
                 seconds = measured[str(index)]
                 rows.append((variant, predicted, seconds))
                 shown = ", ".join(f"{key}={value}" for key, value in params.items())

@@ -41,7 +41,7 @@ from attnopt.variants import (
     MediatorConfig,
     SiteInfo,
     build_site_module,
-    handler_for,
+    spec_for,
 )
 
 PASSAGES = Path(__file__).parent / "data" / "python_reference_passages.txt"
@@ -86,7 +86,7 @@ def attention_flops(config, batch: int, heads: int, n_tokens: int, head_dim: int
     The extras are what the variant adds around its attention: agent selection and the V shortcut.
     """
     exact = 2 * batch * heads * n_tokens * n_tokens * 2 * head_dim
-    variant = handler_for(config).name
+    variant = spec_for(config).name
     if variant == "exact":
         return exact, exact, 0
     if variant == "linear":
@@ -203,7 +203,7 @@ def main() -> None:
             size, n_tokens = batch["input_ids"].shape
             counts = attention_flops(config, size, heads, n_tokens, head_dim)
             exact, attention, extras = exact + counts[0], attention + counts[1], extras + counts[2]
-        print(f"| {name} | {handler_for(config).name} | {changed_fields(config)} "
+        print(f"| {name} | {spec_for(config).name} | {changed_fields(config)} "
               f"| {exact / (attention + extras):.2f}× | {exact / attention:.2f}× | {cosine.mean():.4f} "
               f"| {cosine.min():.4f} | {time.perf_counter() - start:.0f} |", flush=True)
 

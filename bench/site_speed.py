@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnopt import costmodel  # noqa: E402
 from attnopt.kernels import agent_attention, linear_attention  # noqa: E402
-from attnopt.variants import AgentConfig, LinearConfig, SiteInfo, build_site_module  # noqa: E402
+from attnopt.variants import AgentConfig, LinearConfig, SiteInfo, build_site_module, spec_named  # noqa: E402
 from timing import interleaved_best_seconds  # noqa: E402
 
 HEADS, HEAD_DIM, N_AGENTS, THREADS = 6, 64, 64, 2
@@ -71,8 +71,9 @@ def site_runs(length: int, with_linear: bool) -> dict[str, Callable[[], torch.Te
 def flop_limits(length: int) -> dict[str, float]:
     """SDPA's FLOPs over each variant's at this length: the speed-up a perfect implementation reaches."""
     shape = {"B": 1, "H": HEADS, "N": length, "d": HEAD_DIM}
-    exact = costmodel.flops("exact", shape)
-    return {"agent": exact / costmodel.flops("agent", shape, n_agents=N_AGENTS), "linear": exact / costmodel.flops("linear", shape)}
+    exact = costmodel.flops(spec_named("exact").cost(), shape)
+    return {"agent": exact / costmodel.flops(spec_named("agent").cost(n_agents=N_AGENTS), shape),
+            "linear": exact / costmodel.flops(spec_named("linear").cost(), shape)}
 
 
 def main() -> None:

@@ -9,16 +9,22 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from attnopt.kernels import agent_attention, linear_attention
 
 from attnopt import costmodel
 from attnopt.costmodel import DeviceProfile
-from attnopt.kernels import agent_attention, linear_attention
+from attnopt.variants import spec_named
 
 SHAPE = {"B": 2, "H": 4, "Hkv": 2, "N": 96, "M": 80, "d": 32, "e": 16}
 COMPUTE_ONLY = DeviceProfile("compute only", matmul_flops_per_s=1e11, bandwidth_bytes_per_s=math.inf,
                              elementwise_ops_per_s=math.inf, call_overhead_s=0.0)
 REALISTIC = DeviceProfile("cpu-like", matmul_flops_per_s=1e11, bandwidth_bytes_per_s=2e10,
                           elementwise_ops_per_s=2e9, call_overhead_s=5e-6)
+
+
+def cost(variant: str, **params) -> costmodel.CostFormula:
+    """The cost formula of the variant called `variant` with `params`."""
+    return spec_named(variant).cost(**params)
 
 
 def qkv(shape: dict[str, int], dtype: torch.dtype = torch.float32):
@@ -29,7 +35,7 @@ def qkv(shape: dict[str, int], dtype: torch.dtype = torch.float32):
 
 
 def test_exact_flops_are_two_per_multiply_add_of_both_matmuls():
-    assert costmodel.flops("exact", SHAPE) == 2 * 2 * 4 * 96 * 80 * (32 + 16)
+    assert costmodel.flops(cost("exact"), SHAPE) == 2 * 2 * 4 * 96 * 80 * (32 + 16)
 
 
 def test_exact_flops_equal_flop_counter_of_plain_softmax_attention_and_sdpa():
@@ -39,7 +45,7 @@ def test_exact_flops_equal_flop_counter_of_plain_softmax_attention_and_sdpa():
     def plain():
         return torch.softmax(q @ k.transpose(-1, -2) * SHAPE["d"] ** -0.5, dim=-1) @ v
 
-    expected = costmodel.flops("exact", SHAPE)
+    expected = costmodel.flops(cost("exact"), SHAPE)
     assert costmodel.count_flops(plain) == expected
     assert costmodel.count_flops(F.scaled_dot_product_attention, q, k, v) == expected
 
@@ -48,8 +54,8 @@ def test_two_stage_flops_equal_flop_counter_of_the_agent_kernel():
     q, k, v = qkv(SHAPE)
     agents = q[:, :, :8]
     counted = costmodel.count_flops(agent_attention, q, k, v, agents, scale=0.2, agent_scale=0.2)
-    assert costmodel.flops("mediator", SHAPE, n_mediators=8) == counted
-    assert costmodel.flops("agent", SHAPE, n_agents=8, selection="pool") == counted  # pooling is no matmul
+    assert costmodel.flops(cost("mediator", n_mediators=8), SHAPE) == counted
+    assert costmodel.flops(cost("agent", n_agents=8, selection="pool"), SHAPE) == counted  # pooling is no matmul
 
 
 @pytest.mark.parametrize("normalization", ["sum", "inline"])
@@ -57,7 +63,7 @@ def test_linear_flops_equal_flop_counter_of_the_linear_kernel(normalization):
     shape = {**SHAPE, "Hkv": SHAPE["H"]}
     q, k, v = qkv(shape)
     counted = costmodel.count_flops(linear_attention, q, k, v, normalization=normalization)
-    assert costmodel.flops("linear", shape, normalization=normalization) == counted
+    assert costmodel.flops(cost("linear", normalization=normalization), shape) == counted
 
 
 def test_agent_flops_by_hand_with_global_kmeans():
@@ -66,47 +72,58 @@ def test_agent_flops_by_hand_with_global_kmeans():
     two_stages = 2 * b_h * n_agents * (SHAPE["M"] + SHAPE["N"]) * (SHAPE["d"] + SHAPE["e"])
     distances = iterations * 2 * b_h * SHAPE["N"] * n_agents * SHAPE["d"]
     params = {"n_agents": n_agents, "selection": "kmeans", "kmeans_iterations": iterations}
-    assert costmodel.flops("agent", SHAPE, **params) == two_stages + distances
+    assert costmodel.flops(cost("agent", **params), SHAPE) == two_stages + distances
 
 
 def test_bytes_of_fused_exact_are_q_k_v_and_o_and_unfused_adds_four_passes_over_the_scores():
     b, h, hkv, n, m, d, e = (SHAPE[key] for key in ("B", "H", "Hkv", "N", "M", "d", "e"))
     tensors = b * (h * n * d + hkv * m * d + hkv * m * e + h * n * e)
-    assert costmodel.bytes_moved("exact", SHAPE) == 4 * tensors
-    assert costmodel.bytes_moved("exact", SHAPE, dtype=torch.bfloat16) == 2 * tensors
-    assert costmodel.bytes_moved("exact", SHAPE, fused=False) == 4 * tensors + 4 * 4 * b * h * n * m
+    assert costmodel.bytes_moved(cost("exact"), SHAPE) == 4 * tensors
+    assert costmodel.bytes_moved(cost("exact"), SHAPE, dtype=torch.bfloat16) == 2 * tensors
+    assert costmodel.bytes_moved(cost("exact", fused=False), SHAPE) == 4 * tensors + 4 * 4 * b * h * n * m
 
 
 def test_hkv_m_and_e_default_to_h_n_and_d():
     short = {"B": 1, "H": 3, "N": 64, "d": 16}
     full = {**short, "Hkv": 3, "M": 64, "e": 16}
     for variant, params in [("exact", {}), ("agent", {"n_agents": 4}), ("linear", {})]:
-        assert costmodel.flops(variant, short, **params) == costmodel.flops(variant, full, **params)
+        assert costmodel.flops(cost(variant, **params), short) == costmodel.flops(cost(variant, **params), full)
 
 
-def test_an_unset_token_count_and_an_unknown_name_are_reported():
+def test_an_unset_token_count_an_unknown_name_and_an_unknown_option_are_reported():
     with pytest.raises(ValueError, match="n"):
-        costmodel.flops("agent", SHAPE)
-    with pytest.raises(KeyError, match="attention variant"):
-        costmodel.flops("sparse", SHAPE)
+        costmodel.flops(cost("agent"), SHAPE)
+    with pytest.raises(KeyError, match="unknown variant 'sparse'"):
+        cost("sparse")
     with pytest.raises(KeyError, match="feature map"):
-        costmodel.flops("linear", SHAPE, feature_map="cosine")
+        cost("linear", feature_map="cosine")
+    with pytest.raises(KeyError, match="agent selection"):
+        cost("agent", selection="random")
+
+
+@pytest.mark.parametrize("variant, unknown", [("exact", {"scale": 0.1}), ("agent", {"temperature": 4.0}),
+                                              ("linear", {"power": 3.0}), ("mediator", {"n_agents": 8})])
+def test_a_formula_refuses_a_parameter_it_does_not_know(variant, unknown):
+    """No parameter is swallowed: one that a formula does not price is a TypeError, not silently free."""
+    with pytest.raises(TypeError, match=next(iter(unknown))):
+        cost(variant, **unknown)
 
 
 def test_estimate_is_the_roofline_of_the_formula():
-    cost = costmodel.formula("agent", n_agents=8)
+    agent = cost("agent", n_agents=8)
     flops, ops, moved, calls = (costmodel._evaluate(term, SHAPE, torch.float32) for term in
-                                (cost.flops, cost.elementwise_ops, cost.bytes_moved, cost.kernel_calls))
+                                (agent.flops, agent.elementwise_ops, agent.bytes_moved, agent.kernel_calls))
     compute = flops / REALISTIC.matmul_flops_per_s + ops / REALISTIC.elementwise_ops_per_s
     memory = moved / REALISTIC.bandwidth_bytes_per_s
     expected = max(compute, memory) + calls * REALISTIC.call_overhead_s
-    assert costmodel.estimate_seconds("agent", SHAPE, REALISTIC, n_agents=8) == pytest.approx(expected)
+    assert costmodel.estimate_seconds(agent, SHAPE, REALISTIC) == pytest.approx(expected)
 
 
 def test_memory_bound_work_is_timed_by_bandwidth():
     slow_memory = DeviceProfile("slow memory", 1e15, 1e6, 1e15, 0.0)
-    seconds = costmodel.estimate_seconds("exact", SHAPE, slow_memory, fused=False)
-    assert seconds == pytest.approx(costmodel.bytes_moved("exact", SHAPE, fused=False) / 1e6)
+    unfused = cost("exact", fused=False)
+    seconds = costmodel.estimate_seconds(unfused, SHAPE, slow_memory)
+    assert seconds == pytest.approx(costmodel.bytes_moved(unfused, SHAPE) / 1e6)
 
 
 def test_non_attention_flops_are_counted_and_timed_by_the_same_roofline():
@@ -119,14 +136,14 @@ def test_non_attention_flops_are_counted_and_timed_by_the_same_roofline():
 @pytest.mark.parametrize("n_agents", [16, 64])
 def test_agent_pays_off_on_flops_once_n_is_below_half_of_n(n_agents):
     shape = {"B": 1, "H": 6, "d": 64}
-    assert costmodel.break_even_length("agent", shape, COMPUTE_ONLY, n_agents=n_agents) == 2 * n_agents + 1
+    assert costmodel.break_even_length(cost("agent", n_agents=n_agents), shape, COMPUTE_ONLY) == 2 * n_agents + 1
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])
 def test_linear_pays_off_on_flops_once_n_exceeds_d(head_dim):
     # 2N²(d+e) against 4N(de + d) with e = d: faster from N > d + 1
     shape = {"B": 1, "H": 6, "d": head_dim}
-    assert costmodel.break_even_length("linear", shape, COMPUTE_ONLY) == head_dim + 2
+    assert costmodel.break_even_length(cost("linear"), shape, COMPUTE_ONLY) == head_dim + 2
 
 
 @pytest.mark.parametrize(
@@ -141,11 +158,12 @@ def test_linear_pays_off_on_flops_once_n_exceeds_d(head_dim):
 )
 def test_break_even_is_where_the_estimates_cross(variant, params):
     shape = {"B": 1, "H": 6, "d": 64}
-    length = costmodel.break_even_length(variant, shape, REALISTIC, **params)
+    formula = cost(variant, **params)
+    length = costmodel.break_even_length(formula, shape, REALISTIC)
 
     def faster(n: int) -> bool:
         at = {**shape, "N": n}
-        return costmodel.estimate_seconds(variant, at, REALISTIC, **params) < costmodel.estimate_seconds("exact", at, REALISTIC)
+        return costmodel.estimate_seconds(formula, at, REALISTIC) < costmodel.estimate_seconds(cost("exact"), at, REALISTIC)
 
     assert length is not None and length > 1
     assert faster(length) and not faster(length - 1)
@@ -153,7 +171,7 @@ def test_break_even_is_where_the_estimates_cross(variant, params):
 
 
 def test_a_variant_that_is_never_faster_has_no_break_even():
-    assert costmodel.break_even_length("exact", {"B": 1, "H": 6, "d": 64}, REALISTIC, fused=False) is None
+    assert costmodel.break_even_length(cost("exact", fused=False), {"B": 1, "H": 6, "d": 64}, REALISTIC) is None
 
 
 @pytest.fixture

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnopt
+from attnopt.api import AttnoptModule
+from attnopt.backend import AttnoptBackend
 from attnopt.costmodel import DeviceProfile
+from attnopt.policies import BudgetPolicy, ExactPolicy, VariantPolicy
 from attnopt.variants import AgentConfig, LinearConfig, MediatorConfig
 
 PROFILE = DeviceProfile(name="test CPU", matmul_flops_per_s=1e11, bandwidth_bytes_per_s=2e10,
@@ -95,6 +98,42 @@ def test_an_attainable_budget_is_met_and_every_decision_is_audited(planned):
     assert "plan: graph 0 at 2x512x32" in summary and "met: True" in summary
     explained = report.explain(report.sites[0].id)
     assert "pays off from N" in explained and "mediator" in explained and "n_mediators=16" in explained
+    assert "selection=pool" in explained and "kmeans_iterations" not in explained  # defaults are not shown
+
+
+class RecordingPolicy:
+    """Passes each request on to `policy` and keeps it."""
+
+    def __init__(self, policy):
+        self.policy, self.name, self.per_instance, self.requests = policy, policy.name, policy.per_instance, []
+
+    def choose(self, request):
+        self.requests.append(request)
+        return self.policy.choose(request)
+
+
+@pytest.mark.parametrize("policy", [BudgetPolicy(0.5, FEW, device=PROFILE), VariantPolicy(AgentConfig(selection="pool")),
+                                    ExactPolicy()], ids=["budget", "variant", "exact"])
+def test_a_policy_returns_its_choices_and_writes_nothing(policy):
+    """The backend records decisions, modules and plans; choosing again changes no site and no plan."""
+    model, x = make(256)
+    recording = RecordingPolicy(policy)
+    backend = AttnoptBackend(recording)
+    with torch.no_grad():
+        AttnoptModule(model, backend, None)(x)
+    (request,) = recording.requests
+    recorded = [site.decision for site, _ in request.sites]
+    plans = list(backend.report.plans)
+    choices = policy.choose(request)
+    assert [site.decision for site, _ in request.sites] == recorded
+    assert all(site.decision is decision for (site, _), decision in zip(request.sites, recorded))
+    assert backend.report.plans == plans
+    assert sorted(choices.sites) == [site.id for site, _ in request.sites]
+    assert [(c.decision.variant, c.decision.params, c.decision.error) for c in choices.sites.values()] == [
+        (d.variant, d.params, d.error) for d in recorded]
+    assert all((choice.module is None) == choice.decision.kept for choice in choices.sites.values())
+    assert set(choices.modules) == {site.id for site in backend.report.rewritten}
+    assert (choices.plan is None) == isinstance(policy, ExactPolicy) and len(plans) == (choices.plan is not None)
 
 
 def test_the_reported_output_error_is_what_the_user_gets(planned):

@@ -1,30 +1,37 @@
 """Variants of attention that a site can be rewritten into: exact, agent, linear, mediator.
 
-Each variant is a frozen config dataclass registered with two functions (registry.py):
+Each variant is a frozen config dataclass with one `VariantSpec` registered from its own file
+(registry.py): refusal, build, cost formula, default candidates and the params reports show.
 
+    spec = spec_for(AgentConfig())                      # or spec_named("agent")
     reason = refusal(AgentConfig(), site_info)          # None, or why it cannot stand in
     module = build_site_module(AgentConfig(), site_info, example=(q, k, v, mask))
     out = module(q, k, v, mask=mask, scale=s)           # canonical layout, (B, H, N, e)
+    cost = spec.formula(AgentConfig(), site_info)       # a costmodel.CostFormula
     relative_error(module, q, k, v, mask, s)            # vs exact attention, for the planner
 
 Mediator sites read their count from `mediator_count(n)` or, through their schedule, from
 `mediator_timestep(t)` (context managers the model wrapper sets around a forward).
 """
 
-from .agent import AgentAttention, AgentConfig, AgentLayout
-from .exact import ExactAttention, ExactConfig
-from .linear import LearnedFeatureMap, LinearAttention, LinearConfig
+# registration order is the order candidates are tried and listed: exact first
+from .exact import ExactAttention, ExactConfig  # isort: skip
+from .agent import AgentAttention, AgentConfig, AgentLayout  # isort: skip
+from .linear import LearnedFeatureMap, LinearAttention, LinearConfig  # isort: skip
+from .mediator import (MediatorAttention, MediatorConfig, MediatorSchedule, mediator_count,  # isort: skip
+                       mediator_timestep)
 from .masks import mask_kind_of
-from .mediator import MediatorAttention, MediatorConfig, MediatorSchedule, mediator_count, mediator_timestep
 from .registry import (
-    VariantHandler,
+    VariantSpec,
     build_site_module,
     config_for,
-    handler_for,
     output_error,
     refusal,
     register_variant,
     relative_error,
+    spec_for,
+    spec_named,
+    specs,
 )
 from .site import SiteInfo, TokenGrid, infer_grid
 
@@ -42,10 +49,9 @@ __all__ = [
     "MediatorSchedule",
     "SiteInfo",
     "TokenGrid",
-    "VariantHandler",
+    "VariantSpec",
     "build_site_module",
     "config_for",
-    "handler_for",
     "infer_grid",
     "mask_kind_of",
     "mediator_count",
@@ -54,4 +60,7 @@ __all__ = [
     "refusal",
     "register_variant",
     "relative_error",
+    "spec_for",
+    "spec_named",
+    "specs",
 ]

@@ -14,19 +14,38 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .clustering import (bipartite_merge, grid_groups, group_means, kmeans, pooled_groups, pooled_runs_with_outliers,
-                         split_outliers)
+from attnopt import costmodel
+
+from .clustering import (
+    bipartite_merge,
+    grid_groups,
+    group_means,
+    kmeans,
+    pooled_groups,
+    pooled_runs_with_outliers,
+    split_outliers,
+)
 from .masks import valid_queries
 from .reasons import causal_reason, dropout_reason, first_reason, per_query_mask_reason
-from .registry import Example, register_variant
+from .registry import Example, VariantSpec, register_variant
 from .site import SiteInfo, TokenGrid, infer_grid
-from .two_stage import (TwoStageSiteAttention, agent_bias, require_int, require_offsets, require_real,
-                        two_stage_attention)
+from .two_stage import (
+    TwoStageSiteAttention,
+    agent_bias,
+    require_int,
+    require_offsets,
+    require_real,
+    shortcut_offsets_at,
+    two_stage_attention,
+    two_stage_cost,
+)
+
+NAME = "agent"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +120,26 @@ def _merged_agents(queries, valid, layout, config):
     return bipartite_merge(queries, valid, layout.n_pooled)
 
 
-SELECTIONS: dict[str, Callable] = {"pool": _pooled_agents, "kmeans": _kmeans_agents, "bipartite": _merged_agents}
-"""Agent selection name → function (queries (B, H, P, d) fp32, valid (B, H, P), layout, config)
-returning agents (B, H, n_pooled, d), their sizes (B, H, n_pooled) and each query's agent (B, H, P)."""
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """One way to pick the agents, and what it costs.
+
+    pick(queries (B, H, P, d) fp32, valid (B, H, P), layout, config) → agents (B, H, n_pooled, d),
+    their sizes (B, H, n_pooled) and each query's agent (B, H, P).
+    cost(n_agents, kmeans_iterations, kmeans_window) → its CostFormula.
+    """
+
+    pick: Callable
+    cost: Callable[[costmodel.Expr, int, int | None], costmodel.CostFormula]
+
+
+SELECTIONS: dict[str, Selection] = {
+    "pool": Selection(_pooled_agents, lambda n_agents, iterations, window: costmodel.pooling(n_agents)),
+    "kmeans": Selection(_kmeans_agents, lambda n_agents, iterations, window:
+                        costmodel.pooling(n_agents) + costmodel.kmeans(n_agents, iterations, window)),
+    "bipartite": Selection(_merged_agents, lambda n_agents, iterations, window: costmodel.bipartite(n_agents)),
+}
+"""Agent selection name → how it picks the agents and what that costs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,16 +200,11 @@ class AgentConfig:
         """The number of agents this config uses at the site's N."""
         return self.layout(site_info.N, site_info).n_agents
 
-    def cost_params(self, site_info: SiteInfo) -> dict:
-        """Parameters for attnopt.costmodel's "agent" formula at this site."""
-        return {"n_agents": self.n_agents(site_info), "selection": self.selection,
-                "kmeans_iterations": self.kmeans_iterations, "kmeans_window": self.kmeans_window}
-
 
 class AgentAttention(TwoStageSiteAttention):
     """One site's agent attention; forward takes the canonical (q, k, v, mask) layout."""
 
-    variant = "agent"
+    variant = NAME
 
     def __init__(self, config: AgentConfig, site_info: SiteInfo):
         super().__init__(site_info, config.shortcut_offsets)
@@ -189,7 +220,7 @@ class AgentAttention(TwoStageSiteAttention):
         valid = valid_queries(key_mask, batch, n_heads, n_tokens, self.site_info.is_self_attention, q.device)
         queries, skip = q.float(), layout.n_class_tokens
         patches, patch_valid = queries[..., skip:, :], valid[..., skip:]
-        centroids, _, groups = SELECTIONS[self.config.selection](patches, patch_valid, layout, self.config)
+        centroids, _, groups = SELECTIONS[self.config.selection].pick(patches, patch_valid, layout, self.config)
         agents, sizes = split_outliers(patches, patch_valid, groups, centroids, layout.n_outliers)
         if skip:
             agents = torch.cat([queries[..., :skip, :], agents], dim=-2)
@@ -209,8 +240,8 @@ class AgentAttention(TwoStageSiteAttention):
 
 
 def _refusal(config: AgentConfig, site_info: SiteInfo) -> str | None:
-    return first_reason(causal_reason(site_info, "agent", "agents"), per_query_mask_reason(site_info, "agent"),
-                        dropout_reason(site_info, "agent"))
+    return first_reason(causal_reason(site_info, NAME, "agents"), per_query_mask_reason(site_info, NAME),
+                        dropout_reason(site_info, NAME))
 
 
 def _build(config: AgentConfig, site_info: SiteInfo, example: Example | None) -> nn.Module:
@@ -220,4 +251,37 @@ def _build(config: AgentConfig, site_info: SiteInfo, example: Example | None) ->
     return module
 
 
-register_variant("agent", AgentConfig, refusal=_refusal, build=_build)
+def agent_cost(n_agents: costmodel.Expr = costmodel.n, selection: str = "pool", kmeans_iterations: int = 3,
+               kmeans_window: int | None = None, n_outliers: int = 0,
+               shortcut_offsets: tuple[int, ...] = ()) -> costmodel.CostFormula:
+    """Agent attention: select n agents from Q of this call, split off the outliers, two stages, V shortcut."""
+    select = costmodel.lookup(SELECTIONS, selection, "agent selection").cost
+    return (select(n_agents, kmeans_iterations, kmeans_window) + costmodel.outlier_split(n_outliers)
+            + two_stage_cost(n_agents, shortcut_offsets))
+
+
+def _cost_params(config: AgentConfig, site_info: SiteInfo) -> dict:
+    layout = config.layout(site_info.N, site_info)
+    return {"n_agents": layout.n_agents, "selection": config.selection, "kmeans_iterations": config.kmeans_iterations,
+            "kmeans_window": config.kmeans_window, "n_outliers": layout.n_outliers,
+            "shortcut_offsets": shortcut_offsets_at(config.shortcut_offsets, site_info)}
+
+
+CANDIDATE_FRACTIONS = (0.25, 0.2, 0.1, 0.05, 0.02)
+"""Agent fractions `optimize` tries by default; measured error decides which is faithful enough."""
+
+
+def _candidates(site_info: SiteInfo) -> list[AgentConfig]:
+    """Each fraction pooled 1-D, and also on the token grid where N spells one."""
+    on_grid = infer_grid(site_info.N) is not None
+    configs = []
+    for fraction in CANDIDATE_FRACTIONS:
+        configs.append(AgentConfig(agent_fraction=fraction))
+        if on_grid:
+            configs.append(AgentConfig(agent_fraction=fraction, infer_grid=True))
+    return configs
+
+
+register_variant(VariantSpec(
+    name=NAME, config_type=AgentConfig, refusal=_refusal, build=_build, cost=agent_cost, cost_params=_cost_params,
+    candidates=_candidates, shown=("agent_fraction",)))

@@ -1,4 +1,8 @@
-"""Exact attention: the site's own softmax attention computed by attnopt's op (never refused)."""
+"""Exact attention: the site's own softmax attention computed by attnopt's op (never refused).
+
+Its cost formula is the cost model's softmax attention, which also prices the model's own
+attention at every site (fused when the model called SDPA or MultiheadAttention).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,16 @@ import dataclasses
 import torch
 from torch import nn
 
+from attnopt import costmodel
 from attnopt.kernels import exact_attention
 
-from .registry import Example, register_variant
+from .registry import Example, VariantSpec, register_variant
 from .site import SiteInfo
 
 
 @dataclasses.dataclass(frozen=True)
 class ExactConfig:
     """Same function as the model's softmax attention; only the kernel changes."""
-
-    def cost_params(self, site_info: SiteInfo) -> dict:
-        """Parameters for attnopt.costmodel (exact has none)."""
-        return {}
 
 
 class ExactAttention(nn.Module):
@@ -41,4 +42,11 @@ def _build(config: ExactConfig, site_info: SiteInfo, example: Example | None) ->
     return ExactAttention()
 
 
-register_variant("exact", ExactConfig, refusal=_refusal, build=_build)
+def _cost_params(config: ExactConfig, site_info: SiteInfo) -> dict:
+    """attnopt's exact op runs its fused Triton kernel on CUDA, matmul-softmax-matmul elsewhere."""
+    return {"fused": site_info.device == "cuda"}
+
+
+register_variant(VariantSpec(
+    name="exact", config_type=ExactConfig, refusal=_refusal, build=_build, cost=costmodel.softmax_attention,
+    cost_params=_cost_params, candidates=lambda site_info: (ExactConfig(),)))

@@ -16,20 +16,50 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnopt import costmodel
+from attnopt.costmodel import (  # the cost formula's shape symbols
+    B,
+    H,
+    Hkv,
+    M,
+    N,
+    d,
+    dtype_bytes,
+    e,
+)
 from attnopt.kernels import linear_attention
 
 from .masks import as_4d, key_validity, per_key_mask
 from .reasons import dropout_reason, first_reason, per_query_mask_reason
-from .registry import Example, register_variant
+from .registry import Example, VariantSpec, register_variant
 from .site import SiteInfo
 from .two_stage import require_real
 
-FIXED_FEATURE_MAPS = ("elu1", "relu", "focused")
+NAME = "linear"
+
+FEATURE_MAPS: dict[str, tuple[int, costmodel.Expr]] = {
+    "elu1": (2, 0),
+    "relu": (1, 0),
+    "focused": (6, 0),
+    "learned": (2, d),
+}
+"""Feature map φ → its cost per feature: (element ops, multiply-adds). elu then +1; focused = relu,
+power, two norms and a rescale; learned = a d×d matmul (LearnedFeatureMap) then elu+1. All but
+"learned" run inside the kernel op."""
+
+NORMALIZATIONS: dict[str, Callable[[costmodel.Expr, costmodel.Expr], costmodel.Expr]] = {
+    "sum": lambda queries, keys: queries * d + keys * d,
+    "inline": lambda queries, keys: (queries + keys) * (d + e),
+}
+"""Normalisation → its multiply-adds given the query and key rows: "sum" divides by φ(q)·Σφ(k)
+(the key sum counted as M·d, as the kernel's FLOP formula does); "inline" (InLine) adds Σv and a
+mean correction per output row."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +76,12 @@ class LinearConfig:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.feature_map not in FIXED_FEATURE_MAPS + ("learned",):
-            expected = FIXED_FEATURE_MAPS + ("learned",)
-            raise ValueError(f"unknown feature_map {self.feature_map!r}; expected one of {expected}")
-        if self.normalization not in ("sum", "inline"):
-            raise ValueError(f"unknown normalization {self.normalization!r}; expected 'sum' or 'inline'")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature_map {self.feature_map!r}; expected one of {tuple(FEATURE_MAPS)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {tuple(NORMALIZATIONS)}")
         require_real("power", self.power, 0)
         require_real("eps", self.eps, 0)
-
-    def cost_params(self, site_info: SiteInfo) -> dict:
-        """Parameters for attnopt.costmodel's "linear" formula (a learned map costs like elu1 plus its matmul)."""
-        return {"feature_map": "elu1" if self.feature_map == "learned" else self.feature_map}
 
 
 class LearnedFeatureMap(nn.Module):
@@ -108,22 +133,23 @@ class LinearAttention(nn.Module):
         self.site_info = site_info
         self.feature_module = LearnedFeatureMap(site_info.Hkv, site_info.d) if config.feature_map == "learned" else None
 
-    def key_mask(self, mask: torch.Tensor | None, causal: bool, batch: int) -> torch.Tensor | None:
-        """Bool (B, M) of the keys every query may read (the op's key_mask), or None."""
+    def key_mask(self, mask: torch.Tensor | None, causal: bool, batch: int, n_keys: int) -> torch.Tensor | None:
+        """Bool (B, M) of the keys every query may read (the op's key_mask), or None. A mask that
+        broadcasts over the keys (a scalar bias, (B, 1, 1, 1)) applies to every key."""
         if mask is None:
             return None
         rows = _causal_key_mask(mask) if causal and as_4d(mask).shape[2] > 1 else per_key_mask(mask)
         validity = key_validity(rows)[:, :, 0, :]
         if not torch.compiler.is_compiling():
             _check_only_drops_keys(rows, validity)
-        return validity[:, 0].expand(batch, -1)
+        return validity[:, 0].expand(batch, n_keys)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
                 scale: float, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
         if dropout_p > 0:
             raise ValueError("linear attention cannot apply attention dropout")
         options = dict(normalization=self.config.normalization, causal=causal,
-                       key_mask=self.key_mask(mask, causal, q.shape[0]), eps=self.config.eps)
+                       key_mask=self.key_mask(mask, causal, q.shape[0], k.shape[2]), eps=self.config.eps)
         root_scale = math.sqrt(scale)
         if self.feature_module is None:  # the op scales the q and k tiles where it maps them: no scaled copies
             return linear_attention(q, k, v, feature_map=self.config.feature_map, power=self.config.power,
@@ -137,11 +163,38 @@ def _refusal(config: LinearConfig, site_info: SiteInfo) -> str | None:
     causal_cross = None
     if site_info.causal and site_info.N != site_info.M:
         causal_cross = "the site is causal with N ≠ M, which linear attention's running sums cannot align."
-    return first_reason(causal_cross, per_query_mask_reason(site_info, "linear"), dropout_reason(site_info, "linear"))
+    return first_reason(causal_cross, per_query_mask_reason(site_info, NAME), dropout_reason(site_info, NAME))
 
 
 def _build(config: LinearConfig, site_info: SiteInfo, example: Example | None) -> nn.Module:
     return LinearAttention(config, site_info)
 
 
-register_variant("linear", LinearConfig, refusal=_refusal, build=_build)
+def linear_cost(feature_map: str = "elu1", normalization: str = "sum") -> costmodel.CostFormula:
+    """Linear attention φ(Q)(φ(K)ᵀV) normalised by φ(Q)·Σφ(K), through the d×e state per kv head.
+
+    Counted as attnopt.kernels' FLOP formula counts the op, plus a learned φ's matmul in front of it.
+    """
+    feature_ops, feature_macs = costmodel.lookup(FEATURE_MAPS, feature_map, "feature map")
+    queries, keys = B * H * N, B * Hkv * M
+    normaliser_macs = costmodel.lookup(NORMALIZATIONS, normalization, "normalization")(queries, keys)
+    return costmodel.CostFormula(
+        flops=2 * ((keys + queries) * d * e + normaliser_macs + (queries + keys) * d * feature_macs),
+        elementwise_ops=feature_ops * (queries + keys) * d + queries * e,  # φ, then the division
+        bytes_moved=dtype_bytes * (
+            2 * (queries + keys) * d  # feature maps read Q, K and write φ(Q), φ(K)
+            + 2 * keys * d + keys * e + B * Hkv * d * (e + 1)  # state and key sum read φ(K), V
+            + 2 * queries * d + queries * (1 + 3 * e)  # output and normaliser read φ(Q); division
+        ),
+        kernel_calls=9,  # φ(Q), φ(K) two each (map, +1); state, key sum, output, normaliser, divide
+    )
+
+
+def _cost_params(config: LinearConfig, site_info: SiteInfo) -> dict:
+    return {"feature_map": config.feature_map, "normalization": config.normalization}
+
+
+register_variant(VariantSpec(
+    name=NAME, config_type=LinearConfig, refusal=_refusal, build=_build, cost=linear_cost, cost_params=_cost_params,
+    candidates=lambda site_info: [LinearConfig(feature_map=name) for name in ("focused", "elu1", "relu")],
+    shown=("feature_map",)))

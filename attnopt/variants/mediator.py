@@ -24,12 +24,25 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from attnopt import costmodel
+from attnopt.costmodel import H, d, dtype_bytes  # the cost formula's shape symbols
+
 from .clustering import kmeans, pooled_groups
 from .masks import per_key_mask, valid_queries
 from .reasons import causal_reason, dropout_reason, first_reason, per_query_mask_reason
-from .registry import Example, register_variant
+from .registry import Example, VariantSpec, register_variant
 from .site import SiteInfo
-from .two_stage import TwoStageSiteAttention, require_int, require_offsets, require_real, two_stage_attention
+from .two_stage import (
+    TwoStageSiteAttention,
+    require_int,
+    require_offsets,
+    require_real,
+    shortcut_offsets_at,
+    two_stage_attention,
+    two_stage_cost,
+)
+
+NAME = "mediator"
 
 _TIMESTEP: contextvars.ContextVar[float | None] = contextvars.ContextVar("attnopt_mediator_timestep", default=None)
 _COUNT: contextvars.ContextVar[int | None] = contextvars.ContextVar("attnopt_mediator_count", default=None)
@@ -129,10 +142,6 @@ class MediatorConfig:
             return min(self.schedule.count_at(timestep), self.n_mediators)
         return self.n_mediators
 
-    def cost_params(self, site_info: SiteInfo) -> dict:
-        """Parameters for attnopt.costmodel's "mediator" formula, at the count of the current context."""
-        return {"n_mediators": self.count()}
-
 
 def coverage_order(centroids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """(H, n): an order of the centroids whose prefixes cover the data well (deterministic k-means++).
@@ -155,7 +164,7 @@ def coverage_order(centroids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor
 class MediatorAttention(TwoStageSiteAttention):
     """One site's mediator attention; forward takes the canonical (q, k, v, mask) layout."""
 
-    variant = "mediator"
+    variant = NAME
 
     def __init__(self, config: MediatorConfig, site_info: SiteInfo):
         super().__init__(site_info, config.shortcut_offsets)
@@ -201,8 +210,8 @@ class MediatorAttention(TwoStageSiteAttention):
 
 
 def _refusal(config: MediatorConfig, site_info: SiteInfo) -> str | None:
-    return first_reason(causal_reason(site_info, "mediator", "mediators"),
-                        per_query_mask_reason(site_info, "mediator"), dropout_reason(site_info, "mediator"))
+    return first_reason(causal_reason(site_info, NAME, "mediators"),
+                        per_query_mask_reason(site_info, NAME), dropout_reason(site_info, NAME))
 
 
 def _build(config: MediatorConfig, site_info: SiteInfo, example: Example | None) -> nn.Module:
@@ -214,4 +223,31 @@ def _build(config: MediatorConfig, site_info: SiteInfo, example: Example | None)
     return module
 
 
-register_variant("mediator", MediatorConfig, refusal=_refusal, build=_build)
+def _token_fold(n_mediators: costmodel.Expr, n_stored: int) -> costmodel.CostFormula:
+    """`tokens_for`: each stored token's distance to the kept ones (cdist over H·n_stored·n pairs of d
+    values, element work: FlopCounterMode counts no FLOPs in it), the nearest, and the sizes summed
+    onto it; once per call, independent of B and N."""
+    pairs = H * n_stored * n_mediators
+    return costmodel.CostFormula(flops=0, elementwise_ops=pairs * (3 * d + 1) + 2 * H * n_stored,
+                                 bytes_moved=dtype_bytes * (H * (n_stored + n_mediators) * d + 2 * pairs),
+                                 kernel_calls=5)
+
+
+def mediator_cost(n_mediators: costmodel.Expr = costmodel.n, n_stored: int | None = None,
+                  shortcut_offsets: tuple[int, ...] = ()) -> costmodel.CostFormula:
+    """Mediator attention through the n_mediators tokens a call uses (no selection: they are learned),
+    folded from the n_stored the site keeps (None: not priced), two stages, and the V shortcut."""
+    cost = two_stage_cost(n_mediators, shortcut_offsets)
+    return cost if n_stored is None else cost + _token_fold(n_mediators, n_stored)
+
+
+def _cost_params(config: MediatorConfig, site_info: SiteInfo) -> dict:
+    """At the count of the current context (mediator_count, mediator_timestep)."""
+    return {"n_mediators": config.count(), "n_stored": config.n_mediators,
+            "shortcut_offsets": shortcut_offsets_at(config.shortcut_offsets, site_info)}
+
+
+register_variant(VariantSpec(
+    name=NAME, config_type=MediatorConfig, refusal=_refusal, build=_build, cost=mediator_cost,
+    cost_params=_cost_params, candidates=lambda site_info: [MediatorConfig(n_mediators=count) for count in (64, 16)],
+    shown=("n_mediators",)))

@@ -1,20 +1,23 @@
-"""One table from config type to the handler that checks and builds that variant (torchao style).
+"""One spec per variant, keyed by its config type (torchao style): everything attnopt knows about it.
 
-Each variant module registers its config dataclass here with two functions: `refusal` (why the
-variant cannot stand in for softmax attention at a site, or None) and `build` (the per-site
-nn.Module). Callers never branch on variant names; they look the config's type up here.
+Each variant file registers one `VariantSpec`: its name, config dataclass, refusal, build, cost
+formula (with the parameters it takes at a site), default candidate grid and the params reports
+show. Callers never branch on variant names; they look the spec up by the config's type
+(`spec_for`) or by name (`spec_named`). Registration order is the order candidates are tried and
+listed (attnopt/variants/__init__.py imports exact first).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from attnopt.costmodel import CostFormula
 from attnopt.kernels import exact_attention
-
 from attnopt.numerics import output_error
 
 from .site import SiteInfo
@@ -24,45 +27,81 @@ Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 @dataclasses.dataclass(frozen=True)
-class VariantHandler:
-    """How one variant is checked against a site and built for it."""
+class VariantSpec:
+    """Everything about one attention variant, registered together from its own file.
+
+    name: as reports, `rewrite(model, name)` and the cost model spell it.
+    config_type: the frozen config dataclass a user picks the variant with.
+    refusal(config, site) → one sentence on why it cannot stand in for the site's attention, or None.
+    build(config, site, example) → the site module (forward: canonical q, k, v, mask → (B, H, N, e)).
+    cost(**params) → its CostFormula; takes only the parameters that change the cost (an unknown
+        one is a TypeError), and every one of them is given by cost_params.
+    cost_params(config, site) → the cost parameters of `config` at the site.
+    candidates(site) → the configs `optimize` tries at the site when the caller gives none.
+    shown: config fields reports always show; the others are shown where they differ from the
+        config's defaults.
+    """
 
     name: str
     config_type: type
-    refusal: Callable[[Any, SiteInfo], "str | None"]
-    build: Callable[[Any, SiteInfo, "Example | None"], nn.Module]
+    refusal: Callable[[Any, SiteInfo], str | None]
+    build: Callable[[Any, SiteInfo, Example | None], nn.Module]
+    cost: Callable[..., CostFormula]
+    cost_params: Callable[[Any, SiteInfo], dict[str, Any]]
+    candidates: Callable[[SiteInfo], Sequence[Any]]
+    shown: tuple[str, ...] = ()
+
+    def formula(self, config: Any, site_info: SiteInfo) -> CostFormula:
+        """The cost of one call of `config`'s module at the site."""
+        return self.cost(**self.cost_params(config, site_info))
+
+    def shown_params(self, config: Any) -> dict[str, Any]:
+        """The config's fields that tell it apart from other candidates: `shown`, and those off their default."""
+        params, defaults = dataclasses.asdict(config), dataclasses.asdict(self.config_type())
+        return {name: value for name, value in params.items() if name in self.shown or value != defaults[name]}
 
 
-_HANDLERS: dict[type, VariantHandler] = {}
+_SPECS: dict[type, VariantSpec] = {}
 
 
-def register_variant(name: str, config_type: type, *, refusal: Callable, build: Callable) -> None:
-    """Add a variant: its name (as reports and the cost model spell it), config class and functions."""
-    if config_type in _HANDLERS or any(h.name == name for h in _HANDLERS.values()):
-        raise ValueError(f"variant {name!r} ({config_type.__name__}) is already registered")
-    _HANDLERS[config_type] = VariantHandler(name, config_type, refusal, build)
+def register_variant(spec: VariantSpec) -> VariantSpec:
+    """Add a variant; its name and config type must be new."""
+    if spec.config_type in _SPECS or any(known.name == spec.name for known in _SPECS.values()):
+        raise ValueError(f"variant {spec.name!r} ({spec.config_type.__name__}) is already registered")
+    _SPECS[spec.config_type] = spec
+    return spec
 
 
-def handler_for(config: Any) -> VariantHandler:
-    """The handler registered for `config`'s type."""
-    handler = _HANDLERS.get(type(config))
-    if handler is None:
-        known = ", ".join(sorted(h.config_type.__name__ for h in _HANDLERS.values()))
+def specs() -> tuple[VariantSpec, ...]:
+    """Every registered spec, in registration order."""
+    return tuple(_SPECS.values())
+
+
+def spec_for(config: Any) -> VariantSpec:
+    """The spec registered for `config`'s type."""
+    spec = _SPECS.get(type(config))
+    if spec is None:
+        known = ", ".join(sorted(known.config_type.__name__ for known in _SPECS.values()))
         raise TypeError(f"{type(config).__name__} is not a registered variant config; known: {known}")
-    return handler
+    return spec
+
+
+def spec_named(name: str) -> VariantSpec:
+    """The spec of the variant called `name` ("exact", "agent", "linear", "mediator", ...)."""
+    for spec in _SPECS.values():
+        if spec.name == name:
+            return spec
+    raise KeyError(f"unknown variant {name!r}; known: {', '.join(sorted(spec.name for spec in _SPECS.values()))}")
 
 
 def config_for(name: str, **params: Any) -> Any:
-    """The config of the variant called `name` ("exact", "agent", "linear", "mediator") with `params`."""
-    for handler in _HANDLERS.values():
-        if handler.name == name:
-            return handler.config_type(**params)
-    raise KeyError(f"unknown variant {name!r}; known: {', '.join(sorted(h.name for h in _HANDLERS.values()))}")
+    """The config of the variant called `name` with `params`."""
+    return spec_named(name).config_type(**params)
 
 
 def refusal(config: Any, site_info: SiteInfo) -> str | None:
     """One sentence on why `config` cannot stand in for the site's softmax attention, or None."""
-    return handler_for(config).refusal(config, site_info)
+    return spec_for(config).refusal(config, site_info)
 
 
 def build_site_module(config: Any, site_info: SiteInfo, example: Example | None = None) -> nn.Module:
@@ -74,7 +113,7 @@ def build_site_module(config: Any, site_info: SiteInfo, example: Example | None 
     reason = refusal(config, site_info)
     if reason is not None:
         raise ValueError(reason)
-    return handler_for(config).build(config, site_info, example)
+    return spec_for(config).build(config, site_info, example)
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ class SiteInfo:
     "boolean" or "additive" (values that differ per query). dropout is the attention-dropout
     probability the site applies (0 in eval mode). scale is the softmax scale (None: 1/√d).
     grid is the token layout when known (vision models); self_attention None means "N == M".
+    device is the type of device the site runs on ("cpu", "cuda"), which decides the kernels.
     """
 
     B: int
@@ -65,12 +66,18 @@ class SiteInfo:
     scale: float | None = None
     grid: TokenGrid | None = None
     self_attention: bool | None = None
+    device: str = "cpu"
 
     @classmethod
     def from_shape(cls, shape: Mapping[str, int], **fields) -> SiteInfo:
         """From a report's shape dict {B, H, Hkv, N, M, d, e}; Hkv, M and e default to H, N and d."""
         return cls(B=shape["B"], H=shape["H"], Hkv=shape.get("Hkv", shape["H"]), N=shape["N"],
                    M=shape.get("M", shape["N"]), d=shape["d"], e=shape.get("e", shape["d"]), **fields)
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """The shape dict reports and attnopt.costmodel use: {B, H, Hkv, N, M, d, e}."""
+        return {"B": self.B, "H": self.H, "Hkv": self.Hkv, "N": self.N, "M": self.M, "d": self.d, "e": self.e}
 
     @property
     def softmax_scale(self) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnopt import costmodel
 from attnopt.kernels import agent_attention, exact_attention
 
 from .masks import key_validity, per_key_mask, valid_queries
@@ -85,6 +86,17 @@ def agent_bias(agents: torch.Tensor, sizes: torch.Tensor, token_scale: float, *,
     return agents, torch.where(empty, bias - EMPTY_TOKEN_PENALTY, bias)
 
 
+def shortcut_offsets_at(offsets: tuple[int, ...], site_info: SiteInfo) -> tuple[int, ...]:
+    """The V shortcut's offsets where the site uses one (self-attention only), else ()."""
+    return tuple(offsets) if site_info.is_self_attention else ()
+
+
+def two_stage_cost(n_tokens: costmodel.Expr, shortcut_offsets: tuple[int, ...]) -> costmodel.CostFormula:
+    """The two stages through n tokens, then the V shortcut at `shortcut_offsets` (with none, the
+    formula still counts the one pass over the output it always has, so predictions stay comparable)."""
+    return costmodel.two_stage(n_tokens) + costmodel.value_shortcut(len(shortcut_offsets))
+
+
 class TwoStageSiteAttention(nn.Module):
     """What agent and mediator site modules share: the per-key mask, the V shortcut, calibration.
 
@@ -97,8 +109,8 @@ class TwoStageSiteAttention(nn.Module):
     def __init__(self, site_info: SiteInfo, shortcut_offsets: tuple[int, ...]):
         super().__init__()
         self.site_info = site_info
-        use_shortcut = site_info.is_self_attention and bool(shortcut_offsets)
-        self.shortcut = ValueShortcut(site_info.H, shortcut_offsets) if use_shortcut else None
+        offsets = shortcut_offsets_at(shortcut_offsets, site_info)
+        self.shortcut = ValueShortcut(site_info.H, offsets) if offsets else None
 
     def reduced(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                 scale: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnopt.variants import AgentConfig, TokenGrid, build_site_module, refusal, relative_error
+from attnopt.variants import AgentConfig, TokenGrid, build_site_module, refusal, relative_error, spec_for
 from attnopt.variants.agent import AgentAttention, AgentLayout
 from attnopt.variants.clustering import (bipartite_merge, group_means, kmeans, pooled_groups,
                                          pooled_runs_with_outliers, run_sums, split_outliers)
@@ -203,7 +203,7 @@ def test_config_reports_its_agent_count_and_rejects_unknown_selection():
     site = make_site(N=400, M=400)
     assert AgentConfig(agent_fraction=0.25).n_agents(site) == 100
     assert AgentConfig(agent_fraction=0.25).layout(400, site).n_outliers == 20
-    assert AgentConfig(agent_count=7).cost_params(site)["n_agents"] == 7
+    assert spec_for(AgentConfig()).cost_params(AgentConfig(agent_count=7), site)["n_agents"] == 7
     with pytest.raises(ValueError, match="selection"):
         AgentConfig(selection="random")
     assert AgentLayout.for_tokens(10, 50, 0, None).n_agents == 10

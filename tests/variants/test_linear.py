@@ -48,6 +48,16 @@ def test_masked_keys_get_no_weight_and_padding_changes_nothing(causal):
                                out[1, :, :30])
 
 
+@pytest.mark.parametrize("mask", [torch.zeros(()), torch.zeros(2, 1, 1, 1), torch.ones(1, 1, 1, 1, dtype=torch.bool)],
+                         ids=["scalar bias", "per-batch bias", "bool"])
+def test_a_mask_broadcast_over_the_keys_applies_to_every_key(mask):
+    """`scores + 0.0` reaches the variant as a mask of one key column; it masks nothing."""
+    site = make_site(N=48, M=40)
+    q, k, v = tensors(site)
+    module = build_site_module(LinearConfig(), site)
+    torch.testing.assert_close(module(q, k, v, mask=mask, scale=SCALE), module(q, k, v, scale=SCALE))
+
+
 def test_causal_mask_spelled_as_a_tril_with_padding_equals_the_causal_flag():
     site = make_site(causal=True, mask_kind="causal")
     q, k, v = tensors(site)

@@ -1,4 +1,4 @@
-"""The config → handler table, build/refusal dispatch, relative_error and SiteInfo helpers."""
+"""The config → spec table, build/refusal dispatch, relative_error and SiteInfo helpers."""
 
 from __future__ import annotations
 
@@ -14,21 +14,24 @@ from attnopt.variants import (
     MediatorConfig,
     SiteInfo,
     TokenGrid,
+    VariantSpec,
     build_site_module,
     config_for,
-    handler_for,
     infer_grid,
     mask_kind_of,
     register_variant,
     relative_error,
+    spec_for,
+    spec_named,
 )
 
 from .support import make_site, padding_mask, tensors
 
 
-def test_each_config_type_has_its_own_handler():
-    names = {config: handler_for(config()).name for config in (ExactConfig, AgentConfig, LinearConfig, MediatorConfig)}
+def test_each_config_type_has_its_own_spec():
+    names = {config: spec_for(config()).name for config in (ExactConfig, AgentConfig, LinearConfig, MediatorConfig)}
     assert names == {ExactConfig: "exact", AgentConfig: "agent", LinearConfig: "linear", MediatorConfig: "mediator"}
+    assert all(spec_named(name).config_type is config for config, name in names.items())
     assert config_for("agent", agent_fraction=0.5) == AgentConfig(agent_fraction=0.5)
 
 
@@ -38,11 +41,17 @@ def test_unknown_configs_and_duplicate_registrations_are_errors():
         pass
 
     with pytest.raises(TypeError, match="NoSuchConfig"):
-        handler_for(NoSuchConfig())
+        spec_for(NoSuchConfig())
     with pytest.raises(KeyError, match="flash"):
         config_for("flash")
-    with pytest.raises(ValueError, match="already registered"):
-        register_variant("agent", NoSuchConfig, refusal=lambda c, s: None, build=lambda c, s, e: None)
+    taken_name = dataclasses.replace(spec_named("agent"), config_type=NoSuchConfig)
+    taken_config = dataclasses.replace(spec_named("agent"), name="agent2")
+    for spec in (taken_name, taken_config):
+        with pytest.raises(ValueError, match="already registered"):
+            register_variant(spec)
+    with pytest.raises(TypeError, match="NoSuchConfig"):
+        spec_for(NoSuchConfig())  # a refused registration leaves nothing behind
+    assert isinstance(spec_named("agent"), VariantSpec)
 
 
 def test_build_refuses_with_the_reason():
