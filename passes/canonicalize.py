@@ -448,7 +448,7 @@ def _manual_softmax(graph: fx.Graph, node: fx.Node) -> None:
         if peak is not None and peak[0] is left and _same_dim(peak[1], dim, left):
             x = left
     if x is None:
-        node.meta["attnopt_unstable_softmax"] = exponent
+        node.meta["attnopt_unstable_softmax"] = numerator  # the exp: later rules may respell its input
         return
     if not _same_dim(dim, dim, x) or shape_of(x) != shape_of(node):
         return

@@ -120,7 +120,7 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
 def match_unstable_softmax(node: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     """`exp(s) / exp(s).sum(-1)` on attention scores, without subtracting the max: reported, not
     rewritten (it overflows and underflows where softmax does not, so it is another function)."""
-    up = _walk_up(node.meta["attnopt_unstable_softmax"])
+    up = _walk_up(node.meta["attnopt_unstable_softmax"].args[0])
     if up is None:
         return None
     match = SiteMatch(kind="matmul", anchor=node, output=node, form="manual-softmax", inputs=[], internal=[],
