@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and attnopt
 def test_top_level_kernels_is_attnopt_kernels():
     code = ("import sys; sys.path.insert(0, '.'); import kernels, attnopt.kernels, torch;"
             "assert kernels is attnopt.kernels, kernels;"

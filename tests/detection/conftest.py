@@ -4,10 +4,6 @@ import pytest
 import torch
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: a test that takes more than a few seconds on two CPU cores")
-
-
 @pytest.fixture(autouse=True)
 def fresh_dynamo_and_seed():
     """Compiled code from one test must not leak into the next (recompile limits, stale guards)."""

@@ -85,6 +85,7 @@ def output_samples(model, args, kwargs, samples: int = DROPOUT_SAMPLES) -> torch
 def test_catalogue_has_at_least_forty_idioms_covering_every_required_form():
     covered = set().union(*(idiom.tags for idiom in CATALOGUE))
     assert len(CATALOGUE) >= 40
+    assert all(idiom.sites >= 1 for idiom in CATALOGUE), "an idiom without a site tests nothing here"
     assert REQUIRED_TAGS - covered == set()
 
 
@@ -195,3 +196,6 @@ def test_exact_rewrite_gives_equal_gradients_in_training_mode(name: str):
     actual = gradients(rewritten, args, kwargs)
     assert any(key.startswith("input:") for key in expected)
     assert_gradients_close(actual, expected, rtol=idiom.rtol)
+    sites = attnopt.report_of(rewritten).sites  # the gradients are the exact op's, not the original's
+    assert set(collections.Counter(site.graph for site in sites).values()) == {idiom.sites}, str(attnopt.report_of(rewritten))
+    assert all(site.decision is not None and site.decision.variant == "exact" for site in sites)

@@ -30,15 +30,21 @@ from .support import assert_outputs_close, reference_attention
 
 
 def inspect_one(fn, *args):
-    """The single site attnopt reports for `fn(*args)`, and the exact rewrite's output check."""
+    """The single site attnopt reports for `fn(*args)`, and the exact rewrite's check: equal
+    outputs, from the exact op where the site is rewritable and the original code elsewhere."""
     model = Lambda(fn).eval()
     report = attnopt.inspect(model, args)
     assert len(report.sites) == 1, str(report)
+    site = report.sites[0]
     with torch.no_grad():
         expected = model(*args)
-        actual = attnopt.rewrite(model, "exact", args=args)(*args)
+        rewritten = attnopt.rewrite(model, "exact", args=args)
+        actual = rewritten(*args)
     assert_outputs_close(actual, expected)
-    return report.sites[0]
+    (rewritten_site,) = attnopt.report_of(rewritten).sites
+    assert rewritten_site.rewritable == site.rewritable
+    assert (rewritten_site.decision and rewritten_site.decision.variant) == ("exact" if site.rewritable else None)
+    return site
 
 
 class Lambda(nn.Module):
@@ -143,6 +149,7 @@ def test_an_expanded_per_key_mask_is_reported_as_key_padding_not_causal():
         return scores.masked_fill((keep == 0).view(q.size(0), 1, 1, -1).expand_as(scores), float("-inf")).softmax(-1) @ v
 
     site = inspect_one(attend, *bhsd())
+    assert site.rewritable, site.reason
     assert (site.mask, site.causal) == ("key_padding", False)
 
 

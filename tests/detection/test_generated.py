@@ -214,6 +214,7 @@ GENERATED = settings(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(programs)
 def test_generated_program_computes_its_reference(specs):
@@ -233,6 +234,7 @@ FORMER_FAILURES = [
 ]
 
 
+@pytest.mark.slow
 @GENERATED
 @given(programs)
 @example(FORMER_FAILURES[0])

@@ -172,15 +172,22 @@ def test_attention_whose_weights_escape_is_refused_with_a_reason(model_class):
     assert isinstance(site.reason, str) and site.reason.strip()
     rewritten, actual = rewrite_and_run(model, args)
     assert_outputs_close(actual, expected, rtol=UNCHANGED_RTOL)
-    assert all(site.decision is None for site in attnopt.report_of(rewritten).sites)
+    sites = attnopt.report_of(rewritten).sites
+    assert sites and all(not site.rewritable and site.decision is None for site in sites), str(attnopt.report_of(rewritten))
 
 
-@pytest.mark.parametrize("model_class", [SoftmaxOverQueries, SoftmaxOverHeads, ClassifierSoftmax], ids=lambda c: c.__name__)
-def test_softmax_over_a_non_key_dimension_is_not_a_rewritable_site(model_class):
+NON_KEY_SOFTMAXES = [(SoftmaxOverQueries, 1), (SoftmaxOverHeads, 1), (ClassifierSoftmax, 0)]
+
+
+@pytest.mark.parametrize("model_class, refused_sites", NON_KEY_SOFTMAXES, ids=[c.__name__ for c, _ in NON_KEY_SOFTMAXES])
+def test_softmax_over_a_non_key_dimension_is_not_a_rewritable_site(model_class, refused_sites):
+    """A softmax over QKᵀ along another dimension is a site refused with that reason; a
+    classifier's softmax is no site at all."""
     model, args, expected = run(model_class, bhsd)
     report = attnopt.inspect(model, args)
-    assert not [site for site in report.sites if site.rewritable], str(report)
-    assert all(site.reason for site in report.sites)
+    assert len(report.sites) == refused_sites, str(report)
+    for site in report.sites:
+        assert not site.rewritable and "not over the keys" in site.reason, str(report)
     _, actual = rewrite_and_run(model, args)
     assert_outputs_close(actual, expected, rtol=UNCHANGED_RTOL)
 
@@ -197,29 +204,35 @@ def integer_mask():
     return torch.randint(-2, 3, (BATCH, HEADS, SEQ, SEQ), dtype=torch.int32)
 
 
+# Each case with the outcome it gets: bound exactly ("rewritten"), or left alone with a reason.
 UNUSUAL_BUT_VALID = [
-    (PerHeadScaleParameter, bhsd),
-    (PerHeadDivisorInput, inputs_with(lambda: torch.rand(HEADS, 1, 1) + 0.5)),
-    (BatchHeadSwappedKeys, bhsd),
-    (KeysReshapedNotTransposed, bhsd),
-    (IntegerMaskAdded, inputs_with(integer_mask)),
-    (ConstantAdded, bhsd),
-    (MaskFromScores, bhsd),
-    (QueryDependentBias, bhsd),
-    (ValuesContractedOverQueries, bhsd),
+    (PerHeadScaleParameter, bhsd, "rewritten"),
+    (PerHeadDivisorInput, inputs_with(lambda: torch.rand(HEADS, 1, 1) + 0.5), "rewritten"),
+    (BatchHeadSwappedKeys, bhsd, "rewritten"),
+    (KeysReshapedNotTransposed, bhsd, "rewritten"),
+    (IntegerMaskAdded, inputs_with(integer_mask), "rewritten"),
+    (ConstantAdded, bhsd, "rewritten"),
+    (MaskFromScores, bhsd, "refused"),
+    (QueryDependentBias, bhsd, "rewritten"),
+    (ValuesContractedOverQueries, bhsd, "refused"),
 ]
 
 
-@pytest.mark.parametrize("model_class, inputs", UNUSUAL_BUT_VALID, ids=[c.__name__ for c, _ in UNUSUAL_BUT_VALID])
-def test_unusual_attention_is_rewritten_exactly_or_refused_with_a_reason(model_class, inputs):
+@pytest.mark.parametrize("model_class, inputs, outcome", UNUSUAL_BUT_VALID, ids=[c.__name__ for c, _, _ in UNUSUAL_BUT_VALID])
+def test_unusual_attention_is_rewritten_exactly_or_refused_with_a_reason(model_class, inputs, outcome):
     assert BATCH == HEADS, "BatchHeadSwappedKeys needs as many heads as batch entries"
     model, args, expected = run(model_class, inputs)
     report = attnopt.inspect(model, args)
     assert len(report.sites) == 1, "a softmax over QKᵀ must be reported, if only to say why it is left alone"
     site = report.sites[0]
-    assert site.rewritable or (isinstance(site.reason, str) and site.reason.strip()), str(report)
-    _, actual = rewrite_and_run(model, args)
+    if outcome == "rewritten":
+        assert site.rewritable, site.reason
+    else:
+        assert not site.rewritable and isinstance(site.reason, str) and site.reason.strip(), str(report)
+    rewritten, actual = rewrite_and_run(model, args)
     assert_outputs_close(actual, expected)
+    decisions = [site.decision and site.decision.variant for site in attnopt.report_of(rewritten).sites]
+    assert decisions and set(decisions) == ({"exact"} if outcome == "rewritten" else {None}), str(attnopt.report_of(rewritten))
 
 
 def test_mis_bound_keys_would_change_the_output():

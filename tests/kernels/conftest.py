@@ -3,13 +3,16 @@
 TRITON_INTERPRET must be set before any kernel is generated (triton.jit reads it when a kernel is
 defined), so it is set here at import, before the tests import attnopt.kernels' launchers. On a
 machine with CUDA the same tests run the kernels natively on the GPU instead. Generated modules
-go to a per-session temporary cache unless ATTNOPT_CACHE_DIR is already set.
+go to a per-session temporary cache unless ATTNOPT_CACHE_DIR is already set. A test that takes
+the `triton_device` fixture fails unless it launched a generated kernel.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -21,13 +24,35 @@ os.environ.setdefault("ATTNOPT_CACHE_DIR", tempfile.mkdtemp(prefix="attnopt-kern
 from attnopt.kernels import config  # noqa: E402  (after the environment is set)
 
 
+# The generated kernels' launchers, which the ops call when they take the Triton path.
+LAUNCHERS = {"exact_triton": "exact_attention_triton", "agent_triton": "agent_attention_triton",
+             "linear_triton": "linear_attention_triton"}
+
+
+def _counted(launcher: Callable, launched: list[str]) -> Callable:
+    def launch(*args, **kwargs):
+        launched.append(launcher.__name__)
+        return launcher(*args, **kwargs)
+
+    return launch
+
+
 @pytest.fixture
-def triton_device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Device on which the ops take their Triton path: CUDA if present, else forced CPU."""
+def triton_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
+    """Device on which the ops take their Triton path: CUDA if present, else forced CPU.
+
+    A test that asks for it must launch a generated kernel: one that ran only the reference
+    compared the reference with itself and could not fail, so the fixture fails it."""
+    launched: list[str] = []
+    for module_name, launcher in LAUNCHERS.items():
+        module = importlib.import_module(f"attnopt.kernels.{module_name}")
+        monkeypatch.setattr(module, launcher, _counted(getattr(module, launcher), launched))
     if torch.cuda.is_available():
-        return torch.device("cuda")
-    monkeypatch.setattr(config, "force_triton", True)
-    return torch.device("cpu")
+        yield torch.device("cuda")
+    else:
+        monkeypatch.setattr(config, "force_triton", True)
+        yield torch.device("cpu")
+    assert launched, "no generated Triton kernel was launched: the ops took the reference path"
 
 
 def pytest_configure(config: pytest.Config) -> None:

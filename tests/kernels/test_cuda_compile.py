@@ -12,10 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from attnopt.kernels import kernel_cache
 from attnopt.kernels.codegen import GENERATORS
 from attnopt.kernels.linear_template import LinearKernelConfig
 from attnopt.kernels.softmax_template import AgentKernelConfig, ExactKernelConfig
+
+pytestmark = pytest.mark.slow  # compiles six kernels in a subprocess
 
 BF16, FP16, FP32, U8 = "*bf16", "*fp16", "*fp32", "*u8"
 CASES = [

@@ -83,6 +83,7 @@ def _read_until_stopped(path: str, stop, queue) -> None:
     queue.put(seen)
 
 
+@pytest.mark.slow  # four processes
 def test_concurrent_writers_never_expose_a_partial_entry(cache_dir):
     context = multiprocessing.get_context("fork")
     queue, stop = context.Queue(), context.Event()

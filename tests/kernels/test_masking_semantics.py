@@ -79,13 +79,15 @@ def _blocking(dtype, mask_kind, mask_value):
     return fill, mask.requires_grad_()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fill_value", [-1e4, -1e9, "min", -math.inf])
+# fp16 scores cannot hold -1e9 (masked_fill raises in the original): that pair is no case
+DTYPE_AND_FILL = [(dtype, fill) for dtype in DTYPES for fill in (-1e4, -1e9, "min", -math.inf)
+                  if not (dtype == torch.float16 and fill == -1e9)]
+
+
+@pytest.mark.parametrize("dtype, fill_value", DTYPE_AND_FILL)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "wider float"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_fills_and_masks_match_the_literal_torch_spelling(dtype, fill_value, mask_kind, causal):
-    if dtype == torch.float16 and fill_value == -1e9:
-        pytest.skip("fp16 scores cannot hold -1e9: masked_fill raises in the original")
     fill_value = torch.finfo(dtype).min if fill_value == "min" else fill_value
     fill, mask = _blocking(dtype, mask_kind, "min")
     options = dict(scale=0.35, causal=causal, fill_mask=fill, fill_value=fill_value)

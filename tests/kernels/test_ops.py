@@ -31,6 +31,7 @@ def test_ops_are_registered_under_the_attnopt_namespace():
         assert hasattr(torch.ops.attnopt, name)
 
 
+@pytest.mark.slow  # opcheck: seconds per op
 @pytest.mark.parametrize(
     "op, args, kwargs",
     [
@@ -260,6 +261,7 @@ def test_bad_inputs_fail_with_a_clear_message(call, message):
         call(*_inputs(torch.float32))
 
 
+@pytest.mark.slow
 def test_importing_the_package_generates_no_kernel_code():
     import subprocess
     import sys

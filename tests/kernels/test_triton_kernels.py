@@ -48,6 +48,7 @@ MASK_SHAPES = {
 
 
 # triton_device only switches the Triton path on; sharing it across examples is intended
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n_queries=st.integers(1, 40),
@@ -112,6 +113,7 @@ def _blocking_masks(device, dtype, mask_kind, fill_shape):
     return fill, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fill_value", [None, -1e4, -3.4e38, float("-inf")])
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "wider"])
@@ -164,6 +166,7 @@ def test_exact_kernel_reads_strided_inputs(triton_device):
     _assert_matches(exact_attention(q, k, v, mask, scale=0.2), exact_attention_reference(q, k, v, mask, scale=0.2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("agents_batch", [1, 2])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
@@ -181,6 +184,7 @@ def test_agent_kernels_match_reference(triton_device, dtype, agents_batch, mask_
     _assert_matches(agent_attention(q, k, v, agents, mask, **options), agent_attention_reference(q, k, v, agents, mask, **options))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias_shape", [(2, 4, 20), (4, 20), (20,), (1, 4, 1)])
 def test_agent_kernels_add_the_agent_bias_in_stage_two(triton_device, dtype, bias_shape):
@@ -222,6 +226,7 @@ def _assert_linear_matches(actual, expected):
     torch.testing.assert_close(actual, expected, atol=tolerance["atol"] * scale, rtol=tolerance["rtol"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature_map", ["elu1", "relu", "focused", "identity"])
 @pytest.mark.parametrize("normalization", ["sum", "inline"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -234,6 +239,7 @@ def test_linear_kernels_match_reference_with_key_mask(triton_device, feature_map
     _assert_linear_matches(linear_attention(q, k, v, **options), linear_attention_reference(q, k, v, **options))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_linear_kernels_across_head_dims(triton_device, head_dim, causal):
@@ -242,6 +248,7 @@ def test_linear_kernels_across_head_dims(triton_device, head_dim, causal):
     _assert_linear_matches(linear_attention(q, k, v, **options), linear_attention_reference(q, k, v, **options))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["sum", "inline"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_linear_kernels_in_half_precision(triton_device, normalization, causal):
@@ -250,6 +257,7 @@ def test_linear_kernels_in_half_precision(triton_device, normalization, causal):
     _assert_linear_matches(linear_attention(q, k, v, **options), linear_attention_reference(q, k, v, **options))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "feature_map, normalization, causal, dtype",
     [("elu1", "sum", False, torch.float32), ("focused", "inline", True, torch.float32),
@@ -314,10 +322,10 @@ assert launched == ["exact_attention_triton", "agent_attention_triton", "linear_
 """
 
 
+@pytest.mark.slow
 def test_the_triton_fixture_really_routes_ops_to_the_generated_kernels():
-    """Forced Triton really launches the generated kernels. Run in a fresh interpreter: in a
-    full pytest run, state left by the detection tests (not yet identified) makes the ops take
-    the reference path, which is itself a known issue."""
+    """Forced Triton really launches the generated kernels, in a fresh interpreter that no other
+    test has touched (in this process, the triton_device fixture checks each test's launches)."""
     import subprocess
     import sys
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, reject, settings
 
 from .harness import TALLY, CaseResult, Invalid, record, run_case, run_instances_case
 from .strategies import specs
+
+pytestmark = pytest.mark.slow  # about two minutes: hundreds of generated programs
 
 # Share of the profile's max_examples each test draws.
 WEIGHTS = {"programs": 1.0, "near-misses": 0.3, "gradients": 0.15, "instances": 0.2}
