@@ -21,7 +21,6 @@ from attnopt.numerics import VERIFY_TOLERANCE, mismatch, tolerance
 from .detect import SiteMatch
 from .fx_utils import tensor_meta
 
-TRIALS = 3
 
 
 def extract_subgraph(match: SiteMatch) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -54,12 +53,13 @@ BLOCKING_VALUES = (float("-inf"), "finfo.min", -1e9)
 """Values a float mask blocks a key with in the wild; verification draws each of them. (-1e4 is
 not drawn: a row that it blocks entirely keeps its raw scores, to the last few digits, in the
 original too — softmax of rounding noise, which no rewrite reproduces bit for bit.)"""
+TRIALS = 1 + len(BLOCKING_VALUES)  # random entries, then whole rows with each blocking value
 
 
 def _random_like(node: fx.Node, generator: torch.Generator, trial: int, mask_like: bool = False) -> Any:
     """Random values of `node`'s shape and dtype. Masks are drawn adversarially, never from the
-    example: trial 0 masks random entries, trials 1 and 2 mask whole rows (and keep whole rows)
-    with each blocking value, so a rewrite that drops a mask or mistakes its meaning on fully
+    example: trial 0 masks random entries (over a random bias), trials 1, 2, 3 mask whole rows
+    (and keep whole rows) with -inf, finfo.min and -1e9 in turn, so a rewrite that drops a mask or mistakes its meaning on fully
     masked rows fails here, whatever the example input held."""
     meta = tensor_meta(node)
     if meta is None:
@@ -69,7 +69,7 @@ def _random_like(node: fx.Node, generator: torch.Generator, trial: int, mask_lik
         blocked = _blocked_pattern(shape, generator, trial)
         if dtype == torch.bool:
             return blocked if trial != 2 else ~blocked
-        value = BLOCKING_VALUES[int(torch.randint(0, len(BLOCKING_VALUES), (), generator=generator))]
+        value = BLOCKING_VALUES[max(trial - 1, 0) % len(BLOCKING_VALUES)]
         value = torch.finfo(dtype).min if value == "finfo.min" else max(float(value), torch.finfo(dtype).min)
         bias = torch.randn(shape, generator=generator) if trial == 0 else torch.zeros(shape)
         return bias.to(dtype).masked_fill(blocked, value)
