@@ -97,7 +97,10 @@ def combine_mask_terms(terms: tuple[TermSpec, ...], tensors: tuple[torch.Tensor,
                 value = value.to(dtype)
             value = value if isinstance(factor, float) and factor == 1.0 else value * factor
             additive = value if additive is None else additive + value
-            score_dtype = score_dtype or term.score_dtype
+            # terms added at several precisions (a bf16 baddbmm bias, then an fp32 mask after an
+            # upcast): the widest is where a large mask value meets the scores
+            if term.score_dtype is not None:
+                score_dtype = term.score_dtype if score_dtype is None else torch.promote_types(score_dtype, term.score_dtype)
             continue
         condition = value.bool()
         filled = condition if term.kind == "fill" else ~condition
