@@ -192,7 +192,7 @@ class AttnoptBackend:
         if entry is None:
             return None
         site, refs = entry
-        if len(refs) != len(state) or any(ref() is not tensor for ref, tensor in zip(refs, state)):
+        if not _same_tensors(refs, state):
             return None
         return site if site.rewritable and site.decision is not None else None
 
@@ -259,6 +259,11 @@ def _identity(match: SiteMatch, signature: str, occurrences: collections.Counter
     return identity + (occurrences[identity],)
 
 
+def _same_tensors(refs: list[weakref.ref], tensors: list[torch.Tensor]) -> bool:
+    """Whether weakly held `refs` are, one for one, these very tensors (an instance's weights)."""
+    return len(refs) == len(tensors) and all(ref() is tensor for ref, tensor in zip(refs, tensors))
+
+
 def model_state_positions(gm: fx.GraphModule) -> list[int]:
     """Positions of the graph inputs that are a module's parameters or buffers (dynamo lifts
     them to inputs, so one graph can serve several instances of a class)."""
@@ -291,7 +296,7 @@ class _PerSignature:
         state = [args[i] for i in self.state_positions if i < len(args) and isinstance(args[i], torch.Tensor)]
         entries = self.compiled.setdefault(signature_of(args), [])
         for refs, compiled in entries:
-            if len(refs) == len(state) and all(ref() is tensor for ref, tensor in zip(refs, state)):
+            if _same_tensors(refs, state):
                 return compiled(*args)
         entries[:] = [(refs, compiled) for refs, compiled in entries if all(ref() is not None for ref in refs)]
         compiled = self.backend.compile_for(self.gm, args, self.graph_index, state)

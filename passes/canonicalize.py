@@ -219,17 +219,16 @@ def _keeps_dtype(target: fx.Node, others: list, kwargs: dict) -> bool:
         return False
     if kwargs and set(kwargs) - {"alpha", "value", "mask"}:
         return False
-    values = [tensor_meta(o) if isinstance(o, fx.Node) else o for o in others]
-    if any(v is None for v in values):
+    if any(isinstance(o, fx.Node) and tensor_meta(o) is None for o in others):
+        return False
+    # the operand combined with the target: the last one (masked_fill's value, add's other)
+    other = tensor_meta(others[-1]) if isinstance(others[-1], fx.Node) else others[-1]
+    if not isinstance(other, (int, float, bool, torch.Tensor)):
         return False
     try:
-        result = meta
-        for value in values[-1:]:  # the operand that is combined with the target (last one for masked_fill)
-            if isinstance(value, (int, float, bool)) or isinstance(value, torch.Tensor):
-                result = torch.result_type(meta, value)
+        return torch.result_type(meta, other) == meta.dtype
     except (TypeError, RuntimeError):
         return False
-    return result == meta.dtype
 
 
 def functional_inplace(method: str, target: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnopt.kernels.exact_reference import repeat_kv_heads
 from attnopt.numerics import MASKED_AT_OR_BELOW
 
 
@@ -76,8 +77,7 @@ class Masking:
         if self.zero_empty_rows:
             replacement = out.new_zeros(())
         elif self.fill_mask is not None and math.isfinite(self.fill_value):
-            group = out.shape[1] // v.shape[1]
-            replacement = v.mean(dim=-2, keepdim=True).repeat_interleave(group, dim=1).to(out.dtype)
+            replacement = repeat_kv_heads(v.mean(dim=-2, keepdim=True), out.shape[1]).to(out.dtype)
         else:
             replacement = out.new_full((), math.nan)
         return torch.where(empty, replacement, out)

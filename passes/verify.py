@@ -22,7 +22,6 @@ from .detect import SiteMatch
 from .fx_utils import tensor_meta
 
 
-
 def extract_subgraph(match: SiteMatch) -> tuple[fx.GraphModule, list[fx.Node]]:
     """The site's own nodes as a GraphModule whose placeholders are the site's inputs
     followed by any other value the subgraph reads."""
@@ -58,10 +57,18 @@ HALF_BLOCKING_VALUE = -1e4
 the original adds such a mask in fp32 (keeping the raw scores) or in half (losing them) shows."""
 
 
-def _random_like(node: fx.Node, generator: torch.Generator, trial: int, mask_like: bool = False) -> Any:
+def _blocking_per_trial(dtype: torch.dtype) -> tuple:
+    """What a float mask blocks keys with in each trial: trial 0 blocks random entries with -inf
+    (over a random bias), each later trial blocks whole rows with one blocking value."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return (float("-inf"),) + BLOCKING_VALUES + ((HALF_BLOCKING_VALUE,) if half else ())
+
+
+def _random_like(node: fx.Node, generator: torch.Generator, trial: int, blocking: Any,
+                 mask_like: bool = False) -> Any:
     """Random values of `node`'s shape and dtype. Masks are drawn adversarially, never from the
-    example: trial 0 masks random entries (over a random bias), trials 1, 2, 3 mask whole rows
-    (and keep whole rows) with -inf, finfo.min and -1e9 in turn, so a rewrite that drops a mask or mistakes its meaning on fully
+    example: random entries in trial 0, whole rows blocked (and whole rows open) in the others,
+    float masks with `blocking` — so a rewrite that drops a mask or mistakes its meaning on fully
     masked rows fails here, whatever the example input held."""
     meta = tensor_meta(node)
     if meta is None:
@@ -71,9 +78,7 @@ def _random_like(node: fx.Node, generator: torch.Generator, trial: int, mask_lik
         blocked = _blocked_pattern(shape, generator, trial)
         if dtype == torch.bool:
             return blocked if trial != 2 else ~blocked
-        choices = BLOCKING_VALUES + (HALF_BLOCKING_VALUE,)
-        value = choices[max(trial - 1, 0) % len(choices)]
-        value = torch.finfo(dtype).min if value == "finfo.min" else max(float(value), torch.finfo(dtype).min)
+        value = torch.finfo(dtype).min if blocking == "finfo.min" else max(float(blocking), torch.finfo(dtype).min)
         bias = torch.randn(shape, generator=generator) if trial == 0 else torch.zeros(shape)
         return bias.to(dtype).masked_fill(blocked, value)
     if dtype == torch.bool:
@@ -88,7 +93,7 @@ def _random_like(node: fx.Node, generator: torch.Generator, trial: int, mask_lik
 
 def _blocked_pattern(shape: tuple[int, ...], generator: torch.Generator, trial: int) -> torch.Tensor:
     """Bool: random entries (trial 0), or every row of the last dim fully blocked or fully open
-    at random, with the rest random (trials 1, 2)."""
+    at random, with the rest random (later trials)."""
     blocked = torch.rand(shape, generator=generator) < 0.3
     if trial > 0 and len(shape) >= 1 and math.prod(shape):
         rows = torch.rand(shape[:-1] + (1,), generator=generator)
@@ -115,13 +120,11 @@ def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
     dtype = dtype.dtype if dtype is not None else (tensor_meta(match.inputs[0]).dtype)
     allowed = tolerance(VERIFY_TOLERANCE, dtype)
     worst = 0.0
-    # random entries, then whole rows with each blocking value (and -1e4 at half precision)
-    trials = 1 + len(BLOCKING_VALUES) + (dtype in (torch.float16, torch.bfloat16))
-    for trial in range(trials):
+    for trial, blocking in enumerate(_blocking_per_trial(dtype)):
         generator = torch.Generator().manual_seed(seed + trial)
         try:
             values = [match.constants[node] if node in match.constants else
-                      _random_like(node, generator, trial, any(node is m for m in match.mask_inputs))
+                      _random_like(node, generator, trial, blocking, any(node is m for m in match.mask_inputs))
                       for node in placeholders]
         except TypeError as error:
             return f"an input of the site is not a tensor ({error}), so it cannot be verified."

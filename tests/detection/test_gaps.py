@@ -25,7 +25,7 @@ from attnopt.passes.rewrite import rewrite, rewritten_copy
 from attnopt.passes.verify import verify
 from attnopt.passes.site_call import site_call
 
-from .idioms import BATCH, HEAD_DIM, HEADS, SEQ, bhsd
+from .idioms import BATCH, HEAD_DIM, HEADS, bhsd
 from .support import assert_outputs_close, reference_attention
 
 

@@ -23,10 +23,10 @@ excuses nothing else: a wrong rewrite is far from the float64 evaluation where t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
+from detection.support import structure_of, tensors_of
 
 # Relative L2 error allowed over the finite entries, by the dtype of the original's output.
 TOLERANCE: dict[torch.dtype, float] = {
@@ -41,27 +41,6 @@ GRADIENT_TOLERANCE = 1e-5
 
 def tolerance_for(dtype: torch.dtype) -> float:
     return TOLERANCE.get(dtype, 1e-5)
-
-
-def tensors_of(out: Any) -> list[torch.Tensor]:
-    """The tensors of a nested output, in a fixed order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for key in out for t in tensors_of(out[key])]
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in tensors_of(item)]
-    return []
-
-
-def structure_of(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return ("Tensor", tuple(out.shape), out.dtype)
-    if isinstance(out, Mapping):
-        return (type(out).__name__, tuple((key, structure_of(out[key])) for key in out))
-    if isinstance(out, (tuple, list)):
-        return (type(out).__name__, tuple(structure_of(item) for item in out))
-    return (type(out).__name__, out if out is None or isinstance(out, (bool, int, float, str)) else None)
 
 
 @dataclasses.dataclass

@@ -220,7 +220,6 @@ def render(spec: Spec) -> Program:
     if spec.family == "mha":
         return _render_mha(spec)
     src = _Source()
-    dt = f"torch.{spec.dtype}"
     m = spec.keys
     inputs = [InputSlot("q", "data", (B, H, N, D), spec.torch_dtype),
               InputSlot("k", "data", (B, H, m, D), spec.torch_dtype),
