@@ -24,8 +24,13 @@ from attnopt.passes.detect import SiteMatch
 from attnopt.passes.rewrite import rewritten_copy
 
 from attnopt.passes.masking import Masking
-from .report import Site
 from attnopt.passes.site_call import site_call
+
+from .report import Site
+from .variants import SiteInfo, mask_kind_of
+
+FUSED_FORMS = frozenset({"sdpa", "mha", "encoder-layer"})
+"""Site forms whose original attention is one fused kernel call."""
 
 
 @dataclasses.dataclass
@@ -74,11 +79,27 @@ def run_graph(gm: fx.GraphModule, args: tuple[Any, ...], mutated: set[int]) -> A
         return gm(*inputs)
 
 
+def facts_of(site: Site, capture: SiteCapture) -> SiteInfo:
+    """The site's facts, computed once from its match (form) and the tensors it really received.
+
+    The mask kind is read from the captured mask itself (transformers' (B, 1, N, M) padding mask
+    is "key_padding", not a per-query mask); a mask that is exactly causal makes the site causal.
+    """
+    q, k, v = capture.q, capture.k, capture.v
+    mask_kind = mask_kind_of(capture.mask)
+    causal = capture.causal or mask_kind == "causal"
+    return SiteInfo(B=q.shape[0], H=q.shape[1], Hkv=k.shape[1], N=q.shape[2], M=k.shape[2], d=q.shape[3],
+                    e=v.shape[3], causal=causal, mask_kind="causal" if causal else mask_kind,
+                    dropout=capture.dropout_p, dtype=q.dtype, scale=capture.scale, device=q.device.type,
+                    fused=site.form in FUSED_FORMS)
+
+
 @dataclasses.dataclass
 class Analysis:
-    """One analysing run of a graph: per-site captures and the graph's FLOPs."""
+    """One analysing run of a graph: per-site captures, the facts computed from them, the graph's FLOPs."""
 
     captures: dict[int, SiteCapture]
+    facts: dict[int, SiteInfo]
     total_flops: int
 
 
@@ -91,4 +112,5 @@ def analyse(canonical: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],
     with FlopCounterMode(display=False) as counter:
         run_graph(work, args, mutated)
     captures = {site_id: recorder.capture for site_id, recorder in recorders.items() if recorder.capture is not None}
-    return Analysis(captures, counter.get_total_flops())
+    facts = {site.id: facts_of(site, captures[site.id]) for site, _ in sites if site.id in captures}
+    return Analysis(captures, facts, counter.get_total_flops())

@@ -168,7 +168,8 @@ class AttnoptBackend:
         if not all(prior is not None for prior in earlier.values()):
             return self.policy.choose(request)
         return Choices(sites={site_id: Choice(prior.decision, self._chosen.get(prior.id))
-                              for site_id, prior in earlier.items()})
+                              for site_id, prior in earlier.items()},
+                       facts={site_id: prior.facts for site_id, prior in earlier.items() if prior.facts is not None})
 
     def _record(self, choices: Choices, found: list[tuple[Site, SiteMatch, tuple]],
                 state: list[torch.Tensor]) -> dict[int, nn.Module]:
@@ -178,6 +179,7 @@ class AttnoptBackend:
             if not site.rewritable or choice is None:
                 continue
             site.decision = choice.decision
+            site.facts = choices.facts.get(site.id, site.facts)
             if choice.module is not None:
                 self._chosen[site.id] = choice.module
             if identity not in self._decided:

@@ -23,36 +23,18 @@ from . import costmodel
 from .analysis import SiteCapture
 from .numerics import output_error
 from .planner import Candidate
-from .report import KEPT, Site
+from .report import KEPT
 from .variants import (
     ExactConfig,
     SiteInfo,
     build_site_module,
-    mask_kind_of,
     refusal,
     spec_for,
     specs,
 )
 
-FUSED_FORMS = frozenset({"sdpa", "mha", "encoder-layer"})
-"""Site forms whose original attention is one fused kernel call."""
-
 EXACT = spec_for(ExactConfig())
 """The spec whose formula prices the model's own attention."""
-
-
-def site_info_of(site: Site, capture: SiteCapture) -> SiteInfo:
-    """The variants' view of a site, from the tensors it really received.
-
-    The mask kind is read from the captured mask itself (transformers' (B, 1, N, M) padding mask
-    is "key_padding", not a per-query mask); a mask that is exactly causal makes the site causal.
-    """
-    q, k, v = capture.q, capture.k, capture.v
-    mask_kind = mask_kind_of(capture.mask)
-    causal = capture.causal or mask_kind == "causal"
-    return SiteInfo(B=q.shape[0], H=q.shape[1], Hkv=k.shape[1], N=q.shape[2], M=k.shape[2], d=q.shape[3],
-                    e=v.shape[3], causal=causal, mask_kind="causal" if causal else mask_kind,
-                    dropout=capture.dropout_p, dtype=q.dtype, scale=capture.scale, device=q.device.type)
 
 
 def default_candidates(info: SiteInfo) -> list[Any]:
@@ -123,9 +105,9 @@ def _price(cost: costmodel.CostFormula, info: SiteInfo, device: Any) -> tuple[fl
     return costmodel.estimate_seconds(cost, info.shape, device, info.dtype), costmodel.flops(cost, info.shape)
 
 
-def baseline(site: Site, info: SiteInfo, device: Any) -> Evaluated:
+def baseline(info: SiteInfo, device: Any) -> Evaluated:
     """The site's own softmax attention: error 0, priced by how the model computed it."""
-    params = {"fused": site.form in FUSED_FORMS}
+    params = {"fused": info.fused}
     seconds, flops = _price(EXACT.cost(**params), info, device)
     candidate = Candidate(variant=KEPT, params=params, est_seconds=seconds, flops=flops, error=0.0)
     row = {"variant": KEPT, "params": params, "shown": params, "est_seconds": seconds, "flops": flops, "error": 0.0,
@@ -166,9 +148,8 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any) -> 
     return Evaluated(config, module, candidate, row)
 
 
-def evaluate_site(site: Site, capture: SiteCapture, configs: Sequence[Any] | None, device: Any
-                  ) -> tuple[SiteInfo, Evaluated, list[Evaluated]]:
-    """The site's info, its baseline and every candidate config evaluated at it."""
-    info = site_info_of(site, capture)
+def evaluate_site(info: SiteInfo, capture: SiteCapture, configs: Sequence[Any] | None, device: Any
+                  ) -> tuple[Evaluated, list[Evaluated]]:
+    """The site's baseline and every candidate config evaluated at it."""
     configs = default_candidates(info) if configs is None else list(configs)
-    return info, baseline(site, info, device), [evaluate(config, info, capture, device) for config in configs]
+    return baseline(info, device), [evaluate(config, info, capture, device) for config in configs]

@@ -35,7 +35,6 @@ from .candidates import (
     baseline,
     evaluate,
     evaluate_site,
-    site_info_of,
 )
 from .planner import Budget, SiteCandidates, plan
 from .report import Decision, GraphPlan, Site
@@ -69,10 +68,12 @@ class Choice:
 @dataclasses.dataclass(frozen=True)
 class Choices:
     """A policy's answer for one graph: a Choice per site it decided (a site it could not decide,
-    e.g. one the recording run never reached, is left out) and the graph's plan, if it made one."""
+    e.g. one the recording run never reached, is left out), the graph's plan, if it made one, and
+    the facts of the sites it analysed (what its decisions read, and what the report shows)."""
 
     sites: dict[int, Choice]
     plan: GraphPlan | None = None
+    facts: dict[int, SiteInfo] = dataclasses.field(default_factory=dict)
 
     @property
     def modules(self) -> dict[int, nn.Module]:
@@ -140,14 +141,14 @@ class VariantPolicy:
             capture = analysis.captures.get(site.id)
             if capture is None:
                 continue
-            info = site_info_of(site, capture)
-            base, evaluated = baseline(site, info, profile), evaluate(self.config, info, capture, profile)
+            info = analysis.facts[site.id]
+            base, evaluated = baseline(info, profile), evaluate(self.config, info, capture, profile)
             rows = [base.row, evaluated.row]
             if evaluated.module is None:
                 choices[site.id] = Choice(_decision(base, base, rows, f"kept: {evaluated.row['refused']}"), None)
             else:
                 choices[site.id] = Choice(_decision(evaluated, base, rows, "requested"), evaluated.module)
-        return Choices(choices, GraphPlan(request.graph, request.signature, self.name, None, None))
+        return Choices(choices, GraphPlan(request.graph, request.signature, self.name, None, None), analysis.facts)
 
 
 class BudgetPolicy:
@@ -172,7 +173,7 @@ class BudgetPolicy:
         for site, _ in progress:
             capture = analysis.captures.get(site.id)
             if capture is not None:
-                _, base, alternatives = evaluate_site(site, capture, self.candidates, profile)
+                base, alternatives = evaluate_site(analysis.facts[site.id], capture, self.candidates, profile)
                 evaluations[site.id] = (base, alternatives)
         # FlopCounterMode counted each site as the exact op, whose FLOPs the baseline's formula equals
         other_flops = max(0, analysis.total_flops - sum(base.candidate.flops for base, _ in evaluations.values()))
@@ -195,7 +196,8 @@ class BudgetPolicy:
         return Choices(choices, GraphPlan(
             request.graph, request.signature, self.name, _describe(self.budget), result.budget_met,
             seconds_before=result.seconds_before, seconds_after=result.seconds_after,
-            flops_before=result.flops_before, flops_after=result.flops_after, total_error=result.total_error))
+            flops_before=result.flops_before, flops_after=result.flops_after, total_error=result.total_error),
+            analysis.facts)
 
     def _kept_reason(self, base: Evaluated, alternatives: list[Evaluated], budget_met: bool) -> str:
         faster = [ev for ev in alternatives

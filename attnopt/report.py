@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from .variants.site import SiteInfo
 
 KEPT = "softmax"
 """`Decision.variant` of a site that keeps the model's own attention (and of its baseline candidate row)."""
@@ -78,7 +81,10 @@ class Site:
     `shape` holds B, H, Hkv, N (queries), M (keys), d (query/key head dim), e (value head dim).
     `form` names the spelling it was found in ("matmul", "bmm", "baddbmm", "einsum", "sdpa",
     "mha", "encoder-layer", "manual-softmax", ...). A site that is not `rewritable` carries a
-    one-sentence `reason`.
+    one-sentence `reason`. `shape`, `causal`, `mask`, `dropout`, `dtype` and `scale` are what
+    detection read from the graph; once the site is analysed, `facts` is the one record of its
+    facts computed from the tensors it received (attnopt.variants.SiteInfo) — what the variants
+    and the cost model read for its decision, and what the report shows.
     """
 
     id: int
@@ -96,6 +102,16 @@ class Site:
     scale: float | None = None
     graph: int = 0
     signature: str = ""
+    facts: SiteInfo | None = None
+
+    @property
+    def shown_mask(self) -> str | None:
+        """The mask kind the report shows: the analysed facts' where known, else detection's."""
+        return self.facts.mask_kind if self.facts is not None else self.mask
+
+    @property
+    def shown_causal(self) -> bool:
+        return self.facts.causal if self.facts is not None else self.causal
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,8 +173,8 @@ class Report:
             else:
                 decision = "-"
             table.add_row(
-                str(site.id), site.module or "-", site.form, shape, site.mask or "-",
-                "yes" if site.causal else "no", f"{site.dropout:g}", site.dtype,
+                str(site.id), site.module or "-", site.form, shape, site.shown_mask or "-",
+                "yes" if site.shown_causal else "no", f"{site.dropout:g}", site.dtype,
                 "yes" if site.rewritable else f"no: {site.reason}", decision, site.source or "-",
             )
         return table

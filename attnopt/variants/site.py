@@ -1,7 +1,9 @@
-"""What a variant needs to know about one attention site: shapes, mask kind, causality, token grid.
+"""The facts of one attention site: shapes, dtype, mask kind, causality, scale, token grid.
 
-The lead fills a `SiteInfo` from a detected site; variants read it to decide whether they apply
-(`refusal`) and how to build themselves (head counts, scale, the token grid for 2-D pooling).
+`SiteInfo` is the one immutable record of a site's facts. attnopt/analysis.py computes it once per
+analysed site, from the detected match and the tensors the site really received (`facts_of`);
+the variants read it to decide whether they apply (`refusal`) and how to build themselves, the
+cost model prices it (`shape`, `dtype`, `fused`), and the report shows it (`Site.facts`).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ class SiteInfo:
     mask_kind uses the detector's names: None, "key_padding" (one value per key), "causal",
     "boolean" or "additive" (values that differ per query). dropout is the attention-dropout
     probability the site applies (0 in eval mode). scale is the softmax scale (None: 1/√d).
-    grid is the token layout when known (vision models); self_attention None means "N == M".
-    device is the type of device the site runs on ("cpu", "cuda"), which decides the kernels.
+    grid is the token layout when the caller knows it (vision models; None: variants pool 1-D,
+    or infer a square grid where their config asks). device is the type of device the site runs
+    on ("cpu", "cuda"), which decides the kernels. fused: the model computed this attention with
+    one fused kernel call (SDPA, nn.MultiheadAttention), which is how its baseline is priced.
     """
 
     B: int
@@ -65,8 +69,8 @@ class SiteInfo:
     dtype: torch.dtype = torch.float32
     scale: float | None = None
     grid: TokenGrid | None = None
-    self_attention: bool | None = None
     device: str = "cpu"
+    fused: bool = False
 
     @classmethod
     def from_shape(cls, shape: Mapping[str, int], **fields) -> SiteInfo:
@@ -85,7 +89,9 @@ class SiteInfo:
 
     @property
     def is_self_attention(self) -> bool:
-        return self.self_attention if self.self_attention is not None else self.N == self.M
+        """Queries and keys are read as the same tokens (N == M): a padded key marks its query as
+        padding too, which the two-stage variants use to leave padded queries out of their agents."""
+        return self.N == self.M
 
     @property
     def mask_varies_per_query(self) -> bool:
