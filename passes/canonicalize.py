@@ -6,6 +6,7 @@ After this pass, detection matches meaning, not spelling:
     baddbmm(input, b1, b2, beta, alpha)                        → alpha·(b1 @ b2) + beta·input
     x / c   (c a number, 0-dim tensor or (..., 1, 1) tensor)    → x · (1/c)
     F.softmax / torch.softmax / Tensor.softmax(dtype=...)       → torch.softmax (after a cast)
+    softmax(x - max(x)) (the row max subtracted first)          → torch.softmax(x)
     exp(x - max(x)) / sum(exp(...))  (softmax written by hand)  → torch.softmax
     .float() / .half() / .to(dtype) / .type(dtype) / .type_as(t) → Tensor.to(dtype)
     dropout in eval                                             → removed
@@ -23,14 +24,14 @@ from __future__ import annotations
 import copy
 import operator
 import string
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from .fx_utils import (
     ALIASING_OPS, arg, body_module, copy_meta, has_side_effects, is_scalar, mutated_by, op_name, propagate_body_meta,
-    searched_body, shape_of, tensor_meta,
+    searched_body, shape_of, tensor_meta, dtype_of,
 )
 
 _MATMUL_SPELLINGS = {"matmul", "bmm", "mm", "__matmul__"}
@@ -59,7 +60,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     # (with a single query the sum is (..., 1, 1), which _division would fold into a product).
     _functionalise(graph)
     for rule in (_shape_only_uses, _einsum, _baddbmm, _matmul, _manual_softmax,
-                 _division, _casts, _softmax, _eval_dropout):
+                 _division, _casts, _softmax, _max_shift, _eval_dropout):
         for node in list(graph.nodes):
             if node.graph is graph:
                 rule(graph, node)
@@ -257,11 +258,24 @@ def _matmul(graph: fx.Graph, node: fx.Node) -> None:
     _replace(graph, node, lambda: _call(graph, torch.matmul, a, b), form=form)
 
 
+def _einsum_operands(node: fx.Node) -> tuple[str, Any, Any] | None:
+    """(equation, x, y) of a two-operand einsum, spelled `einsum(eq, x, y)` or `einsum(eq, [x, y])`."""
+    if op_name(node) != "einsum" or node.kwargs or not node.args or not isinstance(node.args[0], str):
+        return None
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if len(operands) != 2:
+        return None
+    return node.args[0], operands[0], operands[1]
+
+
 def _einsum(graph: fx.Graph, node: fx.Node) -> None:
     """Two-operand einsum with one free label per side and one contracted label → matmul."""
-    if op_name(node) != "einsum" or len(node.args) != 3 or not isinstance(node.args[0], str):
+    operands = _einsum_operands(node)
+    if operands is None:
         return
-    equation, x, y = node.args
+    equation, x, y = operands
     plan = _einsum_plan(equation)
     if plan is None:
         return
@@ -406,6 +420,29 @@ def _softmax(graph: fx.Graph, node: fx.Node) -> None:
         return _call(graph, torch.softmax, source, dim)
 
     _replace(graph, node, build, form="softmax")
+
+
+def _max_shift(graph: fx.Graph, node: fx.Node) -> None:
+    """softmax(x - max(x, d), d) → softmax(x, d): the same function, bit for bit in fp32/fp64 —
+    torch.softmax subtracts the row max itself, and a row of -inf is NaN either way (in half
+    precision `x - max(x)` is rounded to half, where softmax subtracts in fp32: left as written).
+    Attention-sink models shift their concatenated logits so; the shift may be detached."""
+    if node.target is not torch.softmax or not isinstance(node.args[0], fx.Node):
+        return
+    shifted, dim = node.args[0], arg(node, 1, "dim")
+    if not isinstance(dim, int):
+        return
+    if op_name(shifted) != "sub" or len(shifted.args) != 2 or shifted.kwargs:
+        return
+    x, peak = shifted.args
+    while isinstance(peak, fx.Node) and op_name(peak) == "detach":
+        peak = peak.args[0]
+    reduced = _reduced_over(peak, {"max", "amax"}) if isinstance(peak, fx.Node) else None
+    if reduced is None or reduced[0] is not x or not _same_dim(reduced[1], dim, x) or shape_of(x) != shape_of(shifted):
+        return
+    if dtype_of(shifted) not in (torch.float32, torch.float64):  # half rounds x - max(x) where softmax does not
+        return
+    node.replace_input_with(shifted, x)
 
 
 def _reduced_over(node: fx.Node, names: set[str]) -> tuple[fx.Node, int] | None:

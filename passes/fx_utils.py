@@ -265,9 +265,22 @@ def mutated_by(node: fx.Node) -> fx.Node | None:
     return None
 
 
+STATEFUL_CALLS = frozenset({
+    "_vmap_increment_nesting", "_vmap_decrement_nesting", "lazy_load_decompositions",
+    "_grad_increment_nesting", "_grad_decrement_nesting", "_jvp_increment_nesting", "_jvp_decrement_nesting",
+    "_wrap_for_grad", "_unwrap_for_grad", "set_fwd_grad_enabled", "_set_grad_enabled",
+})
+"""Calls dynamo records for their effect on interpreter state (functorch's vmap/grad nesting
+levels around an inlined `torch.vmap`, grad mode): their results are unused, yet dropping one
+leaves the batched tensors between them without their level."""
+
+
 def has_side_effects(node: fx.Node) -> bool:
-    """Whether dead-code elimination must keep `node`: torch's own rule, plus every in-place write."""
-    return node.is_impure() or mutated_by(node) is not None
+    """Whether dead-code elimination must keep `node`: torch's own rule, every in-place write,
+    and the state changes of `STATEFUL_CALLS`."""
+    if node.is_impure() or mutated_by(node) is not None:
+        return True
+    return node.op == "call_function" and getattr(node.target, "__name__", None) in STATEFUL_CALLS
 
 
 def alias_root(node: Any) -> Any:

@@ -33,7 +33,7 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
                               recipe=None, shape={})
             return refuse(match, f"the scores are written in place by `{write.name}` on a tensor others can see "
                                   "(an input, a buffer or a shared view), so attnopt cannot follow them.")
-        return None  # not fed by a matmul: a softmax, but not attention
+        return _opaque_site(softmax)
     scores_matmul, chain, terms, scale, factor_nodes, up_reason = up
     q_operand, kt_operand = scores_matmul.args
     scores_shape = shape_of(scores_matmul)
@@ -128,6 +128,52 @@ def match_unstable_softmax(node: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     return refuse(match, "its softmax is written as exp(s) / Σ exp(s) without subtracting the row maximum, which "
                           "overflows for scores above ~88 and gives 0/0 on rows of very negative scores; "
                           "softmax would change those results.")
+
+def _opaque_site(softmax: fx.Node) -> SiteMatch | None:
+    """A softmax whose scores come from a QK matmul through an op attnopt does not model (logit
+    softcapping's tanh, a concatenated sink column, ...) and whose weights feed a matmul with
+    values: attention, reported with the op it could not pass — never silently left out.
+    Anything else (a router's softmax, a softmax over a projection) is not attention: None."""
+    node, opaque = softmax.args[0], None
+    for _ in range(WALK_DEPTH):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.target is torch.matmul:
+            break
+        name = op_name(node)
+        modelled = name in VALUE_OPS or name in ("mul", "add", "div", "masked_fill", "where") or TRANSPARENT.get(name) == VIEW
+        if not modelled and opaque is None:
+            opaque = node
+        operands = [a for item in node.args for a in (item if isinstance(item, (list, tuple)) else (item,))]
+        sources = [a for a in operands if isinstance(a, fx.Node) and shape_of(a) is not None and len(shape_of(a)) >= 2]
+        if not sources:
+            return None
+        node = sources[0]
+    else:
+        return None
+    if opaque is None or not _feeds_value_matmul(softmax):
+        return None
+    match = SiteMatch(kind="matmul", anchor=softmax, output=softmax, form=node.meta.get("attnopt_form") or "matmul",
+                      inputs=[], internal=[], recipe=None, shape=partial_shape(*node.args, None))
+    return refuse(match, f"the scores pass through `{op_name(opaque)}` (`{opaque.name}`) on their way to the "
+                          "softmax, which attnopt does not model.")
+
+
+def _feeds_value_matmul(softmax: fx.Node, depth: int = 4) -> bool:
+    """Whether the softmax's weights reach, through at most `depth` single-use ops of any kind
+    (a slice dropping a sink column, a cast), the left operand of a matmul."""
+    node = softmax
+    for _ in range(depth):
+        if len(node.users) != 1:
+            return False
+        user = next(iter(node.users))
+        if user.target is torch.matmul:
+            return user.args[0] is node
+        if not user.args or user.args[0] is not node:
+            return False
+        node = user
+    return False
+
 
 def _write_on_scores(node: Any) -> fx.Node | None:
     """The in-place write on the way up from a softmax's input to a QK matmul, if any."""

@@ -20,6 +20,7 @@ from attnopt.numerics import VERIFY_TOLERANCE, mismatch, tolerance
 
 from .detect import SiteMatch
 from .fx_utils import tensor_meta
+from .site_ir import MatmulRecipe
 
 
 def extract_subgraph(match: SiteMatch) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -50,18 +51,32 @@ def extract_subgraph(match: SiteMatch) -> tuple[fx.GraphModule, list[fx.Node]]:
 
 BLOCKING_VALUES = (float("-inf"), "finfo.min", -1e9)
 """Values a float mask blocks a key with in the wild; verification draws each of them. (-1e4 is
-not drawn: a row that it blocks entirely keeps its raw scores, to the last few digits, in the
-original too — softmax of rounding noise, which no rewrite reproduces bit for bit.)"""
-HALF_BLOCKING_VALUE = -1e4
-"""Drawn for whole rows too at half-precision sites, whose tolerance covers that noise: whether
-the original adds such a mask in fp32 (keeping the raw scores) or in half (losing them) shows."""
+not drawn in general: a row that it blocks entirely keeps its raw scores, to the last few digits,
+in the original too — softmax of rounding noise, which the exact op reproduces only where it
+adds the mask in the original's order.)"""
+SMALL_BLOCKING_VALUE = -1e4
+"""Drawn for whole rows too at half-precision sites, whose tolerance covers that noise (whether
+the original adds such a mask in fp32, keeping the raw scores, or in half, losing them, shows),
+and at sites whose rewrite scales a mask term instead of the masked scores (`reorders_mask`)."""
 
 
-def _blocking_per_trial(dtype: torch.dtype) -> tuple:
+def reorders_mask(match: SiteMatch) -> bool:
+    """Whether the rewrite adds a mask term in another order than the original: the original
+    scales the masked scores, `(s + m)·t`, by a tensor or by a number that is not a power of two
+    (exact in floating point), and the rewrite computes `s·t + m·t`. On a row that a finite mask
+    blocks entirely the two round the raw scores differently, so verification must see one."""
+    recipe = match.recipe
+    if not isinstance(recipe, MatmulRecipe):
+        return False
+    return any(term.kind == "add" and (term.factor_inputs or math.frexp(abs(term.factor))[0] != 0.5)
+               for term in recipe.terms)
+
+
+def _blocking_per_trial(dtype: torch.dtype, reordered: bool = False) -> tuple:
     """What a float mask blocks keys with in each trial: trial 0 blocks random entries with -inf
     (over a random bias), each later trial blocks whole rows with one blocking value."""
     half = dtype in (torch.float16, torch.bfloat16)
-    return (float("-inf"),) + BLOCKING_VALUES + ((HALF_BLOCKING_VALUE,) if half else ())
+    return (float("-inf"),) + BLOCKING_VALUES + ((SMALL_BLOCKING_VALUE,) if half or reordered else ())
 
 
 def _random_like(node: fx.Node, generator: torch.Generator, trial: int, blocking: Any,
@@ -120,7 +135,7 @@ def verify(match: SiteMatch, site_call: nn.Module, seed: int = 0) -> str | None:
     dtype = dtype.dtype if dtype is not None else (tensor_meta(match.inputs[0]).dtype)
     allowed = tolerance(VERIFY_TOLERANCE, dtype)
     worst = 0.0
-    for trial, blocking in enumerate(_blocking_per_trial(dtype)):
+    for trial, blocking in enumerate(_blocking_per_trial(dtype, reorders_mask(match))):
         generator = torch.Generator().manual_seed(seed + trial)
         try:
             values = [match.constants[node] if node in match.constants else

@@ -285,3 +285,85 @@ def test_attention_inside_a_checkpoint_is_found_verified_and_rewritten_exactly_b
     gm(*reference)[0].sum().backward()
     for a, b in zip(inputs[:3], reference[:3]):
         assert_outputs_close(a.grad, b.grad)
+
+
+# --- issue 10: list-operand einsum, the row max subtracted first, vmap, softcap and sinks --------------
+
+
+def test_einsum_with_list_operands_is_found_and_rewritten():
+    q, k, v = bhsd()
+
+    def attention(q, k, v):
+        scores = torch.einsum("bhnd,bhmd->bhnm", [q, k]) * HEAD_DIM**-0.5
+        return torch.einsum("bhnm,bhmd->bhnd", [scores.softmax(-1), v])
+
+    site = inspect_one(attention, q, k, v)
+    assert site.rewritable and site.form == "einsum"
+
+
+@pytest.mark.parametrize("spelling", ["max-values", "amax", "detached"])
+def test_subtracting_the_row_max_before_softmax_is_the_same_softmax(spelling):
+    q, k, v = bhsd()
+
+    def attention(q, k, v):
+        scores = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5
+        if spelling == "max-values":
+            peak = scores.max(dim=-1, keepdim=True).values
+        elif spelling == "amax":
+            peak = scores.amax(-1, keepdim=True)
+        else:
+            peak = scores.max(-1, keepdim=True)[0].detach()
+        return torch.softmax(scores - peak, dim=-1) @ v
+
+    assert inspect_one(attention, q, k, v).rewritable
+
+
+def test_subtracting_another_rows_max_is_not_the_same_softmax():
+    q, k, v = bhsd()
+
+    def attention(q, k, v):
+        scores = q @ k.transpose(-1, -2)
+        return torch.softmax(scores - scores.amax(-2, keepdim=True), dim=-1) @ v  # max over queries
+
+    site = inspect_one(attention, q, k, v)
+    assert not site.rewritable
+
+
+def test_attention_inside_torch_vmap_is_found_and_other_vmapped_code_keeps_its_nesting():
+    q, k, v = bhsd()
+
+    def attention(q, k, v):
+        doubled = torch.vmap(lambda x: x * 2)(q)  # its nesting calls have unused results
+        per_item = torch.vmap(lambda q, k, v: (q @ k.transpose(-1, -2) * 0.25).softmax(-1) @ v)
+        return per_item(doubled, k, v)
+
+    assert inspect_one(attention, q, k, v).rewritable
+
+
+def test_softcapped_and_sink_scores_are_reported_with_the_op_attnopt_does_not_model():
+    q, k, v = bhsd()
+    sinks = torch.randn(HEADS)
+
+    def softcapped(q, k, v):
+        scores = torch.tanh(q @ k.transpose(-1, -2) * HEAD_DIM**-0.5 / 30.0) * 30.0
+        return scores.softmax(-1) @ v
+
+    def with_sinks(q, k, v):
+        scores = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5
+        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        logits = torch.cat([scores, sink], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        return torch.softmax(logits, dim=-1)[..., :-1] @ v
+
+    for fn, op in ((softcapped, "tanh"), (with_sinks, "cat")):
+        site = inspect_one(fn, q, k, v)
+        assert not site.rewritable and f"`{op}`" in site.reason
+
+
+def test_a_softmax_over_a_matmul_that_feeds_no_value_matmul_is_not_attention():
+    x, w = torch.randn(4, 8, 16), torch.randn(16, 6)
+
+    def router(x):
+        return torch.tanh(x @ w).softmax(-1).topk(2, dim=-1).values
+
+    assert attnopt.inspect(Lambda(router), (x,)).sites == []
