@@ -16,6 +16,7 @@ from .report import Decision, GraphPlan, Report, Site
 from .variants import (
     AgentConfig,
     ExactConfig,
+    HybridConfig,
     LinearConfig,
     MediatorConfig,
     MediatorSchedule,
@@ -36,6 +37,7 @@ __all__ = [
     "Decision",
     "ExactConfig",
     "GraphPlan",
+    "HybridConfig",
     "LinearConfig",
     "MediatorConfig",
     "MediatorSchedule",

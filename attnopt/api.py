@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect as python_inspect
+import types
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -11,8 +14,9 @@ import torch
 from torch import nn
 
 from .backend import AttnoptBackend, AttnoptError
+from .calibration import calibrator_for
 from .capture import CompiledCall, capture, check_inputs, compiling_context, own_region
-from .planner import Budget
+from .planner import Budget, BudgetNotMetWarning
 from .policies import BudgetPolicy, ExactPolicy, Policy, VariantPolicy
 from .report import Report
 from .variants import ExactConfig, config_for, mediator_timestep
@@ -27,9 +31,19 @@ class AttnoptModule(nn.Module):
     """`model` with its attention sites rewritten; same call signature and outputs.
 
     The original module is held, not copied: parameters are shared and the original is not
-    modified. Graphs are compiled per input signature on first use (decisions are per shape).
+    modified. Graphs are compiled per input signature on first use (decisions are per shape;
+    see `attnopt.backend._PerSignature` for the size buckets exact rewrites share, and dynamo
+    compiles sizes that change between calls, e.g. a decode loop's KV length, symbolically).
     When the model's forward takes a `timestep` argument (diffusers), each call runs inside
     `mediator_timestep(timestep)`, so mediator sites follow their schedule.
+
+    It stands in for the model: any attribute it does not have itself is the model's
+    (`config`, `device`, `dtype`, user attributes), and the model's methods run with a `self`
+    whose calls (`self(...)`, `self.__call__`) go through the rewrite, so `generate` and other
+    loops over the model's forward run the rewritten attention. That `self` shares the model's
+    attributes (what a method sets is set on the model) and is an instance of a subclass of the
+    model's class. Its `state_dict` is the model's, with the same keys, and the model's own
+    state dict loads into it (`load_state_dict` loads into the model).
 
     `copy.deepcopy` and pickling (`torch.save`) give a module that owns its copy of the model
     and plans anew, for that copy's weights, on its first call (the report starts empty).
@@ -41,6 +55,7 @@ class AttnoptModule(nn.Module):
         self.model = model
         object.__setattr__(self, "_attnopt_call", CompiledCall(backend))
         object.__setattr__(self, "_timestep_arg", timestep_arg if _takes(model, timestep_arg) else None)
+        self.register_load_state_dict_pre_hook(_into_model)
 
     @property
     def _attnopt_backend(self) -> AttnoptBackend:
@@ -62,6 +77,87 @@ class AttnoptModule(nn.Module):
             return None
         return bound.arguments.get(self._timestep_arg)
 
+    def __getattr__(self, name: str) -> Any:
+        """The model's attribute, for names neither nn.Module nor this class resolve.
+
+        Dunder names and this class's own are never forwarded (copy, pickle and the module's
+        half-built states during __init__ and unpickling ask for them), and the model is read
+        from `_modules` directly, so no lookup here can recurse."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError as missing:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name in _OWN_NAMES or (name.startswith("__") and name.endswith("__")):
+                raise missing from None
+        try:
+            found = python_inspect.getattr_static(model, name)
+        except AttributeError:
+            found = None
+        if isinstance(found, types.FunctionType) and name not in model.__dict__:
+            return types.MethodType(found, _rewritten_self(model, self))  # a method of the model's class
+        return getattr(model, name)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The model's state dict: the same keys as `model.state_dict()` (no `model.` prefix).
+
+        attnopt's site modules are not submodules (they are held by the compiled graphs), so a
+        rewrite adds no keys."""
+        return self.model.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
+        """The model's parameters (as `model.`...), then those of the attention modules attnopt put
+        at its sites — calibrated feature maps, mediator tokens, hybrid mixing weights — as
+        `attnopt_sites.<site id>.<name>`, so `parameters()` hands an optimizer everything the
+        rewritten forward learns. The state dict stays the model's (see `state_dict`)."""
+        seen: set[int] = set()
+        for name, parameter in super().named_parameters(prefix, recurse, remove_duplicate):
+            seen.add(id(parameter))
+            yield name, parameter
+        if not recurse:
+            return
+        for site_id, module in list(self._attnopt_backend._chosen.items()):
+            for name, parameter in module.named_parameters(remove_duplicate=remove_duplicate):
+                if remove_duplicate and id(parameter) in seen:
+                    continue
+                seen.add(id(parameter))
+                yield f"{prefix}{'.' if prefix else ''}attnopt_sites.{site_id}.{name}", parameter
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load the model's state dict (keys as `model.state_dict()` gives them) into the model."""
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+_OWN_NAMES = frozenset({"model", "_attnopt_call", "_timestep_arg", "_attnopt_backend"})
+
+
+def _into_model(module: AttnoptModule, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Load pre-hook for a rewrite inside a larger module (whose load reaches it only through
+    `_load_from_state_dict`): its keys are the model's, so they are moved under `model.`."""
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+
+
+@functools.cache
+def _rewritten_class(cls: type) -> type:
+    """A subclass of the model's class whose calls go through the rewrite holding it."""
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._attnopt_rewrite(*args, **kwargs)
+
+    namespace = {"__slots__": ("_attnopt_rewrite",), "__call__": __call__, "__module__": cls.__module__,
+                 "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    return type(cls.__name__, (cls,), namespace)
+
+
+def _rewritten_self(model: nn.Module, rewrite: AttnoptModule) -> nn.Module:
+    """`model` as the `self` of its methods called through `rewrite`: the same attributes (one
+    shared __dict__), but calling it calls `rewrite`. Made per access, never stored, so copies
+    and pickles of the rewrite never see it."""
+    view = object.__new__(_rewritten_class(type(model)))
+    object.__setattr__(view, "__dict__", model.__dict__)
+    object.__setattr__(view, "_attnopt_rewrite", rewrite)
+    return view
+
 
 def _takes(model: nn.Module, name: str | None) -> bool:
     if name is None:
@@ -77,7 +173,7 @@ def _check_model(model: Any, verb: str) -> None:
         raise AttnoptError(f"attnopt.{verb} needs an nn.Module, got {type(model).__name__}.")
 
 
-def _variant_policy(variant: str, params: dict[str, Any]) -> Policy:
+def _variant_policy(variant: str, params: dict[str, Any], calibration: Any = None) -> Policy:
     try:
         config = config_for(variant, **params)
     except KeyError as unknown:
@@ -85,7 +181,7 @@ def _variant_policy(variant: str, params: dict[str, Any]) -> Policy:
     except (TypeError, ValueError) as bad:
         raise AttnoptError(f"bad parameters for the {variant} variant: {bad}") from None
     # the exact op stands in for any site unmeasured: no analysing run, no per-instance plans
-    return ExactPolicy() if isinstance(config, ExactConfig) else VariantPolicy(config)
+    return ExactPolicy() if isinstance(config, ExactConfig) else VariantPolicy(config, calibration=calibration)
 
 
 def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, timestep_arg: str | None) -> AttnoptModule:
@@ -97,22 +193,26 @@ def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, ti
     return wrapped
 
 
-def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: dict | None = None,
-            **variant_params: Any) -> AttnoptModule:
+def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: dict | None = None, *,
+            calibration: Any = None, **variant_params: Any) -> AttnoptModule:
     """Rewrite every rewritable site of `model` into `variant` ("exact", "agent", "linear", "mediator").
 
     `variant_params` are the variant's config fields (e.g. agent_fraction=0.1). A site the
     variant cannot stand in for keeps its softmax, with the reason in its decision.
     `args`/`kwargs` are example inputs: the model is run on them once, so the returned module's
     report is filled and its first shape is compiled (and, for agent and mediator, calibrated).
+    `calibration`: batches of model inputs (tuples, dicts, a DataLoader) or an
+    `attnopt.calibration.Calibration`: each site's module is fitted on them (learned linear feature
+    maps, mediators, hybrid's mix) and its error measured on held-out batches (attnopt.calibration).
     """
     _check_model(model, "rewrite")
-    return _wrap(model, _variant_policy(variant, variant_params), args, kwargs, "timestep")
+    policy = _variant_policy(variant, variant_params, calibrator_for(model, calibration))
+    return _wrap(model, policy, args, kwargs, "timestep")
 
 
 def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs: dict | None = None, *,
              candidates: Sequence[Any] | None = None, strict: bool = False, device: Any = None,
-             timestep_arg: str | None = "timestep") -> AttnoptModule:
+             timestep_arg: str | None = "timestep", calibration: Any = None) -> AttnoptModule:
     """Rewrite `model`'s attention so its whole forward meets `budget` at the least measured error.
 
     budget: a fraction of the original's predicted forward time (0.5 = twice as fast), or an
@@ -121,13 +221,18 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
     strict: raise `BudgetError` when the budget cannot be met (else warn and take the fastest plan).
     device: a device or `costmodel.DeviceProfile` to price candidates for (default: where the inputs are).
     timestep_arg: the forward argument holding a diffusion timestep, for mediator schedules.
+    calibration: batches of model inputs (tuples, dicts, a DataLoader) or an
+        `attnopt.calibration.Calibration`: candidates with parameters are fitted on them, every
+        candidate's error is measured on held-out batches, and the learned linear map is tried.
 
     Each new input signature is planned on its first call, on that call's inputs: their q, k, v
     at every site measure each candidate's error. The report (`report_of`) lists every decision
-    and the plan per shape.
+    and the plan per shape. When the budget cannot be met, `BudgetNotMetWarning` is warned at
+    most once per returned model (a decode loop plans every step's new KV length).
     """
     _check_model(model, "optimize")
-    policy = BudgetPolicy(_budget(budget), candidates, strict=strict, device=device)
+    policy = _ModelBudgetPolicy(_budget(budget), candidates, strict=strict, device=device,
+                                calibration=calibrator_for(model, calibration))
     return _wrap(model, policy, args, kwargs, timestep_arg)
 
 
@@ -144,19 +249,39 @@ def _budget(budget: Any) -> Budget:
 
 
 def report_of(module: Any) -> Report:
-    """The report of a module returned by `rewrite`/`optimize` or compiled with backend="attnopt"."""
+    """The report of a module returned by `rewrite`/`optimize` or compiled with backend="attnopt":
+    `torch.compile(model, backend="attnopt")`'s result, or `model` itself after
+    `model.compile(backend="attnopt")` (which compiles the module in place)."""
     if isinstance(module, AttnoptModule):
         return module._attnopt_backend.report
     if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
         if _is_attnopt(torch._dynamo.eval_frame.innermost_backend(module.dynamo_ctx.callback)):
-            backend = getattr(module.dynamo_ctx, "_attnopt_backend", None)
-            if backend is None:
-                raise AttnoptError("this model was compiled with backend=\"attnopt\" but has not run yet: "
-                                   "its report is filled by its first call.")
-            return backend.report
+            return _report_of_context(module.dynamo_ctx)
         if isinstance(module._orig_mod, AttnoptModule):
             return module._orig_mod._attnopt_backend.report
+    context = _context_of_compiled_call(module)
+    if context is not None and _is_attnopt(torch._dynamo.eval_frame.innermost_backend(context.callback)):
+        return _report_of_context(context)
     raise AttnoptError(f"{type(module).__name__} was not produced by attnopt, so it has no report.")
+
+
+def _report_of_context(context: Any) -> Report:
+    backend = getattr(context, "_attnopt_backend", None)
+    if backend is None:
+        raise AttnoptError("this model was compiled with backend=\"attnopt\" but has not run yet: "
+                           "its report is filled by its first call.")
+    return backend.report
+
+
+def _context_of_compiled_call(module: Any) -> Any:
+    """The dynamo context of `module.compile(...)` (kept in the module's `_compiled_call_impl`) or of
+    a function `torch.compile` returned: the `self` its compile wrapper closes over; else None."""
+    call = module.__dict__.get("_compiled_call_impl") if isinstance(module, nn.Module) else module
+    if not isinstance(call, types.FunctionType) or not hasattr(call, "_torchdynamo_orig_callable"):
+        return None
+    cells = dict(zip(call.__code__.co_freevars, call.__closure__ or ()))
+    context = cells["self"].cell_contents if "self" in cells else None
+    return context if isinstance(context, torch._dynamo.eval_frame._TorchDynamoContext) else None
 
 
 def _is_attnopt(wrapper: Any) -> bool:
@@ -174,9 +299,28 @@ def _policy_from_options(options: dict[str, Any]) -> Policy:
         known = {"candidates", "strict", "device"}
         if set(options) - known:
             raise AttnoptError(f"unknown attnopt options {sorted(set(options) - known)}; with a budget: {sorted(known)}.")
-        return BudgetPolicy(budget, **options)
+        return _ModelBudgetPolicy(budget, **options)
     variant = options.pop("variant", "exact")
     return _variant_policy(variant, options)
+
+
+class _ModelBudgetPolicy(BudgetPolicy):
+    """The budget policy of one model (one `optimize` or torch.compile call): it plans each new
+    input signature, but warns `BudgetNotMetWarning` at most once — a decode loop plans a new
+    signature per step, and one warning says what each of them would."""
+
+    _warned = False
+
+    def choose(self, request: Any) -> Any:
+        if not self._warned:
+            choices = super().choose(request)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BudgetNotMetWarning)
+                choices = super().choose(request)
+        if choices.plan is not None and choices.plan.budget_met is False:
+            self._warned = True
+        return choices
 
 
 def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None,
@@ -185,11 +329,18 @@ def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options
 
     Options: {"budget": 0.5 or attnopt.Budget(...), "candidates", "strict", "device"} plans under
     a budget; {"variant": "agent", **params} rewrites into one variant. Each torch.compile call
-    gets its own backend and report (`report_of(compiled)`), kept across its recompiles, and its
-    own dynamo region, so separately compiled instances of one class never share compiled code.
+    gets its own backend and report (`report_of(compiled)`; after `model.compile(backend=
+    "attnopt")`, `report_of(model)`), kept across its recompiles, and its own dynamo region, so
+    separately compiled instances of one class never share compiled code.
+
+    torch.compile's other arguments: `mode` is accepted and ignored — its presets
+    ("reduce-overhead", "max-autotune", ...) configure inductor (CUDA graphs, autotuning), which
+    this backend does not run: attnopt's ops pick their own kernels, and the rewrite is the same in
+    every mode (torch.compile takes either `mode` or `options`, so with a mode the rewrite is
+    exact). `fullgraph`, `dynamic` and `disable` are dynamo's and act as for any backend: graphs
+    dynamo makes dynamic are still analysed at the concrete shapes of their calls.
     """
-    if mode is not None:
-        raise AttnoptError(f"the attnopt backend takes options={{...}}, not mode={mode!r}.")
+    del mode  # inductor's presets: nothing to configure here (see above)
     backend = _backend() if _backend is not None else _backend_of_this_compile(options)
     return backend(gm, example_inputs)
 

@@ -7,6 +7,9 @@ graphs made dynamic by dynamo still get concrete shapes), running
     canonicalize → detect → verify (random inputs) → decide (a `Policy`, attnopt.policies) → rewrite
     → end-to-end check on the call's real inputs
 
+Under the exact policy, whose decisions depend on no shape, the signatures of one graph with
+symbolic sizes share one analysis per size bucket (`size_bucket`, `_PerSignature`).
+
 All sites, rewritten or not, land in the backend's `Report`.
 """
 
@@ -16,6 +19,7 @@ import collections
 import copy
 import itertools
 import math
+import time
 import weakref
 from typing import Any, Callable
 
@@ -34,7 +38,7 @@ from attnopt.passes.verify import verify
 
 from .analysis import run_graph
 from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
-from .policies import Choice, Choices, GraphRequest, Policy
+from .policies import Choice, Choices, ExactPolicy, GraphRequest, Policy
 from .report import Report, Site
 from .variants import ExactAttention
 
@@ -166,7 +170,11 @@ class AttnoptBackend:
         mode, a failed guard), those decisions again, without planning anew."""
         earlier = {site.id: self._earlier(identity, state) for site, _, identity in found if site.rewritable}
         if not all(prior is not None for prior in earlier.values()):
-            return self.policy.choose(request)
+            start = time.perf_counter()
+            choices = self.policy.choose(request)
+            if choices.plan is not None:
+                choices.plan.planning_seconds = time.perf_counter() - start
+            return choices
         return Choices(sites={site_id: Choice(prior.decision, self._chosen.get(prior.id))
                               for site_id, prior in earlier.items()},
                        facts={site_id: prior.facts for site_id, prior in earlier.items() if prior.facts is not None})
@@ -285,6 +293,14 @@ class _PerSignature:
     With `per_instance` (policies whose decisions depend on the weights: measured errors), the
     parameters and buffers the call passes are part of the key, by identity: another instance
     of the same class is planned and checked for its own weights, never handed another's plan.
+
+    Size buckets (`shares_sizes`: policies whose decisions depend on neither weights nor shape —
+    exact, and inspection): a graph dynamo compiled with symbolic sizes (a decode loop, whose
+    KV length grows every step) is analysed once per size bucket (`size_bucket`: every tensor
+    size and integer input rounded up to a power of two). A new signature of an analysed bucket
+    reuses that bucket's graph once it passes the end-to-end check on its own first call (exact
+    rewrites must match the original there; `check=False` skips it); if it does not, it is
+    analysed on its own.
     """
 
     def __init__(self, backend: AttnoptBackend, gm: fx.GraphModule, graph_index: int, per_instance: bool):
@@ -293,14 +309,48 @@ class _PerSignature:
         self.graph_index = graph_index
         self.state_positions = model_state_positions(gm) if per_instance else []
         self.compiled: dict[tuple, list[tuple[list[weakref.ref], Callable]]] = {}
+        self.shares_sizes = not per_instance and (backend.policy is None or isinstance(backend.policy, ExactPolicy))
+        self.by_bucket: dict[tuple, Callable] = {}
+        self._reference: fx.GraphModule | None = None
 
     def __call__(self, *args: Any) -> Any:
         state = [args[i] for i in self.state_positions if i < len(args) and isinstance(args[i], torch.Tensor)]
-        entries = self.compiled.setdefault(signature_of(args), [])
+        signature = signature_of(args)
+        entries = self.compiled.setdefault(signature, [])
         for refs, compiled in entries:
             if _same_tensors(refs, state):
                 return compiled(*args)
         entries[:] = [(refs, compiled) for refs, compiled in entries if all(ref() is not None for ref in refs)]
-        compiled = self.backend.compile_for(self.gm, args, self.graph_index, state)
+        compiled = self._shared(signature, args)
+        if compiled is None:
+            compiled = self.backend.compile_for(self.gm, args, self.graph_index, state)
+            if self.shares_sizes:
+                self.by_bucket.setdefault(size_bucket(signature), compiled)
         entries.append(([weakref.ref(tensor) for tensor in state], compiled))
         return compiled(*args)
+
+    def _shared(self, signature: tuple, args: tuple[Any, ...]) -> Callable | None:
+        """The graph analysed for this signature's size bucket, if it passes the end-to-end check here."""
+        compiled = self.by_bucket.get(size_bucket(signature)) if self.shares_sizes else None
+        if compiled is None or not self.backend.check:
+            return compiled
+        if self._reference is None:
+            self._reference = restore_eager_paths(fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph)))
+        # every tensor input but the weights is cloned: whichever the graph writes to stays untouched
+        cloned = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)}
+        try:
+            problem = self.backend._end_to_end(self._reference, compiled, args, cloned, True, self.graph_index,
+                                               describe_inputs(args))
+        except Exception:  # noqa: BLE001 - a graph that cannot run at these sizes is analysed anew
+            return None
+        return compiled if problem is None else None
+
+
+def size_bucket(signature: tuple) -> tuple:
+    """`signature` with every tensor size and integer above 1 rounded up to a power of two: the
+    signatures one analysis serves under a policy whose decisions do not depend on shape."""
+    def up(n: Any) -> Any:
+        return n if isinstance(n, bool) or not isinstance(n, int) or n <= 1 else 1 << (n - 1).bit_length()
+
+    return tuple((tuple(up(n) for n in item[0]),) + item[1:] if isinstance(item, tuple) else up(item)
+                 for item in signature)

@@ -11,7 +11,8 @@ as three kernels when it wrote the matmuls out — and shown as `report.KEPT` ("
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import costmodel
 from .analysis import SiteCapture
 from .numerics import output_error
-from .planner import Candidate
+from .planner import Candidate, never_chosen
 from .report import KEPT
 from .variants import (
     ExactConfig,
@@ -37,11 +38,24 @@ EXACT = spec_for(ExactConfig())
 """The spec whose formula prices the model's own attention."""
 
 
-def default_candidates(info: SiteInfo) -> list[Any]:
+def default_candidates(info: SiteInfo, calibrated: bool = False) -> list[Any]:
     """The variant configs `optimize` tries at a site when the caller gives none: every registered
     variant's own grid (its spec's `candidates`), in registration order. Measured error then
-    decides which of them is faithful enough for this model."""
-    return [config for spec in specs() for config in spec.candidates(info)]
+    decides which of them is faithful enough for this model.
+
+    With calibration data (`calibrated`), a spec whose `candidates` takes a `calibrated` keyword
+    is asked with calibrated=True: it may add configs only calibration makes worth trying (linear
+    attention's learned feature map)."""
+    return [config for spec in specs() for config in (
+        spec.candidates(info, calibrated=True) if calibrated and _takes_calibrated(spec.candidates)
+        else spec.candidates(info))]
+
+
+def _takes_calibrated(function: Callable) -> bool:
+    try:
+        return "calibrated" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class CausalMaskAttention(nn.Module):
@@ -115,13 +129,106 @@ def baseline(info: SiteInfo, device: Any) -> Evaluated:
     return Evaluated(None, None, candidate, row)
 
 
-def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any) -> Evaluated:
-    """Refuse `config` at the site, or build it from the capture, measure its error and price it."""
+class CandidateRow(dict):
+    """A candidate's report row whose `pays_off_from_N` is solved the first time it is read.
+
+    Solving a break-even length (costmodel.break_even_length) takes sympy tens of milliseconds,
+    and only the report's explain(), its JSON or a caller reading the row needs it: planning
+    never does. Reading that key, or the whole row (items, values, copies, comparison, printing,
+    JSON, dataclasses.asdict), solves it first, once.
+    """
+
+    def __init__(self, *args: Any, solve: Callable[[], int | None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._solve = solve
+        if solve is not None:
+            dict.setdefault(self, "pays_off_from_N", None)
+
+    def _resolved(self) -> CandidateRow:
+        if self._solve is not None:
+            solve, self._solve = self._solve, None
+            dict.__setitem__(self, "pays_off_from_N", solve())
+        return self
+
+    def __getitem__(self, key: str) -> Any:
+        return dict.__getitem__(self._resolved() if key == "pays_off_from_N" else self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "pays_off_from_N":
+            self._solve = None
+        dict.__setitem__(self, key, value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict.get(self._resolved() if key == "pays_off_from_N" else self, key, default)
+
+    def items(self):
+        return dict.items(self._resolved())
+
+    def values(self):
+        return dict.values(self._resolved())
+
+    def copy(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    def __eq__(self, other: object) -> bool:
+        return dict.__eq__(self._resolved(), other._resolved() if isinstance(other, CandidateRow) else other)
+
+    def __repr__(self) -> str:
+        return dict.__repr__(self._resolved())
+
+    def __or__(self, other: Any) -> dict[str, Any]:
+        return dict(self.items()) | other
+
+    def __iter__(self):  # overridden so dict(row) and {**row} read through __getitem__, not the raw storage
+        return dict.__iter__(self)
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:  # pickled and copied as the plain, solved dict
+        return dict, (dict(self.items()),)
+
+
+def _would_not_pay(formula: costmodel.CostFormula, info: SiteInfo, profile: costmodel.DeviceProfile,
+                   base: Candidate) -> tuple[float, int] | None:
+    """(predicted seconds, FLOPs) of a candidate that cannot beat the site's baseline, else None.
+
+    Before building, its kernel count is unknown (counted on the built module), but every module
+    launches at least one: priced with one, the seconds are a lower bound. A candidate whose lower
+    bound is above the baseline's (or equal, with no fewer FLOPs) is never allowed by the planner,
+    under any budget (planner.never_chosen), so it is not built and measured.
+    """
+    lower = costmodel.estimate_seconds(formula.with_kernel_calls(1), info.shape, profile, info.dtype)
+    flops = costmodel.flops(formula, info.shape)
+    if not never_chosen(lower, flops, base):
+        return None
+    return max(lower, costmodel.estimate_seconds(formula, info.shape, profile, info.dtype)), flops
+
+
+def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any,
+             base: Candidate | None = None, calibration: Any = None) -> Evaluated:
+    """Refuse `config` at the site, or build it from the capture, measure its error and price it.
+
+    With the site's baseline candidate `base`, a config predicted no faster than it (see _would_not_pay) is
+    refused before it is built; without one (a requested variant) it is always built.
+
+    With `calibration` (attnopt.calibration.LazySiteData: the site's calibration captures), the built
+    module's calibration parameters are fitted on the training batches and its error is measured on
+    the held-out ones, for every candidate alike (fitted or not), instead of on the call's capture.
+    """
     spec = spec_for(config)
     params = dataclasses.asdict(config)
-    row: dict[str, Any] = {"variant": spec.name, "params": params, "shown": spec.shown_params(config)}
+    row = CandidateRow({"variant": spec.name, "params": params, "shown": spec.shown_params(config)})
+    profile = costmodel.resolve_profile(device, info.dtype)
     reason = refusal(config, info)
     module = None
+    if reason is None and base is not None:
+        formula = spec.formula(config, info)
+        hopeless = _would_not_pay(formula, info, profile, base)
+        if hopeless is not None:
+            seconds, flops = hopeless
+            return Evaluated(config, None, None, CandidateRow(
+                row, est_seconds=seconds, flops=flops, error=None, refused=(
+                    f"not built: predicted no faster than softmax here (at least {seconds * 1e3:.3g} ms against "
+                    f"{base.est_seconds * 1e3:.3g} ms), so it cannot help meet a budget."),
+                solve=lambda: costmodel.break_even_length(formula, info.shape, profile, info.dtype)))
     if reason is None:
         example = (capture.q, capture.k, capture.v, capture.mask)
         try:
@@ -136,20 +243,30 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any) -> 
             reason, module = str(refused), None
         except RuntimeError as failed:  # e.g. out of memory at this size: the candidate is out, the plan goes on
             reason, module = f"building or running it failed: {type(failed).__name__}: {failed}", None
+    if reason is None and calibration is not None:
+        # fitted on the calibration batches (if it has parameters to fit), measured on the held-out ones;
+        # outside the try above: calibration data that cannot be used is an AttnoptError, not a refusal
+        try:
+            error = calibration.calibrate(module, config)
+        except ValueError as refused:  # e.g. a mask in the calibration data it cannot follow
+            reason, module = f"on the calibration data: {refused}", None
     if reason is not None:
-        return Evaluated(config, None, None, row | {"refused": reason})
+        return Evaluated(config, None, None, CandidateRow(row, refused=reason))
     if error == float("inf"):
-        return Evaluated(config, None, None, row | {"refused": "it produced non-finite values where softmax attention does not."})
+        return Evaluated(config, None, None, CandidateRow(
+            row, refused="it produced non-finite values where softmax attention does not."))
     cost = spec.formula(config, info).with_kernel_calls(counter.calls)
-    seconds, flops = _price(cost, info, device)
-    pays_off = costmodel.break_even_length(cost, info.shape, device, info.dtype)
+    seconds, flops = _price(cost, info, profile)
     candidate = Candidate(variant=spec.name, params=params, est_seconds=seconds, flops=flops, error=error)
-    row |= {"est_seconds": seconds, "flops": flops, "error": error, "pays_off_from_N": pays_off, "refused": None}
+    row = CandidateRow(row, est_seconds=seconds, flops=flops, error=error, refused=None,
+                       solve=lambda: costmodel.break_even_length(cost, info.shape, profile, info.dtype))
     return Evaluated(config, module, candidate, row)
 
 
-def evaluate_site(info: SiteInfo, capture: SiteCapture, configs: Sequence[Any] | None, device: Any
-                  ) -> tuple[Evaluated, list[Evaluated]]:
-    """The site's baseline and every candidate config evaluated at it."""
-    configs = default_candidates(info) if configs is None else list(configs)
-    return baseline(info, device), [evaluate(config, info, capture, device) for config in configs]
+def evaluate_site(info: SiteInfo, capture: SiteCapture, configs: Sequence[Any] | None, device: Any,
+                  calibration: Any = None) -> tuple[Evaluated, list[Evaluated]]:
+    """The site's baseline and every candidate config evaluated at it (calibrated, with errors
+    measured on held-out calibration batches, when `calibration` is given: see `evaluate`)."""
+    configs = default_candidates(info, calibrated=calibration is not None) if configs is None else list(configs)
+    base = baseline(info, device)
+    return base, [evaluate(config, info, capture, device, base.candidate, calibration) for config in configs]

@@ -44,9 +44,14 @@ _LIMIT = 4096
 
 @contextlib.contextmanager
 def strict_dynamo() -> Iterator[None]:
-    """dynamo settings under which a fallback to eager is an error, for the duration of a call."""
+    """dynamo settings under which a fallback to eager is an error, for the duration of a call.
+
+    Python floats stay constants (`specialize_float`): dynamo would otherwise turn a float that
+    differs between compiles of the same code (another instance's mask fill or scale) into a
+    tensor input, and a fill held in a tensor is data, which detection must refuse."""
     with torch._dynamo.config.patch(recompile_limit=_LIMIT, accumulated_recompile_limit=_LIMIT,
-                                    fail_on_recompile_limit_hit=True, suppress_errors=False):
+                                    fail_on_recompile_limit_hit=True, suppress_errors=False,
+                                    specialize_float=True):
         yield
 
 
@@ -157,6 +162,9 @@ class CompiledCall:
 
     The model is an argument, not captured, so the call belongs to no model. Each instance
     compiles its own copy of `_run`'s code in its own dynamo region (see the module doc).
+    Dynamo's automatic dynamic shapes are on (`dynamic=None`): a size that changed between calls
+    (a decode loop's KV length) is traced symbolically from then on, instead of one dynamo
+    compile per size; the backend still analyses each graph at its calls' concrete sizes.
     A copy or an unpickled instance compiles anew for a fresh backend with the same policy:
     it plans on its first call, for the weights of the model it is called with.
     """
@@ -168,7 +176,7 @@ class CompiledCall:
         self._graph_runs = [0]
         run = types.FunctionType(_run.__code__.replace(), _run.__globals__, _run.__name__)
         compile_graph = _counting(backend, self._graph_runs)
-        self.compiled = torch.compile(run, backend=compile_graph, dynamic=False, fullgraph=fullgraph,
+        self.compiled = torch.compile(run, backend=compile_graph, dynamic=None, fullgraph=fullgraph,
                                       isolate_recompiles=True)
         self.seen: set[tuple] = set()
         weakref.finalize(self, _forget_call, self.compiled._isolate_recompiles_id, compile_graph)

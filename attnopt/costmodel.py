@@ -4,8 +4,11 @@ The planner compares softmax, agent, mediator and linear attention at every site
 any of them. Each variant's spec (attnopt.variants) gives its cost as a `CostFormula`: sympy
 expressions in the shape symbols B, H, Hkv, N, M, d, e, n and dtype_bytes, composed from the
 building blocks here (softmax_attention, two_stage, value_shortcut, pooling, ...). Evaluating one
-substitutes a site's shape. Seconds come from a roofline on a `DeviceProfile` measured once per
-machine, thread count and dtype, and cached as JSON.
+at a site's shape runs a plain Python function compiled once per formula (`compiled`): no sympy
+while planning; only `break_even_length` (read lazily, for reports) solves with sympy. Seconds come
+from a roofline on a `DeviceProfile` measured once per machine, thread count and dtype with
+repeats and a noise estimate, cached as JSON, and spot-checked once per process (re-measured when
+the check disagrees by more than 2×).
 
 Conventions (what a "FLOP", an "element op" and a "byte" mean here):
 - FLOPs count contractions (matmuls), 2 per multiply-add, as torch.utils.flop_counter does, so the
@@ -21,6 +24,7 @@ Conventions (what a "FLOP", an "element op" and a "byte" mean here):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -35,6 +39,7 @@ from typing import Any
 
 import sympy
 import torch
+from sympy.printing.pycode import PythonCodePrinter
 from torch.utils.flop_counter import FlopCounterMode
 
 B, H, Hkv, N, M, d, e, n = sympy.symbols("B H Hkv N M d e n", positive=True, integer=True)
@@ -53,8 +58,13 @@ class CostFormula:
     bytes_moved: Expr
     kernel_calls: Expr
 
+    @property
+    def terms(self) -> tuple[Expr, Expr, Expr, Expr]:
+        """(flops, elementwise_ops, bytes_moved, kernel_calls), as they are (dataclasses.astuple deep-copies)."""
+        return self.flops, self.elementwise_ops, self.bytes_moved, self.kernel_calls
+
     def __add__(self, other: CostFormula) -> CostFormula:
-        return CostFormula(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return CostFormula(*(a + b for a, b in zip(self.terms, other.terms)))
 
     def with_kernel_calls(self, kernel_calls: Expr) -> CostFormula:
         """The same work in the number of kernels one call really launches (counted on the built module)."""
@@ -126,7 +136,7 @@ def kmeans(n_tokens: Expr, iterations: int, window: int | None) -> CostFormula:
                     bytes_moved=3 * dtype_bytes * B * H * N * sympy.Min(window, n_tokens) * d, kernel_calls=8)
     )
     per_iteration = assignment + pooling(n_tokens)
-    return CostFormula(*(iterations * term for term in dataclasses.astuple(per_iteration)))
+    return CostFormula(*(iterations * term for term in per_iteration.terms))
 
 
 def bipartite(n_tokens: Expr) -> CostFormula:
@@ -167,29 +177,93 @@ def lookup(table: Mapping[str, Any], key: str, what: str) -> Any:
     return table[key]
 
 
-def _substitutions(shape: Mapping[str, int], dtype: torch.dtype) -> dict[sympy.Symbol, int]:
-    """Symbol values for a shape dict; Hkv defaults to H, M to N and e to d."""
+def _shape_values(shape: Mapping[str, int], dtype: torch.dtype) -> dict[str, int]:
+    """Symbol name → value for a shape dict; Hkv defaults to H, M to N and e to d."""
     values = {"Hkv": shape.get("H"), "M": shape.get("N"), "e": shape.get("d"), **shape}
-    return {symbol: values[name] for name, symbol in SHAPE_SYMBOLS.items() if values.get(name) is not None} | {
-        dtype_bytes: dtype.itemsize
+    return {name: values[name] for name in SHAPE_SYMBOLS if values.get(name) is not None} | {
+        "dtype_bytes": dtype.itemsize
     }
 
 
-def _evaluate(expression: Expr, shape: Mapping[str, int], dtype: torch.dtype) -> sympy.Expr:
-    value = sympy.sympify(expression).subs(_substitutions(shape, dtype))
-    if value.free_symbols:
-        raise ValueError(f"shape {dict(shape)} leaves {sorted(map(str, value.free_symbols))} unset")
-    return value
+def _substitutions(shape: Mapping[str, int], dtype: torch.dtype) -> dict[sympy.Symbol, int]:
+    """Symbol values for a shape dict (see _shape_values), keyed by the symbols."""
+    return {ARGUMENTS[name]: value for name, value in _shape_values(shape, dtype).items()}
+
+
+ARGUMENTS = {**SHAPE_SYMBOLS, "dtype_bytes": dtype_bytes}
+"""The symbols a compiled formula takes, in the order it takes them."""
+
+
+@functools.lru_cache(maxsize=4096)
+def compiled(*expressions: Expr) -> tuple[Callable[..., tuple], frozenset[str]]:
+    """The expressions as one plain Python function of the ARGUMENTS returning their values (a
+    tuple), and the names of the symbols they use.
+
+    Compiled once per formula (sympy's Python printer and `eval`, cached; lambdify, ten times
+    slower to build, only for a function Python's math lacks): planning evaluates numbers, never
+    sympy. The function runs on Python ints, so a polynomial with integer coefficients (every
+    FLOP and byte count but the bipartite merge's thirds) evaluates exactly.
+    """
+    expressions = tuple(sympy.sympify(expression) for expression in expressions)
+    used = frozenset(str(symbol) for expression in expressions for symbol in expression.free_symbols)
+    if used - ARGUMENTS.keys():  # e.g. an agent formula whose token count n was left symbolic
+        return _unset(used - ARGUMENTS.keys()), used
+    printer = PythonCodePrinter({"fully_qualified_modules": False})
+    body = ", ".join(printer.doprint(expression) for expression in expressions)
+    if printer._not_supported:  # a function Python's math lacks: sympy's own (slower to build) lambdify
+        return sympy.lambdify(list(ARGUMENTS.values()), expressions, "math"), used
+    return eval(f"lambda {', '.join(ARGUMENTS)}: ({body},)", dict(_MATH)), used
+
+
+_MATH = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")} | {"min": min, "max": max}
+"""What a printed formula may call: Python's math, min and max (sympy's Min and Max)."""
+
+
+def _unset(names: frozenset[str]) -> Callable[..., tuple]:
+    def refuse(*_: Any) -> tuple:
+        raise ValueError(f"the formula leaves {sorted(names)} unset")
+
+    return refuse
+
+
+def _number(value: Any) -> int | float:
+    if isinstance(value, (int, float)):
+        return value
+    return int(value) if getattr(value, "is_Integer", False) else float(value)
+
+
+def _evaluate_all(expressions: tuple[Expr, ...], shape: Mapping[str, int], dtype: torch.dtype) -> tuple:
+    """The numbers the expressions take at `shape` (a ValueError naming the symbols it leaves unset)."""
+    if all(isinstance(expression, (int, float)) for expression in expressions):
+        return expressions
+    function, used = compiled(*expressions)
+    values = _shape_values(shape, dtype)
+    missing = used - values.keys()
+    if missing:
+        raise ValueError(f"shape {dict(shape)} leaves {sorted(missing)} unset")
+    return tuple(_number(value) for value in function(*(values.get(name) for name in ARGUMENTS)))
+
+
+def _evaluate(expression: Expr, shape: Mapping[str, int], dtype: torch.dtype) -> int | float:
+    """The number `expression` takes at `shape` (a ValueError naming the symbols it leaves unset)."""
+    return _evaluate_all((expression,), shape, dtype)[0]
+
+
+def evaluate(cost: CostFormula, shape: Mapping[str, int], dtype: torch.dtype = torch.float32) -> CostFormula:
+    """`cost` at `shape`: the same formula with every term a number. The work terms are compiled
+    together, the kernel count (often counted on the built module: a plain int) on its own."""
+    *work, calls = cost.terms
+    return CostFormula(*_evaluate_all(tuple(work), shape, dtype), _evaluate(calls, shape, dtype))
 
 
 def flops(cost: CostFormula, shape: Mapping[str, int]) -> int:
     """FLOPs (2 per multiply-add of the matmuls) of one call costing `cost` at `shape` {B,H,Hkv,N,M,d,e}."""
-    return int(round(_evaluate(cost.flops, shape, torch.float32)))
+    return round(_evaluate(cost.flops, shape, torch.float32))
 
 
 def bytes_moved(cost: CostFormula, shape: Mapping[str, int], dtype: torch.dtype = torch.float32) -> int:
     """Bytes read and written by one call costing `cost` at `shape` with tensors of `dtype`."""
-    return int(round(_evaluate(cost.bytes_moved, shape, dtype)))
+    return round(_evaluate(cost.bytes_moved, shape, dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +275,17 @@ class DeviceProfile:
     bandwidth_bytes_per_s: float
     elementwise_ops_per_s: float
     call_overhead_s: float
+    noise: float = 0.0
+    """How much the repeated timings behind the rates spread: (median − fastest) / fastest of the
+    noisiest of the four. 0 for a profile written by hand; large on a loaded machine."""
+
+    RATES = ("matmul_flops_per_s", "bandwidth_bytes_per_s", "elementwise_ops_per_s", "call_overhead_s")
+
+    def disagreement(self, other: DeviceProfile) -> float:
+        """The largest factor by which one of the four rates differs between the two profiles (≥ 1)."""
+        factors = [max(a / b, b / a) if a > 0 and b > 0 else (1.0 if a == b else math.inf)
+                   for a, b in ((getattr(self, rate), getattr(other, rate)) for rate in self.RATES)]
+        return max(factors)
 
 
 def _device_name(device: torch.device) -> str:
@@ -214,11 +299,8 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int = 15, budget_s: float = 0.3) -> float:
-    """Fastest of up to `repeats` timed runs (fewer once `budget_s` is spent) after one warm-up.
-
-    On a shared machine the fastest run is the least disturbed one.
-    """
+def _timings(run: Callable[[], object], device: torch.device, repeats: int, budget_s: float) -> list[float]:
+    """Up to `repeats` timed runs (at least two; fewer than `repeats` once `budget_s` is spent), after one warm-up."""
     def synchronize() -> None:
         if device.type != "cpu":
             torch.accelerator.synchronize(device)
@@ -226,27 +308,32 @@ def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int 
     run()
     synchronize()
     timings: list[float] = []
-    while len(timings) < repeats and sum(timings) < budget_s:
+    while len(timings) < 2 or (len(timings) < repeats and sum(timings) < budget_s):
         start = time.perf_counter()
         run()
         synchronize()
         timings.append(time.perf_counter() - start)
-    return min(timings)
+    return timings
 
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 """Bumped whenever measure_device measures differently, so older cached profiles are not read."""
 
 SMALL_OPS_PER_ROUND = 8
 """Ops in one round of measure_device's overhead loop: matmul, softmax, transpose, reshape, mul, add, cat, sum."""
 
+DISAGREEMENT = 2.0
+"""Two measurements of one rate that differ by more than this factor are not trusted: measure again."""
 
-def measure_device(device: torch.device, dtype: torch.dtype = torch.float32) -> DeviceProfile:
-    """Measure the roofline rates of `device` in well under two seconds.
 
-    Matmul rate: a 1024³ matmul. Bandwidth: a 64 MiB copy (read + write). Element-wise rate: exp
-    over 256 Ki elements. Per-call overhead: the mean time of a small op (matmul, softmax, cat,
-    transpose, reshape, mul, add, sum on tiny tensors), launch and Python call included.
+def _measure(device: torch.device, dtype: torch.dtype, *, rounds: int, repeats: int, budget_s: float,
+             max_rounds: int) -> DeviceProfile:
+    """The four rates, each the fastest of `rounds` rounds of up to `repeats` timings (`budget_s` each).
+
+    The rounds take turns over the four benchmarks, so a burst of load from other processes falls
+    on one round, not on one rate. A rate whose round bests differ by more than DISAGREEMENT gets
+    more rounds, up to `max_rounds`, until its last two agree. On a shared machine the fastest run
+    is the least disturbed one; the spread of the runs is the profile's `noise`.
     """
     size = 1024
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
@@ -261,13 +348,49 @@ def measure_device(device: torch.device, dtype: torch.dtype = torch.float32) -> 
         for _ in range(20):
             torch.cat([torch.matmul(x, y).softmax(-1), y.transpose(-1, -2).reshape(1, 2, 4, 8) * 2.0 + 1.0], -1).sum(-1)
 
-    return DeviceProfile(
-        name=_device_name(device),
-        matmul_flops_per_s=2 * size**3 / _best_seconds(lambda: a @ b, device),
-        bandwidth_bytes_per_s=2 * source.nbytes / _best_seconds(lambda: target.copy_(source), device),
-        elementwise_ops_per_s=small.numel() / _best_seconds(lambda: torch.exp(small, out=small_out), device),
-        call_overhead_s=_best_seconds(small_ops, device) / (20 * SMALL_OPS_PER_ROUND),
-    )
+    benchmarks = {  # rate → (run, work per run: the rate is work / seconds, or seconds / work for the overhead)
+        "matmul_flops_per_s": (lambda: a @ b, 2 * size**3),
+        "bandwidth_bytes_per_s": (lambda: target.copy_(source), 2 * source.nbytes),
+        "elementwise_ops_per_s": (lambda: torch.exp(small, out=small_out), small.numel()),
+        "call_overhead_s": (small_ops, 20 * SMALL_OPS_PER_ROUND),
+    }
+    timings: dict[str, list[list[float]]] = {rate: [] for rate in benchmarks}
+    pending = list(benchmarks)
+    while pending:
+        for rate in pending:
+            timings[rate].append(_timings(benchmarks[rate][0], device, repeats, budget_s))
+
+        def settled(rate: str) -> bool:
+            bests = [min(round_) for round_ in timings[rate]]
+            done = len(bests) >= rounds and (len(bests) < 2 or max(bests[-2:]) <= DISAGREEMENT * min(bests[-2:]))
+            return done or len(bests) >= max_rounds
+
+        pending = [rate for rate in pending if not settled(rate)]
+
+    rates, noise = {}, 0.0
+    for rate, (_, work) in benchmarks.items():
+        every = sorted(t for round_ in timings[rate] for t in round_)
+        best, median = every[0], every[len(every) // 2]
+        rates[rate] = best / work if rate == "call_overhead_s" else work / best
+        noise = max(noise, median / best - 1)
+    return DeviceProfile(name=_device_name(device), noise=noise, **rates)
+
+
+def measure_device(device: torch.device, dtype: torch.dtype = torch.float32) -> DeviceProfile:
+    """Measure the roofline rates of `device`: about a second on an idle machine (more under load).
+
+    Matmul rate: a 1024³ matmul. Bandwidth: a 64 MiB copy (read + write). Element-wise rate: exp
+    over 256 Ki elements. Per-call overhead: the mean time of a small op (matmul, softmax, cat,
+    transpose, reshape, mul, add, sum on tiny tensors), launch and Python call included. Each is
+    the fastest of two interleaved rounds of repeats (more where the rounds disagree), with the
+    spread as `noise` (see _measure).
+    """
+    return _measure(torch.device(device), dtype, rounds=2, repeats=8, budget_s=0.12, max_rounds=4)
+
+
+def spot_check(device: torch.device, dtype: torch.dtype = torch.float32) -> DeviceProfile:
+    """A quick measurement (one round of three repeats, about a fifth of a second) to check a cached profile with."""
+    return _measure(torch.device(device), dtype, rounds=1, repeats=3, budget_s=0.03, max_rounds=1)
 
 
 def cache_path(device: torch.device, dtype: torch.dtype = torch.float32) -> Path:
@@ -281,33 +404,58 @@ def cache_path(device: torch.device, dtype: torch.dtype = torch.float32) -> Path
     return folder / f"device-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-_UNSAVED_PROFILES: dict[Path, DeviceProfile] = {}
-"""Profiles measured in this process whose cache file could not be written, by that file."""
+_PROFILES: dict[Path, DeviceProfile] = {}
+"""The profile of each cache file as settled in this process (read and checked, or measured)."""
 
 
-def device_profile(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DeviceProfile:
-    """The cached profile of `device`, measured (and cached) when missing or unreadable.
-
-    A profile measured while other work loaded the machine stays too slow; delete its file
-    (cache_path) to measure again. When the file cannot be written (the cache folder is a file,
-    read-only, or holds a folder in its place) the profile is kept in memory, with a warning.
-    """
-    device = torch.device(device)
-    path = cache_path(device, dtype)
-    if path in _UNSAVED_PROFILES:
-        return _UNSAVED_PROFILES[path]
+def _read_profile(path: Path) -> DeviceProfile | None:
     try:
         return DeviceProfile(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
-        pass
-    profile = measure_device(device, dtype)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dataclasses.asdict(profile), indent=2))
-    except OSError as error:
-        warnings.warn(f"attnopt could not save the device profile to {path} ({error}); it is kept in memory "
-                      "for this process only. Set ATTNOPT_CACHE_DIR to a writable folder to keep it.", stacklevel=2)
-        _UNSAVED_PROFILES[path] = profile
+        return None
+
+
+def _reconciled(cached: DeviceProfile, measured: DeviceProfile) -> DeviceProfile:
+    """Per rate, the faster of a cached and a new measurement where they agree within DISAGREEMENT;
+    where they do not, the new one (a spot check disagreed with the cache, and so did this)."""
+    rates = {}
+    for rate in DeviceProfile.RATES:
+        old, new = getattr(cached, rate), getattr(measured, rate)
+        agree = old > 0 and new > 0 and max(old / new, new / old) <= DISAGREEMENT
+        faster = min(old, new) if rate == "call_overhead_s" else max(old, new)
+        rates[rate] = faster if agree else new
+    return DeviceProfile(name=measured.name, noise=measured.noise, **rates)
+
+
+def device_profile(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DeviceProfile:
+    """The profile of `device`: from its cache file, checked once per process, else measured and cached.
+
+    The first use in a process spot-checks the cached rates (spot_check); where one differs by more
+    than DISAGREEMENT (2×) — a profile measured under load, a machine now much busier or faster —
+    the device is measured again and the cache rewritten (_reconciled). A missing or unreadable file
+    is measured. When the file cannot be written (the cache folder is a file, read-only, or holds a
+    folder in its place) the profile is kept in memory, with a warning.
+    """
+    device = torch.device(device)
+    path = cache_path(device, dtype)
+    if path in _PROFILES:
+        return _PROFILES[path]
+    cached = _read_profile(path)
+    if cached is None:
+        profile = measure_device(device, dtype)
+    elif cached.disagreement(spot_check(device, dtype)) > DISAGREEMENT:
+        profile = _reconciled(cached, measure_device(device, dtype))
+    else:
+        profile = cached
+    if profile != cached:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dataclasses.asdict(profile), indent=2))
+        except OSError as error:
+            warnings.warn(f"attnopt could not save the device profile to {path} ({error}); it is kept in memory "
+                          "for this process only. Set ATTNOPT_CACHE_DIR to a writable folder to keep it.",
+                          stacklevel=2)
+    _PROFILES[path] = profile
     return profile
 
 
@@ -352,8 +500,7 @@ def estimate_seconds(
     dtype: torch.dtype = torch.float32,
 ) -> float:
     """Predicted seconds of one call costing `cost` at `shape` on `device` (None: this machine's CPU)."""
-    evaluated = CostFormula(*(float(_evaluate(term, shape, dtype)) for term in dataclasses.astuple(cost)))
-    return _seconds(evaluated, resolve_profile(device, dtype))
+    return _seconds(evaluate(cost, shape, dtype), resolve_profile(device, dtype))
 
 
 def count_flops(run: Callable[..., object], *args: Any, **kwargs: Any) -> int:
@@ -400,15 +547,13 @@ def break_even_length(
 
     def terms(formula: CostFormula) -> list[sympy.Expr]:
         compute, memory, overhead = _roofline_terms(formula, profile)
-        return [sympy.sympify(term + overhead).subs(fixed).subs(M, N) for term in (compute, memory)]
+        return [sympy.sympify(term + overhead).xreplace(fixed).xreplace({M: N}) for term in (compute, memory)]
 
     exact_terms, variant_terms = terms(baseline), terms(cost)
 
-    def variant_faster(length: float) -> bool:
-        def seconds(parts: list[sympy.Expr]) -> float:
-            return max(float(part.subs(N, length)) for part in parts)
-
-        return seconds(variant_terms) < seconds(exact_terms)
+    def variant_faster(length: float) -> bool:  # as estimate_seconds prices it, so the two agree at every N
+        at = {**shape, "N": length, "M": length}
+        return _seconds(evaluate(cost, at, dtype), profile) < _seconds(evaluate(baseline, at, dtype), profile)
 
     crossings = sorted(
         {

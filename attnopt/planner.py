@@ -10,7 +10,9 @@ Rules
   sites' measured errors) wins. `flops=` is the same with FLOPs; both may be given.
 - `max_error` alone: the fastest plan whose every chosen candidate has error ≤ max_error; with time
   or flops, candidates above max_error are simply left out.
-- A candidate predicted slower than its site's baseline is never chosen.
+- A candidate predicted slower than its site's baseline is never chosen; nor is one predicted as
+  fast with no fewer FLOPs (the baseline, listed first, wins every tie). `never_chosen` says so
+  from a lower bound on the seconds, which is how attnopt.candidates skips building them.
 - An unattainable budget gives the fastest plan within the other rules, `budget_met=False` and a
   BudgetNotMetWarning; `strict=True` raises BudgetError instead.
 
@@ -132,6 +134,14 @@ def _allowed(site: SiteCandidates, max_error: float | None) -> list[Candidate]:
         if candidate.est_seconds <= site.baseline.est_seconds
         and (max_error is None or candidate.error <= max_error)
     ]
+
+
+def never_chosen(seconds_at_least: float, flops: float, baseline: Candidate) -> bool:
+    """Whether a candidate predicted to take at least `seconds_at_least` with `flops` FLOPs can never
+    be chosen at a site with this baseline, under any budget: it is slower, or as fast with no
+    fewer FLOPs, so the baseline (error 0, listed first) beats or ties it on every axis."""
+    return seconds_at_least > baseline.est_seconds or (
+        seconds_at_least == baseline.est_seconds and flops >= baseline.flops)
 
 
 def _fastest(candidates: list[Candidate], primary: str) -> int:

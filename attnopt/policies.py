@@ -29,6 +29,7 @@ from attnopt.passes.detect import SiteMatch
 
 from . import costmodel
 from .analysis import Analysis, analyse
+from .calibration import Calibrator, LazySiteData, site_keys
 from .candidates import (
     EXACT,
     Evaluated,
@@ -123,26 +124,41 @@ def _profile(device: Any, analysis: Analysis) -> costmodel.DeviceProfile:
     return costmodel.resolve_profile(where, dtype)
 
 
+def _site_calibration(calibration: Calibrator | None, request: GraphRequest) -> dict[int, LazySiteData]:
+    """Site id → its calibration captures, recorded on first use (none without calibration)."""
+    if calibration is None:
+        return {}
+    keys = site_keys(request)
+    return {site.id: LazySiteData(calibration, keys[site.id], f" at {site.source or site.module or site.form}"
+                                                             f" (graph {request.graph}, site {site.id})")
+            for site, _ in request.sites}
+
+
 class VariantPolicy:
-    """One variant config at every site that does not refuse it, calibrated on the call's inputs."""
+    """One variant config at every site that does not refuse it, calibrated on the call's inputs —
+    or, with `calibration` (attnopt.calibration.Calibrator), fitted on its batches, with the error
+    measured on its held-out batches."""
 
     per_instance = True
 
-    def __init__(self, config: Any, device: Any = None):
+    def __init__(self, config: Any, device: Any = None, calibration: Calibrator | None = None):
         self.config = config
         self.device = device
+        self.calibration = calibration
         self.name = f"rewrite {type(config).__name__}"
 
     def choose(self, request: GraphRequest) -> Choices:
         analysis = request.analyse()
         profile = _profile(self.device, analysis)
+        calibration = _site_calibration(self.calibration, request)
         choices = {}
         for site, _ in request.sites:
             capture = analysis.captures.get(site.id)
             if capture is None:
                 continue
             info = analysis.facts[site.id]
-            base, evaluated = baseline(info, profile), evaluate(self.config, info, capture, profile)
+            base = baseline(info, profile)
+            evaluated = evaluate(self.config, info, capture, profile, calibration=calibration.pop(site.id, None))
             rows = [base.row, evaluated.row]
             if evaluated.module is None:
                 choices[site.id] = Choice(_decision(base, base, rows, f"kept: {evaluated.row['refused']}"), None)
@@ -152,28 +168,36 @@ class VariantPolicy:
 
 
 class BudgetPolicy:
-    """Plan every site of the graph under a Budget (see attnopt.planner for the method)."""
+    """Plan every site of the graph under a Budget (see attnopt.planner for the method).
+
+    With `calibration` (attnopt.calibration.Calibrator), candidates are fitted on its batches and
+    their errors measured on its held-out batches, and the default candidates include the
+    configs only calibration makes worth trying."""
 
     name = "budget"
     per_instance = True
 
     def __init__(self, budget: Budget | float, candidates: Sequence[Any] | None = None, *, strict: bool = False,
-                 device: Any = None):
+                 device: Any = None, calibration: Calibrator | None = None):
         self.budget = Budget.of(budget)
         self.candidates = candidates
         self.strict = strict
         self.device = device
+        self.calibration = calibration
 
     def choose(self, request: GraphRequest) -> Choices:
         analysis = request.analyse()
         profile = _profile(self.device, analysis)
         evaluations: dict[int, tuple[Evaluated, list[Evaluated]]] = {}
+        calibration = _site_calibration(self.calibration, request)
         progress = tqdm(request.sites, desc=f"attnopt: pricing and measuring candidates (graph {request.graph})",
                         unit="site", disable=None, leave=False)  # shown on a terminal only
         for site, _ in progress:
             capture = analysis.captures.get(site.id)
             if capture is not None:
-                base, alternatives = evaluate_site(analysis.facts[site.id], capture, self.candidates, profile)
+                # one site's calibration captures at a time: popped, so they are freed once it is evaluated
+                base, alternatives = evaluate_site(analysis.facts[site.id], capture, self.candidates, profile,
+                                                   calibration.pop(site.id, None))
                 evaluations[site.id] = (base, alternatives)
         # FlopCounterMode counted each site as the exact op, whose FLOPs the baseline's formula equals
         other_flops = max(0, analysis.total_flops - sum(base.candidate.flops for base, _ in evaluations.values()))

@@ -66,6 +66,9 @@ class GraphPlan:
     flops_after: float | None = None
     total_error: float | None = None
     output_error: float | None = None
+    planning_seconds: float | None = None
+    """Wall-clock seconds spent deciding this graph (recording run, candidates built and measured,
+    knapsack), as the policy timed it; None when not timed."""
 
     @property
     def predicted_speedup(self) -> float | None:
@@ -221,6 +224,8 @@ class Report:
                 line += f", predicted {plan.predicted_speedup:.2f}x faster"
             if plan.output_error is not None:
                 line += f", output error {plan.output_error:.2e}"
+            if plan.planning_seconds is not None:
+                line += f", planned in {plan.planning_seconds:.2f} s"
             lines.append(line)
         if self.budget_met is not None:
             lines.append(f"budget met: {self.budget_met}")

@@ -1,11 +1,24 @@
 """The `attnopt::exact_attention` op: softmax attention, same function as the model's own.
 
-CPU tensors run `exact_reference`; CUDA tensors (or CPU ones with config.force_triton under
-TRITON_INTERPRET=1) run the generated FlashAttention-2 style Triton kernel. Backward is autograd
-through the reference (see autograd_reference), twice differentiable. The op takes fill_mask as
-its fifth positional argument (torch.library allows no keyword-only tensors), and fill_value
-None for -inf (op schemas hold no infinite defaults); the Python wrapper keeps fill_mask
-keyword-only and fill_value -inf. FlopCounterMode counts 2·B·H·N·M·(d+e).
+Paths, in this order:
+- Triton: CUDA tensors (or CPU ones with config.force_triton under TRITON_INTERPRET=1) run the
+  generated FlashAttention-2 style Triton kernel (see _kernel_computes). On CUDA the Triton kernel
+  stays the choice even where torch's SDPA could compute the same function: it is already fused,
+  it models every masking option (fills, the mask's dtype, NaN rows) in one kernel, and CUDA
+  SDPA's flash/efficient backends round the probabilities to half before P·V and pick their
+  backend by rules this op would have to mirror per torch version.
+- SDPA: CPU tensors whose call torch's own `F.scaled_dot_product_attention` computes exactly
+  (see _sdpa_computes for the rule) run it, i.e. torch's fused CPU flash kernel: the same
+  function as the reference to fp32 rounding (and to half rounding for fp16/bf16 inputs, whose
+  probabilities SDPA rounds to the input dtype before P·V), several times faster and without
+  the N×M score matrix.
+- Reference: everything else (dropout, finite fills, half scores rounding a float mask, ...).
+
+Backward is autograd through the reference whatever the forward ran (see autograd_reference),
+twice differentiable. The op takes fill_mask as its fifth positional argument (torch.library
+allows no keyword-only tensors), and fill_value None for -inf (op schemas hold no infinite
+defaults); the Python wrapper keeps fill_mask keyword-only and fill_value -inf. FlopCounterMode
+counts 2·B·H·N·M·(d+e).
 """
 
 from __future__ import annotations
@@ -13,11 +26,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from . import config
 from .autograd_reference import reference_gradients
-from .exact_reference import exact_attention_reference, mask_sum_dtype
+from .exact_reference import accumulation_dtype, exact_attention_reference, mask_sum_dtype
 from .shapes import check_mask, check_qkv
 
 
@@ -44,6 +58,91 @@ def _fill_value(value: float | None) -> float:
     return -math.inf if value is None else value
 
 
+SDPA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _sdpa_computes(q, k, v, mask, fill_mask, fill_value, score_dtype, dropout_p, scale) -> bool:
+    """Whether torch's CPU SDPA (after _sdpa_attention folds the masks) is the reference's
+    function; decided from metadata only, so tracing with fake tensors takes the same path.
+
+    - CPU, a dtype of SDPA's flash kernel, a finite scale, no dropout (the reference keeps
+      torch's RNG stream), no empty dimension (softmax over M = 0 keys gives 0, not an empty
+      row's NaN);
+    - fills only with -inf (then a fill is a mask: folded into a bool mask, or into a float one
+      as `mask - inf`, which keeps the reference's NaN where the mask is +inf or NaN);
+    - a float mask only where the reference adds it to unrounded scores, i.e. in the dtype it
+      computes in (fp32 for half inputs, as SDPA does; not half scores of a hand-written half
+      model, which round before the add); SDPA takes it in that dtype, an exact cast.
+    Causal (top-left, like SDPA's is_causal), GQA, broadcast masks of any rank, d != e and every
+    scale are handled by _sdpa_attention; fully masked rows give SDPA's 0 and are set to NaN
+    unless zero_empty_rows.
+    """
+    if q.device.type != "cpu" or q.dtype not in SDPA_DTYPES or dropout_p != 0 or not math.isfinite(scale):
+        return False
+    if 0 in (*q.shape, k.shape[2], v.shape[3]):
+        return False
+    if fill_mask is not None and fill_value != -math.inf:
+        return False
+    if mask is not None and mask.dtype != torch.bool:
+        return mask_sum_dtype(q.dtype, mask, score_dtype) == accumulation_dtype(q.dtype)
+    return True
+
+
+def _sdpa_attention(q, k, v, mask, fill_mask, *, scale, causal, zero_empty_rows) -> torch.Tensor:
+    """The reference's function through F.scaled_dot_product_attention (where _sdpa_computes).
+
+    Fill, mask and causality become one SDPA mask exactly as the reference applies them in turn
+    (fill, then mask, then causal): bool keep-masks are and-ed; a float mask gets `mask - inf`
+    where filled and -inf where causally hidden. Causality alone is SDPA's is_causal, except
+    with a scale <= 0, for which torch 2.13's CPU flash kernel returns NaN: a tril mask then.
+    The mask is given rank 4 (SDPA's CPU flash kernel takes 2-D or 4-D masks, and goes to the
+    slower math path for 3-D), q/k/v unit stride
+    in their last dimension, and d != e is padded with zeros to the larger of the two (zero
+    terms of q kᵀ and zero columns of v change nothing), all for the same reason. GQA runs with
+    enable_gqa (no copy of k and v). SDPA gives 0 on a row with no visible key; without
+    zero_empty_rows those rows are set to NaN as torch.softmax gives them, found from the mask
+    (a row of q·k scores that are all -inf by themselves needs infinite inputs: the contract is
+    for finite q, k, v; with non-finite ones, e.g. NaN keys where the mask blocks them, SDPA
+    and the reference may disagree on which rows are NaN).
+    """
+    n_queries, n_keys = q.shape[2], k.shape[2]
+    if mask is not None and mask.dtype not in (torch.bool, q.dtype):
+        mask = mask.to(accumulation_dtype(q.dtype))  # exact: _sdpa_computes checked the sum dtype
+    if fill_mask is not None:
+        if mask is None:
+            mask = ~fill_mask
+        elif mask.dtype == torch.bool:
+            mask = mask & ~fill_mask
+        else:
+            mask = torch.where(fill_mask, mask - math.inf, mask)
+    if causal and (mask is not None or not scale > 0):
+        visible = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).tril()
+        if mask is None:
+            mask = visible  # torch 2.13's CPU flash kernel gives NaN for is_causal with a scale <= 0
+        elif mask.dtype == torch.bool:
+            mask = mask & visible
+        else:
+            mask = torch.where(visible, mask, -math.inf)
+        causal = False
+    if mask is not None and mask.dim() < 4:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    head_dim, value_dim = q.shape[3], v.shape[3]
+    if value_dim < head_dim:
+        v = F.pad(v, (0, head_dim - value_dim))
+    elif head_dim < value_dim:
+        q, k = F.pad(q, (0, value_dim - head_dim)), F.pad(k, (0, value_dim - head_dim))
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1])
+    )
+    if value_dim < head_dim:
+        out = out[..., :value_dim].contiguous()
+    if mask is not None and not zero_empty_rows:
+        visible = mask if mask.dtype == torch.bool else ~mask.isneginf()
+        out.masked_fill_(~visible.any(dim=-1, keepdim=True), math.nan)  # SDPA's fresh output: in place
+    return out
+
+
 @torch.library.triton_op("attnopt::exact_attention", mutates_args=())
 def _exact_attention_op(
     q: torch.Tensor,
@@ -63,11 +162,13 @@ def _exact_attention_op(
     masking = dict(
         fill_mask=fill_mask, fill_value=_fill_value(fill_value), score_dtype=score_dtype, zero_empty_rows=zero_empty_rows
     )
-    if not _kernel_computes(q, mask, score_dtype, dropout_p):
-        return exact_attention_reference(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, **masking)
-    from .exact_triton import exact_attention_triton  # launchers load on first use, not at import
+    if _kernel_computes(q, mask, score_dtype, dropout_p):
+        from .exact_triton import exact_attention_triton  # launchers load on first use, not at import
 
-    return exact_attention_triton(q, k, v, mask, scale=scale, causal=causal, **masking)
+        return exact_attention_triton(q, k, v, mask, scale=scale, causal=causal, **masking)
+    if _sdpa_computes(q, k, v, mask, fill_mask, masking["fill_value"], score_dtype, dropout_p, scale):
+        return _sdpa_attention(q, k, v, mask, fill_mask, scale=scale, causal=causal, zero_empty_rows=zero_empty_rows)
+    return exact_attention_reference(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, **masking)
 
 
 @_exact_attention_op.register_fake
@@ -126,7 +227,8 @@ def exact_attention(
     q (B, H, N, d); k (B, Hkv, M, d); v (B, Hkv, M, e) with H % Hkv == 0 (query head h reads kv
     head h // (H // Hkv)). mask: None, bool (True = may attend) or float of any dtype (added to
     the scores), broadcastable to (B, H, N, M). causal: key j visible to query i iff j <= i
-    (top-left). Returns (B, H, N, e) in q's dtype; half inputs are computed in fp32.
+    (top-left). Returns (B, H, N, e) in q's dtype; half inputs are computed in fp32 (SDPA's CPU kernel
+    rounds the probabilities to the half dtype before P·V: the same to half rounding).
     fill_mask (bool, broadcastable to (B, H, N, M)): where True the scaled score is replaced by
     fill_value before the mask applies, like `scores.masked_fill(fill_mask, fill_value)`; the value
     is used as given in the (at least fp32) scores, so pass what the original's scores held.
@@ -138,7 +240,9 @@ def exact_attention(
     (SDPA's and nn.MultiheadAttention's rule; gradients there are 0). dropout_p > 0 applies
     F.dropout(probs, dropout_p, training=True), consuming the RNG exactly like a hand-written
     dropout(softmax(...)) of the same shape; that path always runs (and differentiates) the
-    reference, never the Triton kernel.
+    reference, never the Triton kernel or SDPA. On CPU the call runs torch's fused
+    F.scaled_dot_product_attention wherever that is this same function (see _sdpa_computes), the
+    reference elsewhere; on CUDA the Triton kernel.
     """
     masking = dict(fill_value=fill_value, score_dtype=score_dtype, zero_empty_rows=zero_empty_rows)
     if dropout_p > 0:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from .eager_paths import eager_multi_head_attention_forward, mha_call_arguments
 from .fx_utils import dtype_of, nodes_between, op_name, shape_of
 from .mask_terms import MaskTerm, is_causal
-from .site_ir import Input, LibraryRecipe, SdpaRecipe, SiteMatch, index_of, partial_shape, refuse
+from .site_ir import Input, LibraryRecipe, SdpaRecipe, SiteMatch, index_of, memory_order, partial_shape, refuse
 from .walk import peel_repeat
 
 
@@ -82,7 +82,7 @@ def match_sdpa(node: fx.Node, dag: nx.DiGraph) -> SiteMatch:
     match.shape = partial_shape(q, None, v, kv_heads=kv_heads)
     match.shape["M"] = k_shape[-2]
     match.recipe = SdpaRecipe(scale=float(scale), causal=causal, dropout_p=dropout, grouped=grouped,
-                              out_dtype=dtype_of(node))
+                              out_dtype=dtype_of(node), out_order=memory_order(node))
     if isinstance(mask, fx.Node):
         mask_shape = shape_of(mask) or ()
         per_key = len(mask_shape) < 2 or mask_shape[-2] == 1

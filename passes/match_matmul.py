@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .fx_utils import arg, dtype_of, is_scalar, mutated_by, nodes_between, normalize_dim, op_name, shape_of
 from .mask_terms import MaskTerm, constant_fills, mask_kind, scales_per_head, single_value, term_inputs
-from .site_ir import Input, MatmulRecipe, SiteMatch, TermSpec, index_of, partial_shape, refuse
+from .site_ir import Input, MatmulRecipe, SiteMatch, TermSpec, index_of, memory_order, partial_shape, refuse
 from .walk import TRANSPARENT, VALUE_OPS, VIEW, WALK_DEPTH, head_split, keeps_last_two, peel_repeat, reaches_matmul, unwrap_key, upstream_factor
 
 
@@ -106,6 +106,7 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     heads = head_split(q_operand, scores_shape, softmax_lead)
     match.recipe = MatmulRecipe(scale=scale, terms=specs, scale_inputs=scale_inputs, grouped=grouped,
                                 dropout_p=dropout, head_split=heads, out_dtype=dtype_of(pv_matmul),
+                                out_order=memory_order(pv_matmul),
                                 leads=(tuple(qk_lead), tuple(softmax_lead), tuple(pv_lead)) if regrouped else None)
     match.mask_inputs = [term.value for term in terms if isinstance(term.value, fx.Node)]
     match.shape = partial_shape(q_operand, kt_operand, v_operand, heads=heads, kv_heads=kv_heads)

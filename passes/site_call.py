@@ -147,7 +147,7 @@ class MatmulSiteCall(SiteCall):
         masking = combine_mask_terms(recipe.terms, tensors, q.dtype)
         out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=False,
                              dropout_p=recipe.dropout_p, grouped=recipe.grouped, head_split=recipe.head_split)
-        return _in_dtype(out, recipe.out_dtype)
+        return _in_layout(_in_dtype(out, recipe.out_dtype), recipe.out_order)
 
 
     def _regrouped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors) -> torch.Tensor:
@@ -169,7 +169,7 @@ class MatmulSiteCall(SiteCall):
         masking = combine_mask_terms(tuple(terms), tuple(values), q.dtype)
         out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=False,
                              dropout_p=recipe.dropout_p, grouped=False, head_split=recipe.head_split)
-        return _in_dtype(out.reshape(*pv_lead, n, v.shape[-1]), recipe.out_dtype)
+        return _in_layout(_in_dtype(out.reshape(*pv_lead, n, v.shape[-1]), recipe.out_dtype), recipe.out_order)
 
 
 class SdpaSiteCall(SiteCall):
@@ -182,7 +182,7 @@ class SdpaSiteCall(SiteCall):
         masking = Masking(mask=mask, score_dtype=torch.promote_types(q.dtype, torch.float32), zero_empty_rows=True)
         out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=recipe.causal,
                              dropout_p=recipe.dropout_p, grouped=recipe.grouped)
-        return _in_dtype(out, recipe.out_dtype)
+        return _in_layout(_in_dtype(out, recipe.out_dtype), recipe.out_order)
 
 
 class LibrarySiteCall(SiteCall):
@@ -196,6 +196,22 @@ class LibrarySiteCall(SiteCall):
         if recipe.eager_fused_path:
             arguments["eager_fused_path"] = True
         return self._functions[recipe.function](self.attention, **arguments)
+
+
+def _in_layout(out: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """`out` laid out in memory as the original output was (site_ir.memory_order; None:
+    contiguous), copied only where it is not: a variant's kernel may return another layout (torch's
+    CPU SDPA gives (B, N, H, e) memory), and a later `.view`, dropout's mask or an in-place write
+    depends on the original's."""
+    if order is None:
+        return out if out.is_contiguous() else out.contiguous()
+    if out.dim() != len(order):
+        return out
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    laid_out = out.permute(order)
+    return out if laid_out.is_contiguous() else laid_out.contiguous().permute(inverse)
 
 
 def _in_dtype(out: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -61,7 +61,8 @@ class MatmulRecipe:
 
     scale_inputs: per-head tensor scales folded into q. head_split: (B, H) when 3-D scores fold
     them. leads: the leading dims at the QK matmul, the softmax and the PV matmul when views
-    regroup them in between (bmm round trips), else None. out_dtype: the PV matmul's dtype."""
+    regroup them in between (bmm round trips), else None. out_dtype: the PV matmul's dtype.
+    out_order: the memory order of the original output (`memory_order`)."""
 
     scale: float
     terms: tuple[TermSpec, ...] = ()
@@ -71,6 +72,7 @@ class MatmulRecipe:
     head_split: tuple[int, int] | None = None
     out_dtype: torch.dtype | None = None
     leads: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+    out_order: tuple[int, ...] | None = None
 
     @property
     def key_transposed(self) -> bool:
@@ -80,13 +82,15 @@ class MatmulRecipe:
 
 @dataclasses.dataclass(frozen=True)
 class SdpaRecipe:
-    """`F.scaled_dot_product_attention(q, k, v, [mask])` with its constant arguments."""
+    """`F.scaled_dot_product_attention(q, k, v, [mask])` with its constant arguments; out_order:
+    the memory order of the original output (`memory_order`)."""
 
     scale: float
     causal: bool = False
     dropout_p: float = 0.0
     grouped: bool = False
     out_dtype: torch.dtype | None = None
+    out_order: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,25 @@ class LibraryRecipe:
 
 
 Recipe = Union[MatmulRecipe, SdpaRecipe, LibraryRecipe]
+
+
+def memory_order(node: Any) -> tuple[int, ...] | None:
+    """The dims of `node`'s value from outermost to innermost in memory, or None when it is
+    contiguous or unknown (symbolic strides). A rewritten site gives its output this layout, as
+    the original op did: a later `.view` that relied on it keeps working, and ops that walk
+    memory in order (dropout's mask, in-place writes) see the elements in the original order."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return None
+    try:
+        strides, sizes = [int(s) for s in value.stride()], [int(s) for s in value.shape]
+    except (TypeError, RuntimeError):  # symbolic
+        return None
+    if value.is_contiguous():
+        return None
+    # size-1 dims take no memory of their own: any place will do, innermost here
+    order = sorted(range(value.dim()), key=lambda i: (-strides[i], i) if sizes[i] > 1 else (0, i))
+    return tuple(order) if order != list(range(value.dim())) else None
 
 
 @dataclasses.dataclass

@@ -54,7 +54,7 @@ SLOW: dict[str, set[str]] = {
         "test_max_error_zero_changes_nothing",
         "test_max_error_bounds_every_site",
         "test_an_unattainable_budget_warns_and_strict_raises",
-        "test_short_sequences_stay_softmax",
+        "test_short_sequences_stay_exact",
         "test_causal_sites_refuse_agents_and_keep_causality_in_linear_attention",
         "test_rewrite_into_one_variant_reports_its_measured_error",
         "test_torch_compile_takes_a_budget",

@@ -6,14 +6,29 @@ floating point and "optimal" can be compared with ==.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
+import json
 import warnings
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnopt.planner import Budget, BudgetError, BudgetNotMetWarning, Candidate, SiteCandidates, plan
+from attnopt import candidates, costmodel
+from attnopt.costmodel import DeviceProfile
+from attnopt.planner import (
+    Budget,
+    BudgetError,
+    BudgetNotMetWarning,
+    Candidate,
+    SiteCandidates,
+    never_chosen,
+    plan,
+)
+from attnopt.report import Decision
+from attnopt.variants import AgentConfig, ExactConfig, LinearConfig, SiteInfo, spec_for
 
 
 def candidate(variant: str, seconds: float, flops: float, error: float) -> Candidate:
@@ -233,3 +248,66 @@ def test_site_ids_must_be_unique():
     site = SiteCandidates(0, candidate("exact", 1.0, 100, 0.0))
     with pytest.raises(ValueError, match="unique"):
         plan([site, site], 0.5)
+
+
+# ── Pruning before building: what the planner could never choose is not built ─────────────────
+
+
+@settings(max_examples=500, deadline=None)
+@given(sites_strategy(), budgets, other_seconds)
+def test_candidates_never_chosen_change_no_plan_when_left_out(sites, budget, other):
+    """attnopt.candidates skips building what `never_chosen` names (from a lower bound on its
+    seconds); leaving those candidates out must give the same plan under every budget."""
+    kept = [SiteCandidates(site.site_id, site.baseline, [
+        c for c in site.alternatives if not never_chosen(c.est_seconds, c.flops, site.baseline)]) for site in sites]
+    assert quiet_plan(kept, budget, other_seconds=other) == quiet_plan(sites, budget, other_seconds=other)
+
+
+def test_never_chosen_is_slower_or_as_fast_with_no_fewer_flops():
+    base = candidate("exact", 1.0, 100, 0.0)
+    assert never_chosen(1.5, 10, base) and never_chosen(1.0, 100, base) and never_chosen(1.0, 120, base)
+    assert not never_chosen(0.5, 200, base) and not never_chosen(1.0, 99, base)
+
+
+SITE = SiteInfo(B=2, H=2, Hkv=2, N=512, M=512, d=16, e=16, fused=True)
+PROFILE = DeviceProfile("cpu-like", matmul_flops_per_s=1e11, bandwidth_bytes_per_s=2e10,
+                        elementwise_ops_per_s=2e9, call_overhead_s=5e-6)
+
+
+def test_a_candidate_predicted_no_faster_than_the_baseline_is_refused_without_being_built(monkeypatch):
+    built, solved = [], []
+    monkeypatch.setattr(candidates, "build_site_module", lambda *args: built.append(args))
+    solve = costmodel.break_even_length
+    monkeypatch.setattr(costmodel, "break_even_length", lambda *args: solved.append(args) or solve(*args))
+    base = candidates.baseline(SITE, PROFILE).candidate
+    slow = AgentConfig(agent_fraction=0.25, selection="kmeans", kmeans_window=None)  # global k-means: N·n·d per step
+    evaluated = candidates.evaluate(slow, SITE, None, PROFILE, base)  # no capture needed: nothing is built
+    assert built == [] and evaluated.module is None and evaluated.candidate is None
+    row = evaluated.row
+    assert row["refused"].startswith("not built: predicted no faster than softmax")
+    assert row["est_seconds"] > base.est_seconds and row["flops"] > 0 and row["error"] is None
+    assert solved == []  # the break-even length is solved when read, once
+    assert row["pays_off_from_N"] is None or row["pays_off_from_N"] > SITE.N
+    assert row.get("pays_off_from_N") == row["pays_off_from_N"] and len(solved) == 1
+    assert json.loads(json.dumps(dict(row)))["pays_off_from_N"] == row["pays_off_from_N"]
+
+
+def test_exact_is_not_built_where_the_model_already_runs_a_fused_kernel_but_a_faster_candidate_is():
+    base = candidates.baseline(SITE, PROFILE).candidate
+    exact = candidates.evaluate(ExactConfig(), SITE, None, PROFILE, base)
+    assert exact.row["refused"].startswith("not built")
+    linear = LinearConfig(feature_map="relu")
+    assert candidates._would_not_pay(spec_for(linear).formula(linear, SITE), SITE, PROFILE, base) is None
+
+
+def test_report_rows_solve_their_break_even_length_lazily_wherever_they_are_read():
+    solved = []
+    rows = [candidates.CandidateRow({"variant": "linear"}, solve=lambda: solved.append(1) or 90) for _ in range(4)]
+    assert list(rows[0]) == ["variant", "pays_off_from_N"] and solved == []
+    assert dict(rows[0])["pays_off_from_N"] == 90
+    assert {**rows[1]}["pays_off_from_N"] == 90
+    assert copy.deepcopy(rows[2]) == {"variant": "linear", "pays_off_from_N": 90}
+    assert json.loads(json.dumps(rows[3]))["pays_off_from_N"] == 90
+    assert len(solved) == 4
+    decision = Decision("linear", candidates=[candidates.CandidateRow({"variant": "linear"}, solve=lambda: 7)])
+    assert dataclasses.asdict(decision)["candidates"][0]["pays_off_from_N"] == 7

@@ -20,6 +20,7 @@ from .agent import AgentAttention, AgentConfig, AgentLayout  # isort: skip
 from .linear import LearnedFeatureMap, LinearAttention, LinearConfig  # isort: skip
 from .mediator import (MediatorAttention, MediatorConfig, MediatorSchedule, mediator_count,  # isort: skip
                        mediator_timestep)
+from .hybrid import HybridAttention, HybridConfig  # isort: skip
 from .masks import mask_kind_of
 from .registry import (
     VariantSpec,
@@ -41,6 +42,8 @@ __all__ = [
     "AgentLayout",
     "ExactAttention",
     "ExactConfig",
+    "HybridAttention",
+    "HybridConfig",
     "LearnedFeatureMap",
     "LinearAttention",
     "LinearConfig",

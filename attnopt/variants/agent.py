@@ -2,6 +2,8 @@
 
 Stage 1 lets n agents read all keys and values; stage 2 lets every query read the agents:
 out = softmax(q Aᵀ·scale·temperature + bias) · softmax(A kᵀ·scale + mask) v, cost ∝ n·(N + M).
+n is a fixed count by default (DEFAULT_AGENT_COUNT), so the cost is linear in N; a fraction of N
+(agent_fraction) is an explicit choice, and keeps the cost quadratic.
 The agents A come from the queries by one of the `SELECTIONS` — adaptive pooling (1-D, or 2-D on
 a known token grid with the class token kept as its own agent), k-means (optionally local: a
 query may only join the agents pooled near it) or bipartite merging — over valid queries only;
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from attnopt import costmodel
+from attnopt.costmodel import B, H, N, d, dtype_bytes
 
 from .clustering import (
     bipartite_merge,
@@ -28,6 +31,7 @@ from .clustering import (
     kmeans,
     pooled_groups,
     pooled_runs_with_outliers,
+    run_kmeans_with_outliers,
     split_outliers,
 )
 from .masks import valid_queries
@@ -120,13 +124,34 @@ def _merged_agents(queries, valid, layout, config):
     return bipartite_merge(queries, valid, layout.n_pooled)
 
 
+def run_kmeans_cost(n_pooled: int, run_length: int, iterations: int, window: int | None) -> costmodel.CostFormula:
+    """clustering.run_kmeans_with_outliers' Lloyd iterations over n runs of L queries (padded to n·L).
+
+    Per iteration, per (batch, head): the scores of each run's queries against its W candidate
+    centroids (W = window, or n when global) and the one-hotᵀ·x member sums are two batched
+    matmuls of n·L·W·d multiply-adds each; the argmax, one-hot and band sums are element-wise.
+    """
+    candidates = n_pooled if window is None or window >= 2 * n_pooled - 1 else window
+    per_row = n_pooled * run_length * candidates
+    per_iteration = costmodel.CostFormula(
+        flops=4 * B * H * per_row * d,
+        elementwise_ops=B * H * (4 * per_row + 2 * n_pooled * candidates * (d + 1)),
+        bytes_moved=dtype_bytes * B * H * (2 * n_pooled * run_length * d + 3 * per_row
+                                           + 4 * n_pooled * candidates * (d + 1)),
+        kernel_calls=12,
+    )
+    return costmodel.CostFormula(*(iterations * term for term in dataclasses.astuple(per_iteration)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """One way to pick the agents, and what it costs.
 
     pick(queries (B, H, P, d) fp32, valid (B, H, P), layout, config) → agents (B, H, n_pooled, d),
     their sizes (B, H, n_pooled) and each query's agent (B, H, P).
-    cost(n_agents, kmeans_iterations, kmeans_window) → its CostFormula.
+    cost(n_agents, kmeans_iterations, kmeans_window, runs) → its CostFormula; runs is
+    (n_pooled, L) where the selection runs on runs of L consecutive queries (`run_selection`),
+    else None.
     """
 
     pick: Callable
@@ -134,37 +159,49 @@ class Selection:
 
 
 SELECTIONS: dict[str, Selection] = {
-    "pool": Selection(_pooled_agents, lambda n_agents, iterations, window: costmodel.pooling(n_agents)),
-    "kmeans": Selection(_kmeans_agents, lambda n_agents, iterations, window:
-                        costmodel.pooling(n_agents) + costmodel.kmeans(n_agents, iterations, window)),
-    "bipartite": Selection(_merged_agents, lambda n_agents, iterations, window: costmodel.bipartite(n_agents)),
+    "pool": Selection(_pooled_agents, lambda n_agents, iterations, window, runs: costmodel.pooling(n_agents)),
+    "kmeans": Selection(_kmeans_agents, lambda n_agents, iterations, window, runs: costmodel.pooling(n_agents) + (
+        costmodel.kmeans(n_agents, iterations, window) if runs is None else run_kmeans_cost(*runs, iterations, window))),
+    "bipartite": Selection(_merged_agents, lambda n_agents, iterations, window, runs: costmodel.bipartite(n_agents)),
 }
 """Agent selection name → how it picks the agents and what that costs."""
+
+
+DEFAULT_AGENT_COUNT = 64
+"""Agents per call when the config gives neither agent_count nor agent_fraction."""
 
 
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
     """Training-free agent attention; defaults measured on all-MiniLM-L6-v2 (bench/RESULTS.md).
 
-    agent_fraction: agents per query token (n = ⌈fraction·N⌉ of the padded N), unless
-        agent_count fixes n. The two stages cost 2n(N+M)(d+e) FLOPs against 2NM(d+e).
+    agent_count: the number of agents n (None: DEFAULT_AGENT_COUNT, unless agent_fraction is
+        given). The two stages cost 2n(N+M)(d+e) FLOPs against 2NM(d+e): a fixed n keeps the
+        cost linear in N.
+    agent_fraction: agents per query token instead (n = ⌈fraction·N⌉ of the padded N); an
+        explicit choice (cost quadratic in N), not to be combined with agent_count.
     selection: "pool", "kmeans" (initialised by pooling) or "bipartite" (ToMe-style merging).
-    kmeans_iterations; kmeans_window: a query may only join the `window` agents pooled nearest
-        to it (local k-means, cost N·window·d per iteration), or any agent when None.
-    outlier_fraction: ⌈fraction·N⌉ of the agents are the single queries farthest from their
-        agent (they would be served worst), taken out of their clusters; part of the n above.
+    kmeans_iterations: a fixed number of Lloyd iterations.
+    kmeans_window: a query may only join the `window` agents pooled nearest to it (local
+        k-means, cost N·window·d per iteration; on a 1-D sequence without padding the window
+        is the band of runs around its own, see clustering.run_kmeans_with_outliers), or any
+        agent when None.
+    outlier_fraction, max_outliers: min(⌈fraction·N⌉, max_outliers) of the agents are the single
+        queries farthest from their agent (they would be served worst), taken out of their
+        clusters; part of the n above.
     temperature: stage-2 sharpness, agent_scale = scale × temperature.
     distance_weighting / size_weighting: the stage-2 bias of two_stage.py.
     shortcut_offsets: token offsets of the V shortcut, calibrated on the example ((): none).
     infer_grid: pool 2-D when N is h·h or 1 + h·h and the site gives no grid.
     """
 
-    agent_fraction: float = 0.2
     agent_count: int | None = None
+    agent_fraction: float | None = None
     selection: str = "kmeans"
     kmeans_iterations: int = 3
     kmeans_window: int | None = 17
     outlier_fraction: float = 0.05
+    max_outliers: int = 16
     temperature: float = 4.0
     distance_weighting: bool = True
     size_weighting: bool = True
@@ -174,9 +211,13 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown agent selection {self.selection!r}; expected one of {sorted(SELECTIONS)}")
-        require_real("agent_fraction", self.agent_fraction, 0, 1)
+        if self.agent_fraction is not None:
+            require_real("agent_fraction", self.agent_fraction, 0, 1)
         if self.agent_count is not None:
             require_int("agent_count", self.agent_count, 1)
+            if self.agent_fraction is not None:
+                raise ValueError("give agent_count or agent_fraction, not both")
+        require_int("max_outliers", self.max_outliers, 0)
         require_int("kmeans_iterations", self.kmeans_iterations, 0)
         if self.kmeans_window is not None:
             require_int("kmeans_window", self.kmeans_window, 1)
@@ -192,13 +233,23 @@ class AgentConfig:
 
     def layout(self, n_tokens: int, site_info: SiteInfo) -> AgentLayout:
         """The agent layout for a call with n_tokens queries at this site."""
-        wanted = self.agent_count if self.agent_count is not None else math.ceil(self.agent_fraction * n_tokens)
-        outliers = math.ceil(self.outlier_fraction * n_tokens)
+        if self.agent_count is not None:
+            wanted = self.agent_count
+        elif self.agent_fraction is not None:
+            wanted = math.ceil(self.agent_fraction * n_tokens)
+        else:
+            wanted = DEFAULT_AGENT_COUNT
+        outliers = min(math.ceil(self.outlier_fraction * n_tokens), self.max_outliers)
         return AgentLayout.for_tokens(n_tokens, wanted, outliers, self.grid_for(n_tokens, site_info))
 
     def n_agents(self, site_info: SiteInfo) -> int:
         """The number of agents this config uses at the site's N."""
         return self.layout(site_info.N, site_info).n_agents
+
+    def selects_on_runs(self, layout: AgentLayout) -> bool:
+        """Whether k-means runs on runs of consecutive queries (clustering.run_kmeans_with_outliers)
+        when every query is valid: a 1-D layout."""
+        return self.selection == "kmeans" and layout.grid is None
 
 
 class AgentAttention(TwoStageSiteAttention):
@@ -214,9 +265,13 @@ class AgentAttention(TwoStageSiteAttention):
         """Agents (B, H, n, d) in fp32 and their sizes (B, H, n) for queries q (B, H, N, d)."""
         batch, n_heads, n_tokens, _ = q.shape
         layout = self.config.layout(n_tokens, self.site_info)
-        if self.config.selection == "pool" and layout.grid is None and self._all_queries_valid(key_mask, n_tokens):
-            # 1-D pooling of a sequence without padding: the groups are runs of consecutive queries
-            return pooled_runs_with_outliers(q.float(), layout.n_pooled, layout.n_outliers)
+        if layout.grid is None and self._all_queries_valid(key_mask, n_tokens):
+            # a 1-D sequence without padding: the pooling groups are runs of consecutive queries
+            if self.config.selection == "pool":
+                return pooled_runs_with_outliers(q.float(), layout.n_pooled, layout.n_outliers)
+            if self.config.selects_on_runs(layout):
+                return run_kmeans_with_outliers(q.float(), layout.n_pooled, self.config.kmeans_iterations,
+                                                self.config.kmeans_window, layout.n_outliers)
         valid = valid_queries(key_mask, batch, n_heads, n_tokens, self.site_info.is_self_attention, q.device)
         queries, skip = q.float(), layout.n_class_tokens
         patches, patch_valid = queries[..., skip:, :], valid[..., skip:]
@@ -253,35 +308,47 @@ def _build(config: AgentConfig, site_info: SiteInfo, example: Example | None) ->
 
 def agent_cost(n_agents: costmodel.Expr = costmodel.n, selection: str = "pool", kmeans_iterations: int = 3,
                kmeans_window: int | None = None, n_outliers: int = 0,
-               shortcut_offsets: tuple[int, ...] = ()) -> costmodel.CostFormula:
-    """Agent attention: select n agents from Q of this call, split off the outliers, two stages, V shortcut."""
+               shortcut_offsets: tuple[int, ...] = (), runs: tuple[int, int] | None = None) -> costmodel.CostFormula:
+    """Agent attention: select n agents from Q of this call, split off the outliers, two stages, V shortcut.
+
+    runs: (n_pooled, L) where k-means runs on runs of L consecutive queries (1-D, no padding), else None.
+    """
     select = costmodel.lookup(SELECTIONS, selection, "agent selection").cost
-    return (select(n_agents, kmeans_iterations, kmeans_window) + costmodel.outlier_split(n_outliers)
+    return (select(n_agents, kmeans_iterations, kmeans_window, runs) + costmodel.outlier_split(n_outliers)
             + two_stage_cost(n_agents, shortcut_offsets))
 
 
 def _cost_params(config: AgentConfig, site_info: SiteInfo) -> dict:
     layout = config.layout(site_info.N, site_info)
+    # k-means on runs where the module takes that path: 1-D, and no per-key padding of the queries
+    # (a key-padding mask of a self-attention site sends it to the general path)
+    padded = site_info.mask_kind is not None and site_info.is_self_attention
+    runs = None
+    if config.selects_on_runs(layout) and not padded:
+        runs = (layout.n_pooled, -(-(site_info.N - layout.n_class_tokens) // layout.n_pooled))
     return {"n_agents": layout.n_agents, "selection": config.selection, "kmeans_iterations": config.kmeans_iterations,
             "kmeans_window": config.kmeans_window, "n_outliers": layout.n_outliers,
-            "shortcut_offsets": shortcut_offsets_at(config.shortcut_offsets, site_info)}
+            "shortcut_offsets": shortcut_offsets_at(config.shortcut_offsets, site_info), "runs": runs}
 
 
-CANDIDATE_FRACTIONS = (0.25, 0.2, 0.1, 0.05, 0.02)
-"""Agent fractions `optimize` tries by default; measured error decides which is faithful enough."""
+CANDIDATE_COUNTS = (16, 32, 64, 128, 256)
+"""Agent counts `optimize` tries by default (those up to N/2); measured error decides which is
+faithful enough. Absolute counts: each candidate's cost stays linear in N."""
 
 
 def _candidates(site_info: SiteInfo) -> list[AgentConfig]:
-    """Each fraction pooled 1-D, and also on the token grid where N spells one."""
+    """Each count up to N/2, pooled 1-D, and also on the token grid where N spells one (none below
+    N = 32: agents would save nothing there)."""
     on_grid = infer_grid(site_info.N) is not None
+    counts = [count for count in CANDIDATE_COUNTS if count <= site_info.N // 2]
     configs = []
-    for fraction in CANDIDATE_FRACTIONS:
-        configs.append(AgentConfig(agent_fraction=fraction))
+    for count in counts:
+        configs.append(AgentConfig(agent_count=count))
         if on_grid:
-            configs.append(AgentConfig(agent_fraction=fraction, infer_grid=True))
+            configs.append(AgentConfig(agent_count=count, infer_grid=True))
     return configs
 
 
 register_variant(VariantSpec(
     name=NAME, config_type=AgentConfig, refusal=_refusal, build=_build, cost=agent_cost, cost_params=_cost_params,
-    candidates=_candidates, shown=("agent_fraction",)))
+    candidates=_candidates, shown=()))

@@ -76,6 +76,106 @@ def pooled_runs_with_outliers(x: torch.Tensor, n_groups: int, n_outliers: int) -
     return torch.cat([means, outlier_tokens], dim=-2), torch.cat([remaining, torch.ones_like(outliers, dtype=x.dtype)], dim=-1)
 
 
+def run_blocks(n_tokens: int, n_groups: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run_groups as blocks: token indices (n, L) of each run, L = ⌈N/n⌉, and which are real.
+
+    Run r holds tokens ⌈r·N/n⌉ … ⌈(r+1)·N/n⌉ − 1; a shorter run is padded with index N (a zero
+    row the caller appends) marked False. Everything follows from the shape alone.
+    """
+    length = -(-n_tokens // n_groups)
+    starts = (torch.arange(n_groups + 1, device=device) * n_tokens + n_groups - 1) // n_groups
+    index = starts[:-1, None] + torch.arange(length, device=device)
+    real = index < starts[1:, None]
+    return torch.where(real, index, n_tokens), real
+
+
+def _band_sum(partial: torch.Tensor, front: int) -> torch.Tensor:
+    """Per centroid c, Σ_j partial[g, j] over the blocks g whose candidate j is c (= g − front + j).
+
+    partial (…, n, W, D) → (…, n, D): the W axis reversed and the blocks padded make candidate j
+    of block c + front − j sit at [c + j', j'] (j' = W − 1 − j), a diagonal that unfold reads.
+    """
+    n_blocks, window = partial.shape[-3], partial.shape[-2]
+    padded = F.pad(partial.flip(-2), (0, 0, 0, 0, window - 1 - front, front))
+    return padded.unfold(-3, window, 1).diagonal(dim1=-3, dim2=-1).sum(-1)[..., :n_blocks, :]
+
+
+def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, window: int | None,
+                             n_outliers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kmeans from the run_groups of all-valid x (…, N, d), then split_outliers: agents and sizes.
+
+    Tokens are laid out in their initial runs as blocks (…, n, L, d) (a reshape when n divides N),
+    so a run's tokens share their candidate centroids: the `window` runs around their own (local
+    k-means, a band: run g may join runs g − ⌊(W−1)/2⌋ … g + ⌈(W−1)/2⌉ that exist), or all n when
+    window is None. Each of the fixed `iterations` is two batched matmuls over the blocks — the
+    scores x·cᵀ − ‖c‖²/2 against the W candidates (N·W·d multiply-adds) and the members' sums
+    one-hotᵀ·x (N·W·d) — and a band-diagonal sum of the (n, W, d) partial sums; no scatter or
+    gather over (…, N, d) and no loop over tokens or groups. Then the n_outliers tokens farthest
+    from their final centroid leave their group and become agents of their own.
+    A centroid that loses all its tokens keeps its place with size 0 (it may win tokens back).
+    """
+    lead, (n_tokens, dim) = x.shape[:-2], x.shape[-2:]
+    blocks, real = run_blocks(n_tokens, n_groups, x.device)
+    length = blocks.shape[-1]
+    if n_tokens % n_groups == 0:
+        xb = x.reshape(*lead, n_groups, length, dim)
+    else:  # one copy of x into the padded blocks; the padding is a zero row
+        xb = F.pad(x, (0, 0, 0, 1)).index_select(-2, blocks.reshape(-1)).reshape(*lead, n_groups, length, dim)
+    real_weight = real.to(x.dtype)
+    sums = xb.sum(-2)
+    sizes = real_weight.sum(-1).expand(*lead, n_groups)
+    centroids = sums / sizes.unsqueeze(-1)
+    block_index = torch.arange(n_groups, device=x.device)
+    groups = block_index[:, None].expand(*lead, n_groups, length)
+    if window is None or window >= 2 * n_groups - 1:
+        window, front = n_groups, None  # every centroid: no band
+    else:
+        front = (window - 1) // 2
+    offsets = torch.arange(window, device=x.device)
+    for _ in range(iterations):
+        if front is None:
+            candidates = centroids.transpose(-1, -2).unsqueeze(-3)  # (…, 1, d, n)
+            bias = -0.5 * centroids.square().sum(-1).unsqueeze(-2)
+            empty = (sizes <= 0).unsqueeze(-2)
+        else:  # (…, n, d, W): candidate j of block g is centroid g − front + j (zero outside)
+            padding = (front, window - 1 - front)
+            padded = F.pad(centroids, (0, 0, *padding))
+            candidates = padded.unfold(-2, window, 1)
+            bias = -0.5 * padded.square().sum(-1).unfold(-1, window, 1)
+            empty = F.pad(sizes, padding).unfold(-1, window, 1) <= 0
+        scores = xb @ candidates + bias.masked_fill(empty, float("-inf")).unsqueeze(-2)
+        chosen = scores.argmax(-1)  # (…, n, L)
+        one_hot = (chosen.unsqueeze(-1) == offsets).to(x.dtype) * real_weight.unsqueeze(-1)
+        partial = one_hot.transpose(-1, -2) @ xb  # (…, n, W, d)
+        counts = one_hot.sum(-2)  # (…, n, W)
+        if front is None:
+            new_sums, sizes = partial.sum(-3), counts.sum(-2)
+            groups = chosen
+        else:
+            combined = _band_sum(torch.cat([partial, counts.unsqueeze(-1)], dim=-1), front)
+            new_sums, sizes = combined[..., :dim], combined[..., dim]
+            groups = chosen + (block_index[:, None] - front)
+        sums = new_sums
+        centroids = torch.where((sizes > 0).unsqueeze(-1), sums / sizes.clamp_min(1).unsqueeze(-1), centroids)
+    if n_outliers == 0:
+        return centroids, sizes
+    flat_x = xb.reshape(*lead, n_groups * length, dim)
+    flat_groups = groups.reshape(*lead, n_groups * length)
+    with torch.no_grad():  # the distances only pick the outliers
+        own = centroids.gather(-2, flat_groups.unsqueeze(-1).expand(*flat_groups.shape, dim))
+        distance = own.sub_(flat_x).square_().sum(-1).masked_fill(~real.reshape(-1), -1.0)  # in place: one buffer
+        outliers = distance.topk(n_outliers, dim=-1).indices
+    outlier_tokens = flat_x.gather(-2, outliers.unsqueeze(-1).expand(*outliers.shape, dim))
+    outlier_groups = flat_groups.gather(-1, outliers)
+    is_real = real.reshape(-1)[outliers].to(x.dtype)  # fewer real tokens than outliers: size 0
+    removed = torch.zeros_like(sums).scatter_add_(-2, outlier_groups.unsqueeze(-1).expand_as(outlier_tokens),
+                                                  outlier_tokens * is_real.unsqueeze(-1))
+    remaining = sizes - torch.zeros_like(sizes).scatter_add_(-1, outlier_groups, is_real)
+    means = (sums - removed) / remaining.clamp_min(1).unsqueeze(-1)
+    means = torch.where((remaining > 0).unsqueeze(-1), means, centroids)
+    return torch.cat([means, outlier_tokens], dim=-2), torch.cat([remaining, is_real], dim=-1)
+
+
 def grid_groups(valid: torch.Tensor, height: int, width: int, rows: int, cols: int) -> torch.Tensor:
     """2-D pooling of a row-major height × width grid into rows × cols cells (invalid tokens: −1)."""
     row = torch.arange(height, device=valid.device) * rows // height

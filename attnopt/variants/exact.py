@@ -43,8 +43,12 @@ def _build(config: ExactConfig, site_info: SiteInfo, example: Example | None) ->
 
 
 def _cost_params(config: ExactConfig, site_info: SiteInfo) -> dict:
-    """attnopt's exact op runs its fused Triton kernel on CUDA, matmul-softmax-matmul elsewhere."""
-    return {"fused": site_info.device == "cuda"}
+    """attnopt's exact op runs one fused kernel — Triton on CUDA, torch's SDPA on CPU — except
+    with dropout, which runs matmul-softmax-matmul (kernels/exact.py: `_sdpa_computes`; a
+    hand-written half-precision site whose scores round before a float mask also runs the
+    reference, which this formula prices as fused: the kernel count measured on the built module
+    corrects its per-call term)."""
+    return {"fused": site_info.device == "cuda" or site_info.dropout == 0}
 
 
 register_variant(VariantSpec(

@@ -158,6 +158,11 @@ class LinearAttention(nn.Module):
         key_features = self.feature_module(k * root_scale).to(k.dtype)
         return linear_attention(query_features, key_features, v, feature_map="identity", **options)
 
+    def calibration_parameters(self) -> list[nn.Parameter]:
+        """What a calibration (attnopt.calibration) fits: the learned feature map's W and b (none
+        for the fixed maps)."""
+        return [] if self.feature_module is None else list(self.feature_module.parameters())
+
 
 def _refusal(config: LinearConfig, site_info: SiteInfo) -> str | None:
     causal_cross = None
@@ -194,7 +199,13 @@ def _cost_params(config: LinearConfig, site_info: SiteInfo) -> dict:
     return {"feature_map": config.feature_map, "normalization": config.normalization}
 
 
+def _candidates(site_info: SiteInfo, calibrated: bool = False) -> list[LinearConfig]:
+    """The fixed maps; with calibration data (`calibrated`), also the learned map, which only
+    calibration makes better than elu+1 (it starts as elu+1)."""
+    names = ("focused", "elu1", "relu") + (("learned",) if calibrated else ())
+    return [LinearConfig(feature_map=name) for name in names]
+
+
 register_variant(VariantSpec(
     name=NAME, config_type=LinearConfig, refusal=_refusal, build=_build, cost=linear_cost, cost_params=_cost_params,
-    candidates=lambda site_info: [LinearConfig(feature_map=name) for name in ("focused", "elu1", "relu")],
-    shown=("feature_map",)))
+    candidates=_candidates, shown=("feature_map",)))

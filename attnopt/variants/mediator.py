@@ -189,6 +189,11 @@ class MediatorAttention(TwoStageSiteAttention):
         self.mediators.copy_(centroids.gather(1, order.unsqueeze(-1).expand(-1, -1, head_dim)))
         self.log_sizes.copy_(sizes.gather(1, order).clamp_min(1e-30).log())
 
+    def calibration_parameters(self) -> list[nn.Parameter]:
+        """What a calibration (attnopt.calibration) fits: the mediator tokens, their log sizes and
+        the V shortcut's weights, from their initialisation (k-means, closed-form shortcut)."""
+        return list(self.parameters())
+
     def tokens_for(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `count` mediators (H, n, d) and log sizes (H, n) with the rest's sizes folded in."""
         kept = self.mediators[:, :count]

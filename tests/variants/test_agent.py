@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnopt import costmodel
 from attnopt.variants import AgentConfig, TokenGrid, build_site_module, refusal, relative_error, spec_for
 from attnopt.variants.agent import AgentAttention, AgentLayout
 from attnopt.variants.clustering import (bipartite_merge, group_means, kmeans, pooled_groups,
-                                         pooled_runs_with_outliers, run_sums, split_outliers)
+                                         pooled_runs_with_outliers, run_kmeans_with_outliers, run_sums,
+                                         split_outliers)
 from attnopt.variants.shortcut import ValueShortcut, shifted_values
 from attnopt.variants.two_stage import agent_bias, two_stage_attention
 
@@ -183,8 +185,8 @@ def test_calibrated_shortcut_recovers_a_previous_token_head():
     k = position[None, None]
     v = torch.randn(1, 1, n_tokens, 4, generator=torch.Generator().manual_seed(3))
     site = make_site(B=1, H=1, Hkv=1, N=n_tokens, M=n_tokens, d=n_tokens, e=4, scale=40.0)
-    plain = build_site_module(AgentConfig(shortcut_offsets=()), site, example=(q, k, v, None))
-    shortcut = build_site_module(AgentConfig(), site, example=(q, k, v, None))
+    plain = build_site_module(AgentConfig(agent_count=6, shortcut_offsets=()), site, example=(q, k, v, None))
+    shortcut = build_site_module(AgentConfig(agent_count=6), site, example=(q, k, v, None))
     assert relative_error(plain, q, k, v, None, 40.0) > 0.8
     assert relative_error(shortcut, q, k, v, None, 40.0) < 0.3  # row 0 wraps to key 31: no offset has it
     assert shortcut.shortcut.weights[0, 1] > 0.9  # the weight of offset −1
@@ -202,7 +204,11 @@ def test_refusals_name_the_reason():
 def test_config_reports_its_agent_count_and_rejects_unknown_selection():
     site = make_site(N=400, M=400)
     assert AgentConfig(agent_fraction=0.25).n_agents(site) == 100
-    assert AgentConfig(agent_fraction=0.25).layout(400, site).n_outliers == 20
+    assert AgentConfig(agent_fraction=0.25).layout(400, site).n_outliers == 16  # 5 % of N, at most max_outliers
+    assert AgentConfig(agent_fraction=0.25, max_outliers=100).layout(400, site).n_outliers == 20
+    assert AgentConfig().n_agents(site) == AgentConfig().n_agents(make_site(N=4096, M=4096)) == 64
+    with pytest.raises(ValueError, match="not both"):
+        AgentConfig(agent_count=8, agent_fraction=0.1)
     assert spec_for(AgentConfig()).cost_params(AgentConfig(agent_count=7), site)["n_agents"] == 7
     with pytest.raises(ValueError, match="selection"):
         AgentConfig(selection="random")
@@ -309,3 +315,33 @@ def test_shifted_values_handle_offsets_beyond_the_sequence():
     expected = torch.tensor([[0, 0, 0, 0, 2, 0, 0], [0, 0, 0, 1, 3, 0, 0], [0, 0, 1, 2, 4, 0, 0],
                              [0, 0, 2, 3, 0, 0, 0], [0, 0, 3, 4, 0, 0, 0]], dtype=torch.float32)
     torch.testing.assert_close(shifted, expected)
+
+
+@pytest.mark.parametrize("n_tokens, n_groups, window, iterations, n_outliers", [
+    (64, 8, 3, 3, 2), (100, 7, 5, 2, 3), (48, 12, 17, 3, 3), (48, 45, 17, 3, 0), (4100, 64, 17, 3, 16),
+    (50, 9, None, 3, 2), (13, 4, 100, 2, 1), (30, 6, 4, 2, 0), (30, 6, 4, 0, 3)])
+def test_run_kmeans_equals_kmeans_on_pooled_groups_with_a_band_of_candidates(n_tokens, n_groups, window, iterations,
+                                                                           n_outliers):
+    """The blocked k-means of unpadded 1-D tokens (batched matmuls over runs) gives the agents of
+    the general kmeans + split_outliers whose candidates are the band of runs around each token's own."""
+    x = torch.randn(2, 3, n_tokens, 5, generator=torch.Generator().manual_seed(n_tokens), dtype=torch.float64)
+    valid = torch.ones(2, 3, n_tokens, dtype=torch.bool)
+    groups = pooled_groups(valid, n_groups)
+    candidates = None
+    if window is not None and window < 2 * n_groups - 1:  # out-of-range candidates repeat an edge run
+        candidates = (groups.unsqueeze(-1) - (window - 1) // 2 + torch.arange(window)).clamp(0, n_groups - 1)
+    centroids, _, final_groups = kmeans(x, valid, groups, n_groups, iterations, candidates)
+    expected_agents, expected_sizes = split_outliers(x, valid, final_groups, centroids, n_outliers)
+    agents, sizes = run_kmeans_with_outliers(x, n_groups, iterations, window, n_outliers)
+    torch.testing.assert_close(agents, expected_agents)
+    torch.testing.assert_close(sizes, expected_sizes)
+
+
+def test_default_agent_count_is_fixed_and_selection_work_linear_in_n():
+    """64 agents at any N (cost linear in N); the candidate grid is absolute counts up to N/2."""
+    spec = spec_for(AgentConfig())
+    flops = [costmodel.flops(spec.formula(AgentConfig(), make_site(B=1, H=6, N=n, M=n, d=64, e=64)),
+                             {"B": 1, "H": 6, "Hkv": 6, "N": n, "M": n, "d": 64, "e": 64}) for n in (4096, 16384)]
+    assert flops[1] < 4.1 * flops[0]
+    assert [c.agent_count for c in spec.candidates(make_site(N=300, M=300))] == [16, 32, 64, 128]
+    assert [c.agent_count for c in spec.candidates(make_site(N=20, M=20))] == []

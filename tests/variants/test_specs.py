@@ -14,8 +14,10 @@ from attnopt.candidates import default_candidates
 from attnopt.variants import (
     AgentConfig,
     ExactConfig,
+    HybridConfig,
     LinearConfig,
     MediatorConfig,
+    TokenGrid,
     build_site_module,
     spec_for,
     specs,
@@ -34,11 +36,11 @@ def seconds(config, site) -> float:
 
 
 def test_the_default_grid_is_every_spec_s_own_grid_in_registration_order():
-    assert [spec.name for spec in specs()] == ["exact", "agent", "linear", "mediator"]
+    assert [spec.name for spec in specs()] == ["exact", "agent", "linear", "mediator", "hybrid"]
     grid_site = make_site(N=197, M=197)  # 1 + 14²: agents are also tried pooled on the grid
     names = [spec_for(config).name for config in default_candidates(grid_site)]
-    assert names == ["exact"] + ["agent"] * 10 + ["linear"] * 3 + ["mediator"] * 2
-    assert sum(config.infer_grid for config in default_candidates(grid_site) if isinstance(config, AgentConfig)) == 5
+    assert names == ["exact"] + ["agent"] * 6 + ["linear"] * 3 + ["mediator"] * 2 + ["hybrid"] * 4
+    assert sum(config.infer_grid for config in default_candidates(grid_site) if isinstance(config, AgentConfig)) == 3
     assert not any(getattr(config, "infer_grid", False) for config in default_candidates(make_site(N=48, M=48)))
 
 
@@ -57,11 +59,17 @@ def test_every_default_candidate_is_priced_with_only_parameters_its_formula_know
     (AgentConfig(), "kmeans_iterations", 1),
     (AgentConfig(), "kmeans_window", None),
     (AgentConfig(), "outlier_fraction", 0.0),
+    (AgentConfig(), "max_outliers", 1),
+    (AgentConfig(agent_count=16), "kmeans_window", 5),
     (AgentConfig(), "shortcut_offsets", ()),
     (MediatorConfig(n_mediators=32), "n_mediators", 16),
     (MediatorConfig(n_mediators=32), "shortcut_offsets", ()),
     (LinearConfig(), "feature_map", "learned"),
     (LinearConfig(), "normalization", "inline"),
+    (HybridConfig(window=16), "window", 8),
+    (HybridConfig(window=16), "sinks", 4),
+    (HybridConfig(window=16), "feature_map", "focused"),
+    (HybridConfig(window=10), "infer_grid", True),  # 3×3 on the 8×8 grid of N = 64
 ])
 def test_every_parameter_that_changes_the_work_changes_the_price(config, field, value):
     """What `**cost_free_params` let through unpriced: the V shortcut and the learned feature map."""
@@ -85,7 +93,11 @@ def test_the_v_shortcut_is_priced_exactly_where_the_module_runs_one(config, site
 FLOP_CHECKED = [(config, site) for site in (SELF, CROSS) for config in default_candidates(site)] + [
     (config, site) for site in (SELF, CROSS) for config in (
         LinearConfig(feature_map="learned"), LinearConfig(feature_map="learned", normalization="inline"),
-        LinearConfig(normalization="inline"), AgentConfig(selection="pool"), MediatorConfig(n_mediators=8))]
+        LinearConfig(normalization="inline"), AgentConfig(selection="pool"), MediatorConfig(n_mediators=8),
+        AgentConfig(), AgentConfig(agent_fraction=0.2), AgentConfig(agent_count=7, kmeans_window=None),
+        AgentConfig(agent_count=9, kmeans_window=4, kmeans_iterations=2, max_outliers=1))] + [
+    (HybridConfig(window=9, sinks=2, feature_map="focused"), SELF), (HybridConfig(window=100), SELF),
+    (HybridConfig(window=9, sinks=2), make_site(B=2, H=4, Hkv=2, N=65, M=65, d=16, e=8, grid=TokenGrid(8, 8, True)))]
 
 
 @pytest.mark.parametrize("config, site", FLOP_CHECKED, ids=lambda value: repr(value)[:60])
@@ -99,10 +111,13 @@ def test_priced_flops_are_what_the_built_module_runs(config, site):
 
 
 def test_exact_is_priced_fused_where_its_op_runs_the_fused_kernel():
+    """Triton on CUDA, torch's SDPA on CPU; with dropout the op runs matmul-softmax-matmul."""
     exact = spec_for(ExactConfig())
-    assert exact.cost_params(ExactConfig(), SELF) == {"fused": False}
+    assert exact.cost_params(ExactConfig(), SELF) == {"fused": True}
     assert exact.cost_params(ExactConfig(), dataclasses.replace(SELF, device="cuda")) == {"fused": True}
-    assert exact.formula(ExactConfig(), SELF) == costmodel.softmax_attention(fused=False)
+    with_dropout = dataclasses.replace(SELF, dropout=0.1)
+    assert exact.cost_params(ExactConfig(), with_dropout) == {"fused": False}
+    assert exact.formula(ExactConfig(), with_dropout) == costmodel.softmax_attention(fused=False)
 
 
 def test_mediator_price_follows_the_count_of_the_current_call():
@@ -120,3 +135,4 @@ def test_reports_show_the_always_shown_params_and_those_off_their_default():
     assert spec_for(MediatorConfig()).shown_params(MediatorConfig(n_mediators=16)) == {"n_mediators": 16}
     assert spec_for(LinearConfig()).shown_params(LinearConfig()) == {"feature_map": "elu1"}
     assert spec_for(ExactConfig()).shown_params(ExactConfig()) == {}
+    assert spec_for(HybridConfig()).shown_params(HybridConfig(mix=0.5)) == {"sinks": 1, "window": 64, "mix": 0.5}
