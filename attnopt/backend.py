@@ -32,6 +32,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from attnopt.passes.canonicalize import canonicalize
 from attnopt.passes.detect import SiteMatch, detect, unsearched_regions
 from attnopt.passes.eager_paths import restore_eager_paths
+from attnopt.passes.fx_utils import alias_root, mutated_by
 from attnopt.passes.rewrite import rewritten_copy
 from attnopt.passes.site_call import site_call
 from attnopt.passes.verify import verify
@@ -72,9 +73,23 @@ def _propagate_meta(gm: fx.GraphModule, args: tuple[Any, ...]) -> set[int]:
     positions of tensor inputs the graph writes to in place (their fake version moved)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    versions = [f._version if isinstance(f, torch.Tensor) else None for f in fakes]
+    # inference tensors (torch.inference_mode) keep no version counter: the graph says what it writes
+    versions = [f._version if isinstance(f, torch.Tensor) and not f.is_inference() else None for f in fakes]
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
-    return {i for i, (f, v) in enumerate(zip(fakes, versions)) if isinstance(f, torch.Tensor) and f._version != v}
+    moved = {i for i, (f, v) in enumerate(zip(fakes, versions)) if v is not None and f._version != v}
+    return moved | _written_inputs(gm)
+
+
+def _written_inputs(gm: fx.GraphModule) -> set[int]:
+    """Positions of the graph inputs that some node writes to in place (through views too)."""
+    placeholders = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    written = set()
+    for node in gm.graph.nodes:
+        target = mutated_by(node)
+        root = alias_root(target) if target is not None else None
+        if root in placeholders:
+            written.add(placeholders[root])
+    return written
 
 
 def _flat_tensors(value: Any) -> list[torch.Tensor]:

@@ -442,3 +442,20 @@ def test_optimize_runs_when_its_device_profile_cannot_be_saved(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="could not save the device profile"):
         fast = attnopt.optimize(model, attnopt.Budget(max_error=0.05), args=(x,), candidates=FEW)
     assert len(attnopt.report_of(fast).sites) == 2
+
+
+def test_rewrite_under_inference_mode_with_an_input_written_in_place():
+    """Inference tensors keep no version counter: what the graph writes is read from the graph."""
+    class WritesItsMask(nn.Module):
+        def forward(self, q, k, v, mask):
+            mask.add_(0.0)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    with torch.inference_mode():
+        q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+        mask = torch.zeros(1, 1, 8, 8)
+        mask[..., -2:] = float("-inf")
+        rewritten = attnopt.rewrite(WritesItsMask(), "exact", args=(q, k, v, mask))
+        torch.testing.assert_close(rewritten(q, k, v, mask), WritesItsMask()(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    (site,) = attnopt.report_of(rewritten).sites
+    assert site.decision.variant == "exact"
