@@ -3,6 +3,7 @@
     report = attnopt.inspect(model, args=(x,))
     exact = attnopt.rewrite(model, "exact", args=(x,))
     fast = attnopt.optimize(model, budget=0.5, args=(x,))      # or attnopt.Budget(max_error=0.05)
+    fast = attnopt.optimize(model, 0.5, args=(x,), calibration=batches)   # fitted on your data
     attnopt.report_of(fast)
     torch.compile(model, backend="attnopt", options={"budget": 0.5})
 """
@@ -11,6 +12,7 @@ import torch._dynamo
 
 from .api import AttnoptModule, attnopt_backend, inspect, optimize, report_of, rewrite
 from .backend import AttnoptError
+from .calibration import Calibration
 from .planner import Budget, BudgetError, BudgetNotMetWarning
 from .report import Decision, GraphPlan, Report, Site
 from .variants import (
@@ -33,6 +35,7 @@ __all__ = [
     "AttnoptModule",
     "Budget",
     "BudgetError",
+    "Calibration",
     "BudgetNotMetWarning",
     "Decision",
     "ExactConfig",

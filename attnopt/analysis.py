@@ -46,6 +46,9 @@ class SiteCapture:
     dropout_p: float
     output: torch.Tensor
     """The exact attention output, the reference every candidate's error is measured against."""
+    softcap: float | None = None
+    sinks: bool = False
+    """The site's logit softcap and whether it adds attention-sink logits (passes/masking.py)."""
 
 
 class RecordingAttention(nn.Module):
@@ -63,7 +66,8 @@ class RecordingAttention(nn.Module):
             # the candidates see the mask as the reduced variants will (fills as -inf)
             reduced = Masking(mask, **masking).for_reduced_variant()
             self.capture = SiteCapture(q.detach(), k.detach(), v.detach(), None if reduced is None else reduced.detach(),
-                                       float(scale), bool(causal), float(dropout_p), out.detach())
+                                       float(scale), bool(causal), float(dropout_p), out.detach(),
+                                       softcap=masking.get("softcap"), sinks=masking.get("sinks") is not None)
         return out
 
 
@@ -72,8 +76,12 @@ def run_graph(gm: fx.GraphModule, args: tuple[Any, ...], mutated: set[int]) -> A
 
     Inputs the graph writes to in place are cloned first, autograd is off, and the global RNG is
     forked and seeded, so two runs draw the same dropout masks and the user's RNG stream is untouched.
+    Tensor inputs are detached: a view of a parameter taken under no_grad still says requires_grad
+    (with no grad_fn), which FlopCounterMode's module tracker cannot hook when such a view reaches
+    a site module (an attention sink `param.reshape(...).expand(...)`).
     """
-    inputs = [a.clone() if i in mutated else a for i, a in enumerate(args)]
+    inputs = [(a.detach().clone() if i in mutated else a.detach()) if isinstance(a, torch.Tensor) else a
+              for i, a in enumerate(args)]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return gm(*inputs)
@@ -84,6 +92,7 @@ def facts_of(site: Site, capture: SiteCapture) -> SiteInfo:
 
     The mask kind is read from the captured mask itself (transformers' (B, 1, N, M) padding mask
     is "key_padding", not a per-query mask); a mask that is exactly causal makes the site causal.
+    Logit softcapping and attention sinks are what the site's call passed the exact op.
     """
     q, k, v = capture.q, capture.k, capture.v
     mask_kind = mask_kind_of(capture.mask)
@@ -91,7 +100,7 @@ def facts_of(site: Site, capture: SiteCapture) -> SiteInfo:
     return SiteInfo(B=q.shape[0], H=q.shape[1], Hkv=k.shape[1], N=q.shape[2], M=k.shape[2], d=q.shape[3],
                     e=v.shape[3], causal=causal, mask_kind="causal" if causal else mask_kind,
                     dropout=capture.dropout_p, dtype=q.dtype, scale=capture.scale, device=q.device.type,
-                    fused=site.form in FUSED_FORMS)
+                    fused=site.form in FUSED_FORMS, softcap=capture.softcap, sinks=capture.sinks)
 
 
 @dataclasses.dataclass

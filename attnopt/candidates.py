@@ -33,6 +33,14 @@ from .variants import (
     spec_for,
     specs,
 )
+from .variants.heads import (
+    HeadSplit,
+    HeadSplitAttention,
+    head_indices,
+    per_head_errors,
+    select_heads,
+    split_sites,
+)
 
 EXACT = spec_for(ExactConfig())
 """The spec whose formula prices the model's own attention."""
@@ -263,10 +271,84 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any,
     return Evaluated(config, module, candidate, row)
 
 
+def head_splits(evaluated: Evaluated, info: SiteInfo, capture: SiteCapture) -> list[HeadSplit]:
+    """Per-head alternatives to a built variant: its worst kv heads (by their share of its measured
+    error on the capture) kept exact — the worst one, a quarter and half of them."""
+    if evaluated.module is None or evaluated.candidate is None or not evaluated.candidate.error or info.Hkv < 2:
+        return []
+    with torch.no_grad():
+        output = evaluated.module(capture.q, capture.k, capture.v, mask=capture.mask, scale=capture.scale,
+                                  causal=capture.causal, dropout_p=capture.dropout_p)
+    shares = per_head_errors(output, capture.output, info.Hkv)
+    worst = sorted(range(info.Hkv), key=lambda kv: -shares[kv])
+    counts = sorted({1, info.Hkv // 4, info.Hkv // 2} - {0})
+    return [HeadSplit(evaluated.config, tuple(sorted(worst[:count]))) for count in counts if count < info.Hkv]
+
+
+def evaluate_head_split(split: HeadSplit, info: SiteInfo, capture: SiteCapture, device: Any,
+                        calibration: Any = None) -> Evaluated:
+    """The variant of `split` built for the heads it takes, the exact op on the others: error
+    measured on the whole site, priced as the two calls it makes (each at its heads' shape)."""
+    spec = spec_for(split.config)
+    exact_info, rest_info = split_sites(split, info)
+    exact_heads = list(split.query_heads(info))
+    params = dataclasses.asdict(split.config) | {"exact_heads": exact_heads}
+    row = CandidateRow({"variant": spec.name, "params": params,
+                        "shown": spec.shown_params(split.config) | {"exact_heads": exact_heads}})
+    profile = costmodel.resolve_profile(device, info.dtype)
+    indices = head_indices(split, info)
+    rest = {name: select_heads(tensor, indices["rest_q" if name in ("q", "mask") else "rest_kv"], count)
+            for name, tensor, count in (("q", capture.q, info.H), ("k", capture.k, info.Hkv),
+                                        ("v", capture.v, info.Hkv), ("mask", capture.mask, info.H))}
+    try:
+        variant = build_site_module(split.config, rest_info, (rest["q"], rest["k"], rest["v"], rest["mask"]))
+        module: nn.Module = HeadSplitAttention(variant, split, info)
+        if info.causal and not capture.causal:
+            module = CausalMaskAttention(module)
+        call = dict(scale=capture.scale, causal=capture.causal, dropout_p=capture.dropout_p)
+        with torch.no_grad(), KernelCounter() as counter:
+            output = module(capture.q, capture.k, capture.v, mask=capture.mask, **call)
+        with torch.no_grad(), KernelCounter() as variant_counter:
+            (variant if not isinstance(module, CausalMaskAttention) else CausalMaskAttention(variant))(
+                rest["q"], rest["k"], rest["v"], mask=rest["mask"], **call)
+        error = output_error(output, capture.output)
+        if calibration is not None:
+            error = calibration.calibrate(module, split)
+    except ValueError as refused:
+        return Evaluated(split, None, None, CandidateRow(row, refused=str(refused)))
+    except RuntimeError as failed:
+        return Evaluated(split, None, None, CandidateRow(
+            row, refused=f"building or running it failed: {type(failed).__name__}: {failed}"))
+    if error == float("inf"):
+        return Evaluated(split, None, None, CandidateRow(
+            row, refused="it produced non-finite values where softmax attention does not."))
+    exact_cost = EXACT.formula(ExactConfig(), exact_info)
+    rest_cost = spec.formula(split.config, rest_info).with_kernel_calls(variant_counter.calls)
+    exact_cost = exact_cost.with_kernel_calls(max(1, counter.calls - variant_counter.calls))
+    seconds = (costmodel.estimate_seconds(exact_cost, exact_info.shape, profile, info.dtype)
+               + costmodel.estimate_seconds(rest_cost, rest_info.shape, profile, info.dtype))
+    flops = costmodel.flops(exact_cost, exact_info.shape) + costmodel.flops(rest_cost, rest_info.shape)
+    candidate = Candidate(variant=spec.name, params=params, est_seconds=seconds, flops=flops, error=error)
+    return Evaluated(split, module, candidate, CandidateRow(row, est_seconds=seconds, flops=flops, error=error,
+                                                            refused=None, pays_off_from_N=None))
+
+
 def evaluate_site(info: SiteInfo, capture: SiteCapture, configs: Sequence[Any] | None, device: Any,
-                  calibration: Any = None) -> tuple[Evaluated, list[Evaluated]]:
+                  calibration: Any = None, per_head: bool = True) -> tuple[Evaluated, list[Evaluated]]:
     """The site's baseline and every candidate config evaluated at it (calibrated, with errors
-    measured on held-out calibration batches, when `calibration` is given: see `evaluate`)."""
+    measured on held-out calibration batches, when `calibration` is given: see `evaluate`).
+
+    With `per_head`, each built variant predicted faster than the baseline also gives per-head
+    candidates (`head_splits`: its worst heads kept exact), kept where still predicted faster."""
     configs = default_candidates(info, calibrated=calibration is not None) if configs is None else list(configs)
     base = baseline(info, device)
-    return base, [evaluate(config, info, capture, device, base.candidate, calibration) for config in configs]
+    evaluated = [evaluate(config, info, capture, device, base.candidate, calibration) for config in configs]
+    if per_head:
+        for full in list(evaluated):
+            if full.candidate is None or full.candidate.est_seconds >= base.candidate.est_seconds:
+                continue
+            for split in head_splits(full, info, capture):
+                derived = evaluate_head_split(split, info, capture, device, calibration)
+                if derived.candidate is None or derived.candidate.est_seconds < base.candidate.est_seconds:
+                    evaluated.append(derived)
+    return base, evaluated

@@ -168,6 +168,8 @@ class Report:
             shape = ",".join(str(site.shape.get(k, "?")) for k in ("B", "H", "Hkv", "N", "M", "d", "e"))
             if site.decision is not None:
                 decision = site.decision.variant
+                if site.decision.params.get("exact_heads"):
+                    decision += f" (heads {site.decision.params['exact_heads']} exact)"
                 if site.decision.error is not None:
                     decision += f" (err {site.decision.error:.2e})"
                 before, after = site.decision.est_seconds_before, site.decision.est_seconds_after

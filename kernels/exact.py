@@ -12,11 +12,13 @@ Paths, in this order:
   function as the reference to fp32 rounding (and to half rounding for fp16/bf16 inputs, whose
   probabilities SDPA rounds to the input dtype before P·V), several times faster and without
   the N×M score matrix.
-- Reference: everything else (dropout, finite fills, half scores rounding a float mask, ...).
+- Reference: everything else (dropout, finite fills, half scores rounding a float mask, logit
+  softcapping, attention sinks, ...). Softcap and sinks never take the Triton or SDPA path:
+  neither computes them (the Triton template could; it does not yet).
 
 Backward is autograd through the reference whatever the forward ran (see autograd_reference),
-twice differentiable. The op takes fill_mask as its fifth positional argument (torch.library
-allows no keyword-only tensors), and fill_value None for -inf (op schemas hold no infinite
+twice differentiable. The op takes fill_mask and sinks as its fifth and sixth positional arguments
+(torch.library allows no keyword-only tensors), softcap None for none, and fill_value None for -inf (op schemas hold no infinite
 defaults); the Python wrapper keeps fill_mask keyword-only and fill_value -inf. FlopCounterMode
 counts 2·B·H·N·M·(d+e).
 """
@@ -35,7 +37,7 @@ from .exact_reference import accumulation_dtype, exact_attention_reference, mask
 from .shapes import check_mask, check_qkv
 
 
-def _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype) -> None:
+def _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype, sinks=None, softcap=None) -> None:
     check_qkv(q, k, v)
     scores_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     check_mask(mask, scores_shape)
@@ -45,11 +47,20 @@ def _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype) -> None:
         check_mask(fill_mask, scores_shape)
     if score_dtype is not None and not score_dtype.is_floating_point:
         raise TypeError(f"score_dtype must be floating, got {score_dtype}")
+    if sinks is not None:
+        if not sinks.dtype.is_floating_point:
+            raise TypeError(f"sinks must be floating, got {sinks.dtype}")
+        check_mask(sinks, scores_shape[:3] + (1,))
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite number, got {softcap}")
 
 
-def _kernel_computes(q, mask, score_dtype, dropout_p) -> bool:
+def _kernel_computes(q, mask, score_dtype, dropout_p, sinks=None, softcap=None) -> bool:
     """Whether the Triton kernel gives the reference's result: not with dropout (the reference
-    keeps torch's RNG stream), nor for a float mask added in fp64 (the kernel's softmax is fp32)."""
+    keeps torch's RNG stream), nor for a float mask added in fp64 (the kernel's softmax is fp32),
+    nor with logit softcapping or attention sinks (the template has neither yet)."""
+    if sinks is not None or softcap is not None:
+        return False
     return dropout_p == 0 and mask_sum_dtype(q.dtype, mask, score_dtype) != torch.float64 and config.use_triton(q)
 
 
@@ -61,7 +72,8 @@ def _fill_value(value: float | None) -> float:
 SDPA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _sdpa_computes(q, k, v, mask, fill_mask, fill_value, score_dtype, dropout_p, scale) -> bool:
+def _sdpa_computes(q, k, v, mask, fill_mask, fill_value, score_dtype, dropout_p, scale, sinks=None,
+                   softcap=None) -> bool:
     """Whether torch's CPU SDPA (after _sdpa_attention folds the masks) is the reference's
     function; decided from metadata only, so tracing with fake tensors takes the same path.
 
@@ -73,11 +85,14 @@ def _sdpa_computes(q, k, v, mask, fill_mask, fill_value, score_dtype, dropout_p,
     - a float mask only where the reference adds it to unrounded scores, i.e. in the dtype it
       computes in (fp32 for half inputs, as SDPA does; not half scores of a hand-written half
       model, which round before the add); SDPA takes it in that dtype, an exact cast.
+    - no logit softcapping and no attention sinks (SDPA computes neither).
     Causal (top-left, like SDPA's is_causal), GQA, broadcast masks of any rank, d != e and every
     scale are handled by _sdpa_attention; fully masked rows give SDPA's 0 and are set to NaN
     unless zero_empty_rows.
     """
     if q.device.type != "cpu" or q.dtype not in SDPA_DTYPES or dropout_p != 0 or not math.isfinite(scale):
+        return False
+    if sinks is not None or softcap is not None:
         return False
     if 0 in (*q.shape, k.shape[2], v.shape[3]):
         return False
@@ -150,6 +165,7 @@ def _exact_attention_op(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
     fill_mask: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     *,
     scale: float,
     causal: bool = False,
@@ -157,31 +173,38 @@ def _exact_attention_op(
     fill_value: float | None = None,
     score_dtype: torch.dtype | None = None,
     zero_empty_rows: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype)
+    _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype, sinks, softcap)
     masking = dict(
         fill_mask=fill_mask, fill_value=_fill_value(fill_value), score_dtype=score_dtype, zero_empty_rows=zero_empty_rows
     )
-    if _kernel_computes(q, mask, score_dtype, dropout_p):
+    if _kernel_computes(q, mask, score_dtype, dropout_p, sinks, softcap):
         from .exact_triton import exact_attention_triton  # launchers load on first use, not at import
 
         return exact_attention_triton(q, k, v, mask, scale=scale, causal=causal, **masking)
-    if _sdpa_computes(q, k, v, mask, fill_mask, masking["fill_value"], score_dtype, dropout_p, scale):
+    if _sdpa_computes(q, k, v, mask, fill_mask, masking["fill_value"], score_dtype, dropout_p, scale, sinks, softcap):
         return _sdpa_attention(q, k, v, mask, fill_mask, scale=scale, causal=causal, zero_empty_rows=zero_empty_rows)
-    return exact_attention_reference(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, **masking)
+    return exact_attention_reference(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, sinks=sinks,
+                                     softcap=softcap, **masking)
 
 
 @_exact_attention_op.register_fake
 def _exact_attention_fake(
-    q, k, v, mask=None, fill_mask=None, *, scale, causal=False, dropout_p=0.0, fill_value=None,
-    score_dtype=None, zero_empty_rows=False,
+    q, k, v, mask=None, fill_mask=None, sinks=None, *, scale, causal=False, dropout_p=0.0, fill_value=None,
+    score_dtype=None, zero_empty_rows=False, softcap=None,
 ):
-    _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype)
+    _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype, sinks, softcap)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 
+N_TENSOR_ARGUMENTS = 6  # q, k, v, mask, fill_mask, sinks
+
+
 def _setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    # a call may leave trailing optional tensors out: saved as None
+    ctx.save_for_backward(*inputs, *(None,) * (N_TENSOR_ARGUMENTS - len(inputs)))
+    ctx.n_inputs = len(inputs)
     ctx.options = keyword_only_inputs
 
 
@@ -191,11 +214,17 @@ def _backward(ctx, grad_output):
             "attnopt::exact_attention cannot differentiate through dropout (its mask is not kept); "
             "call attnopt.kernels.exact_attention, which differentiates the reference directly"
         )
-    q, k, v, mask, fill_mask = ctx.saved_tensors
+    q, k, v, mask, fill_mask, sinks = ctx.saved_tensors
     options = {**ctx.options, "fill_value": _fill_value(ctx.options["fill_value"])}
-    return reference_gradients(
-        exact_attention_reference, (q, k, v, mask), ctx.needs_input_grad[:4], grad_output, fill_mask=fill_mask, **options
-    ) + (None,)
+
+    def reference(q, k, v, mask, sinks):
+        return exact_attention_reference(q, k, v, mask, fill_mask=fill_mask, sinks=sinks, **options)
+
+    needs = (*ctx.needs_input_grad, *(False,) * (N_TENSOR_ARGUMENTS - len(ctx.needs_input_grad)))
+    grad_q, grad_k, grad_v, grad_mask, grad_sinks = reference_gradients(
+        reference, (q, k, v, mask, sinks), (*needs[:4], needs[5]), grad_output
+    )
+    return (grad_q, grad_k, grad_v, grad_mask, None, grad_sinks)[: ctx.n_inputs]
 
 
 _exact_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -221,8 +250,10 @@ def exact_attention(
     fill_value: float = -math.inf,
     score_dtype: torch.dtype | None = None,
     zero_empty_rows: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(where(fill_mask, fill_value, q kᵀ·scale) + mask) v, the function a model's attention computes.
+    """softmax(where(fill_mask, fill_value, cap(q kᵀ·scale)) + mask) v, the function a model's attention computes.
 
     q (B, H, N, d); k (B, Hkv, M, d); v (B, Hkv, M, e) with H % Hkv == 0 (query head h reads kv
     head h // (H // Hkv)). mask: None, bool (True = may attend) or float of any dtype (added to
@@ -237,19 +268,25 @@ def exact_attention(
     `scores + mask` rounds in torch (an fp16 `finfo.min` mask swamps the scores), and the softmax
     runs in that dtype or fp32, whichever is wider.
     Rows where every score is -inf give NaN, as torch.softmax does, or 0 with zero_empty_rows
-    (SDPA's and nn.MultiheadAttention's rule; gradients there are 0). dropout_p > 0 applies
+    (SDPA's and nn.MultiheadAttention's rule; gradients there are 0).
+    softcap (Gemma 2's logit softcapping): cap(s) = softcap·tanh(s / softcap) on the scaled scores,
+    before fills and masks; None leaves them as they are. sinks (gpt-oss's attention sinks; float,
+    broadcastable to (B, H, N, 1), usually one learned logit per head (1, H, 1, 1), differentiable):
+    the softmax runs over [masked scores, sink] and the sink's column is dropped, so rows weigh
+    less than 1 in total and a row whose every key is masked gives 0 (the sink takes all the weight;
+    NaN only if that row's sink is -inf too, or 0 with zero_empty_rows). Both run the reference. dropout_p > 0 applies
     F.dropout(probs, dropout_p, training=True), consuming the RNG exactly like a hand-written
     dropout(softmax(...)) of the same shape; that path always runs (and differentiates) the
     reference, never the Triton kernel or SDPA. On CPU the call runs torch's fused
     F.scaled_dot_product_attention wherever that is this same function (see _sdpa_computes), the
     reference elsewhere; on CUDA the Triton kernel.
     """
-    masking = dict(fill_value=fill_value, score_dtype=score_dtype, zero_empty_rows=zero_empty_rows)
+    masking = dict(fill_value=fill_value, score_dtype=score_dtype, zero_empty_rows=zero_empty_rows, softcap=softcap)
     if dropout_p > 0:
-        _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype)
+        _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype, sinks, softcap)
         return exact_attention_reference(
-            q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, fill_mask=fill_mask, **masking
+            q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, fill_mask=fill_mask, sinks=sinks, **masking
         )
     return torch.ops.attnopt.exact_attention(
-        q, k, v, mask, fill_mask, scale=scale, causal=causal, dropout_p=dropout_p, **masking
+        q, k, v, mask, fill_mask, sinks, scale=scale, causal=causal, dropout_p=dropout_p, **masking
     )

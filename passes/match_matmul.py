@@ -5,20 +5,30 @@ From every `torch.softmax` walk *up* through casts, scales (`mul`), masks (`add`
 casts and dropout to the matmul with V. Q, Kᵀ and V are bound at the matmul operands themselves,
 so no permute or view between them and the user's tensors can be mis-bound. A `repeat_kv`-style
 head repetition of K and V is peeled off (GQA).
+
+Two score transforms of modern models are part of the site: logit softcapping,
+`c·tanh(s·(1/c))` right after the scaled QK matmul and before any mask (Gemma 2), and attention
+sinks, `softmax(cat([scores, sink], -1))[..., :-1]` (gpt-oss), the sink a site input.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
+from .canonicalize import _reduced_over
 from .fx_utils import arg, dtype_of, is_scalar, mutated_by, nodes_between, normalize_dim, op_name, shape_of
 from .mask_terms import MaskTerm, constant_fills, mask_kind, scales_per_head, single_value, term_inputs
 from .site_ir import Input, MatmulRecipe, SiteMatch, TermSpec, index_of, memory_order, partial_shape, refuse
 from .walk import TRANSPARENT, VALUE_OPS, VIEW, WALK_DEPTH, head_split, keeps_last_two, peel_repeat, reaches_matmul, unwrap_key, upstream_factor
+
+SOFTCAP_RTOL = 1e-9
+"""How far the product of a softcap's inner factor and its outer one may be from 1 and still be
+read as 1 (the inner one is the outer's reciprocal as Python or canonicalize rounded it)."""
 
 
 def _user_names(node: fx.Node) -> str:
@@ -34,7 +44,7 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
             return refuse(match, f"the scores are written in place by `{write.name}` on a tensor others can see "
                                   "(an input, a buffer or a shared view), so attnopt cannot follow them.")
         return _opaque_site(softmax)
-    scores_matmul, chain, terms, scale, factor_nodes, up_reason = up
+    scores_matmul, chain, terms, scale, factor_nodes, up_reason, softcap, sink = up
     q_operand, kt_operand = scores_matmul.args
     scores_shape = shape_of(scores_matmul)
     form = scores_matmul.meta.get("attnopt_form") or "matmul"
@@ -59,6 +69,8 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     down = [softmax]
     node = softmax
     dropout = 0.0
+    sliced = sink is None  # with sinks: whether the sink's column was dropped yet
+    n_keys = scores_shape[-1]
     while True:
         users = list(node.users)
         if len(users) != 1:
@@ -70,10 +82,19 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
             down.append(user)
         elif user.target is torch.nn.functional.dropout and user.args[0] is node:
             dropout = float(arg(user, 1, "p", 0.5))
+            if not sliced and dropout > 0:
+                return refuse(match, f"dropout (`{user.name}`) is applied to the weights with the sink's column "
+                                     "still in them, which draws another mask than dropout of the attention weights.")
+            down.append(user)
+        elif not sliced and _drops_last_column(node, user, n_keys):
+            sliced = True
             down.append(user)
         else:
             break
         node = user
+    if not sliced:
+        return refuse(match, f"the softmax runs over the scores and a sink column (`{sink.name}`), and `{user.name}` "
+                             "does not drop that column before the matmul with values.")
     if user.target is not torch.matmul or user.args[0] is not node:
         return refuse(match, f"the attention weights feed `{user.name}`, not a matmul with values.")
     pv_matmul = user
@@ -81,6 +102,9 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
 
     qk_lead, softmax_lead, pv_lead = shape_of(scores_matmul)[:-2], shape_of(softmax)[:-2], shape_of(pv_matmul)[:-2]
     regrouped = not (qk_lead == softmax_lead == pv_lead) or any(t.layout != softmax_lead for t in terms)
+    if regrouped and sink is not None:
+        return refuse(match, "the scores are viewed with other leading dims between the matmuls and joined by "
+                             "sink logits, which attnopt does not regroup.")
     _, k_peeled, kv_heads = unwrap_key(kt_operand)
     _, v_peeled = peel_repeat(v_operand)
     if k_peeled is not None and not regrouped and v_peeled is not None and kv_heads == shape_of(v_peeled)[1]:
@@ -91,7 +115,8 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
 
     match.output = pv_matmul
     match.dropout = dropout
-    match.internal = nodes_between(dag, [q_operand, key_input, value_input, *term_inputs(terms), *factor_nodes], pv_matmul)
+    sources = [q_operand, key_input, value_input, *term_inputs(terms), *factor_nodes, *([sink] if sink is not None else [])]
+    match.internal = nodes_between(dag, sources, pv_matmul)
     match.inputs = [q_operand, key_input, value_input]
     tensor_inputs: list[fx.Node] = []
 
@@ -102,11 +127,12 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
                            tuple(index_of(tensor_inputs, f) for f in term.factor_nodes), tuple(term.layout),
                            term.score_dtype) for term in terms)
     scale_inputs = tuple(index_of(tensor_inputs, f) for f in factor_nodes)
+    sinks = operand(sink) if sink is not None else None
     match.inputs += tensor_inputs
     heads = head_split(q_operand, scores_shape, softmax_lead)
     match.recipe = MatmulRecipe(scale=scale, terms=specs, scale_inputs=scale_inputs, grouped=grouped,
                                 dropout_p=dropout, head_split=heads, out_dtype=dtype_of(pv_matmul),
-                                out_order=memory_order(pv_matmul),
+                                out_order=memory_order(pv_matmul), softcap=softcap, sinks=sinks,
                                 leads=(tuple(qk_lead), tuple(softmax_lead), tuple(pv_lead)) if regrouped else None)
     match.mask_inputs = [term.value for term in terms if isinstance(term.value, fx.Node)]
     match.shape = partial_shape(q_operand, kt_operand, v_operand, heads=heads, kv_heads=kv_heads)
@@ -131,9 +157,9 @@ def match_unstable_softmax(node: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
                           "softmax would change those results.")
 
 def _opaque_site(softmax: fx.Node) -> SiteMatch | None:
-    """A softmax whose scores come from a QK matmul through an op attnopt does not model (logit
-    softcapping's tanh, a concatenated sink column, ...) and whose weights feed a matmul with
-    values: attention, reported with the op it could not pass — never silently left out.
+    """A softmax whose scores come from a QK matmul through an op attnopt does not model (a tanh
+    that is no softcap, a concatenation that is no sink column, ...) and whose weights feed a
+    matmul with values: attention, reported with the op it could not pass — never silently left out.
     Anything else (a router's softmax, a softmax over a projection) is not attention: None."""
     node, opaque = softmax.args[0], None
     for _ in range(WALK_DEPTH):
@@ -192,12 +218,15 @@ def _write_on_scores(node: Any) -> fx.Node | None:
 def _walk_up(node: Any):
     """From the softmax input up to the QK matmul.
 
-    Returns (matmul, chain, mask terms, python scale, tensor scale nodes, reason) or None when
-    no matmul produces the scores. `chain` lists the nodes from the matmul to the softmax input.
+    Returns (matmul, chain, mask terms, python scale, tensor scale nodes, reason, softcap, sink
+    node) or None when no matmul produces the scores. `chain` lists the nodes from the matmul to
+    the softmax input. softcap: c where the scores are capped to c·tanh(s / c), else None. sink:
+    the tensor concatenated to the scores as one more key right before the softmax, else None.
     """
     chain: list[fx.Node] = []
     steps: list[tuple[str, Any]] = []
     current = node
+    sink = None
     while isinstance(current, fx.Node):
         name = op_name(current)
         chain.append(current)
@@ -205,6 +234,23 @@ def _walk_up(node: Any):
             break
         if name in VALUE_OPS:
             current = current.args[0]
+            continue
+        if name == "sub" and not steps and _unshifted(current) is not None:
+            current = _unshifted(current)  # the row max, subtracted behind a cast canonicalize kept
+            continue
+        if name == "cat":
+            split = _sink_split(current)
+            if split is None or steps or sink is not None:
+                return None
+            current, sink = split
+            continue
+        cap = _softcap_of(current)
+        if cap is not None:
+            c, folded, nodes, current = cap
+            chain += nodes
+            steps.append(("softcap", c))
+            if folded != 1.0:
+                steps.append(("scale", folded))  # applied before the cap
             continue
         if TRANSPARENT.get(name) == VIEW and keeps_last_two(current.args[0], current):
             steps.append(("layout", shape_of(current)[:-2]))
@@ -221,7 +267,7 @@ def _walk_up(node: Any):
             # per-head and scalar divisors were turned into products by canonicalize: what is
             # left divides by something else, which is reported, not passed over
             path, divisor = current.args
-            if not isinstance(path, fx.Node) or shape_of(path) != shape_of(current) or not reaches_matmul(path):
+            if not isinstance(path, fx.Node) or shape_of(path) != shape_of(current) or not _reaches_scores(path):
                 return None
             steps.append(("divide", divisor))
             current = path
@@ -239,10 +285,10 @@ def _walk_up(node: Any):
             continue
         if name == "where" and len(current.args) == 3:
             cond, a, b = current.args
-            if reaches_matmul(a):
+            if _reaches_scores(a):
                 steps.append(("fill", (("not", cond), b, dtype_of(current))))
                 current = a
-            elif reaches_matmul(b):
+            elif _reaches_scores(b):
                 steps.append(("fill", (cond, a, dtype_of(current))))
                 current = b
             else:
@@ -254,10 +300,24 @@ def _walk_up(node: Any):
     chain.reverse()
     scale, factor_nodes, terms = 1.0, [], []
     reason = None
+    softcap = None
     layout = shape_of(chain[0])[:-2]
     for kind, item in reversed(steps):  # from the matmul towards the softmax
         if kind == "layout":
             layout = item
+            continue
+        if kind == "softcap":
+            if softcap is not None:
+                reason = "the scores are capped with tanh twice, which attnopt does not model."
+            elif terms:
+                reason = ("a mask is applied to the scores before their tanh softcap, which attnopt models only "
+                          "after it.")
+            softcap = item
+            continue
+        if kind == "scale" and softcap is not None:
+            what = f"`{item.name}`" if isinstance(item, fx.Node) else repr(item)
+            reason = (f"the softcapped scores are multiplied by {what}, which attnopt cannot fold into the scale "
+                      "(it applies before the cap).")
             continue
         if kind == "scale":
             if isinstance(item, (int, float)):
@@ -283,14 +343,114 @@ def _walk_up(node: Any):
                 terms.append(MaskTerm("keep", cond[1], fill, layout=layout, score_dtype=dtype))
             else:
                 terms.append(MaskTerm("fill", cond, fill, layout=layout, score_dtype=dtype))
-    return chain[0], chain, terms, scale, factor_nodes, reason
+    return chain[0], chain, terms, scale, factor_nodes, reason, softcap, sink
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _softcap_of(node: fx.Node) -> tuple[float, float, list[fx.Node], fx.Node] | None:
+    """(c, r·c, [the tanh, its inner product], s) when `node` is `tanh(s·r)·c`, c and r Python
+    numbers (or `tanh(s / x)·c`, `c·tanh(s)`, operands of either product in any order): Gemma 2's
+    logit softcapping `c·tanh(s / c)` where r = 1/c, and in general a softcap |c| of the scores
+    scaled by r·c first, since c·tanh(s·r) = |c|·tanh(s·r·c / |c|)."""
+    if op_name(node) != "mul" or len(node.args) != 2 or node.kwargs:
+        return None
+    capped, outer = node.args if _is_number(node.args[1]) else reversed(node.args)
+    if not (isinstance(capped, fx.Node) and op_name(capped) == "tanh" and _is_number(outer) and outer != 0):
+        return None
+    inner = capped.args[0] if len(capped.args) == 1 and not capped.kwargs else None
+    if not isinstance(inner, fx.Node):
+        return None
+    nodes, path, factor = [capped], inner, 1.0
+    if op_name(inner) in ("mul", "div") and len(inner.args) == 2 and not inner.kwargs:
+        a, b = inner.args
+        if op_name(inner) == "mul" and _is_number(a):
+            a, b = b, a
+        if isinstance(a, fx.Node) and _is_number(b) and b != 0:
+            nodes, path = [capped, inner], a
+            factor = float(b) if op_name(inner) == "mul" else 1.0 / float(b)
+    folded = factor * float(outer)
+    if math.isclose(folded, 1.0, rel_tol=SOFTCAP_RTOL):
+        folded = 1.0  # r is 1/c as Python or canonicalize rounded it
+    return abs(float(outer)), folded, nodes, path
+
+
+def _unshifted(node: fx.Node) -> fx.Node | None:
+    """x when `node` is `x - max(x, -1, keepdim=True)` (maybe detached) in fp32 / fp64, which
+    softmax computes bit for bit without the shift (canonicalize's `_max_shift`, here for a shift
+    that reaches the softmax through a cast, as `F.softmax(x - max, dtype=...)` spells it)."""
+    if op_name(node) != "sub" or len(node.args) != 2 or node.kwargs or dtype_of(node) not in (torch.float32, torch.float64):
+        return None
+    x, peak = node.args
+    while isinstance(peak, fx.Node) and op_name(peak) == "detach":
+        peak = peak.args[0]
+    reduced = _reduced_over(peak, {"max", "amax"}) if isinstance(peak, fx.Node) else None
+    rank = len(shape_of(node) or ())
+    if reduced is None or reduced[0] is not x or rank == 0 or normalize_dim(reduced[1], rank) != rank - 1:
+        return None
+    return x if shape_of(x) == shape_of(node) else None
+
+
+def _sink_split(cat: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(scores, sink) when `cat` is `cat([scores, sink], dim=-1)` with a sink of one key."""
+    parts, dim = arg(cat, 0, "tensors"), arg(cat, 1, "dim", 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(p, fx.Node) for p in parts):
+        return None
+    scores, sink = parts
+    scores_shape, sink_shape = shape_of(scores), shape_of(sink)
+    if scores_shape is None or sink_shape is None or len(scores_shape) < 2 or len(sink_shape) != len(scores_shape):
+        return None
+    if not isinstance(dim, int) or normalize_dim(dim, len(scores_shape)) != len(scores_shape) - 1:
+        return None
+    if sink_shape[-1] != 1 or sink_shape[:-1] != scores_shape[:-1] or not (dtype_of(sink) or torch.bool).is_floating_point:
+        return None
+    return scores, sink
+
+
+def _drops_last_column(source: fx.Node, user: fx.Node, n_keys: int) -> bool:
+    """Whether `user` is `source[..., :-1]` (or `[..., :n_keys]`, `[:, :, :, :-1]`, `narrow(-1,
+    0, n_keys)`) of weights over n_keys + 1 columns: the sink's column dropped."""
+    source_shape, user_shape = shape_of(source), shape_of(user)
+    if source_shape is None or user_shape is None or not user.args or user.args[0] is not source:
+        return False
+    if tuple(user_shape) != (*source_shape[:-1], n_keys) or source_shape[-1] != n_keys + 1:
+        return False
+    name = op_name(user)
+    if name == "narrow":
+        dim, start, length = (arg(user, i, key) for i, key in ((1, "dim"), (2, "start"), (3, "length")))
+        return isinstance(dim, int) and normalize_dim(dim, len(source_shape)) == len(source_shape) - 1 \
+            and start == 0 and length == n_keys
+    if name != "getitem":
+        return False
+    index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+    if not index or not isinstance(index[-1], slice):
+        return False
+    full = slice(None, None, None)
+    leading = [i for i in index[:-1] if i is not Ellipsis]
+    if any(i != full for i in leading) or (Ellipsis not in index[:-1] and len(index) != len(source_shape)):
+        return False
+    last = index[-1]
+    return last.start in (None, 0) and last.step in (None, 1) and last.stop in (-1, n_keys)
+
+
+def _reaches_scores(node: Any) -> bool:
+    """walk.reaches_matmul, also through a softcap (_softcap_of)."""
+    return reaches_matmul(node, passes=_past_softcap)
+
+
+def _past_softcap(node: fx.Node) -> fx.Node | None:
+    cap = _softcap_of(node)
+    return cap[3] if cap is not None else None
+
 
 def _split_operands(node: fx.Node, allow_full: bool = False) -> tuple[fx.Node | None, Any]:
     """(scores path, other operand) of a binary node on the scores path."""
     a, b = node.args
     candidates = [(a, b), (b, a)]
     for path, other in candidates:
-        if isinstance(path, fx.Node) and shape_of(path) == shape_of(node) and reaches_matmul(path):
+        if isinstance(path, fx.Node) and shape_of(path) == shape_of(node) and _reaches_scores(path):
             if not allow_full and not is_scalar(other) and not isinstance(other, fx.Node):
                 continue
             return path, other

@@ -38,7 +38,8 @@ def call_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
         lead = tuple(q.shape[:-2])
         q4, k4, v4 = q, k, v
     else:
-        mask_leads = [tuple(m.shape[:-2]) for m in (masking.mask, masking.fill_mask) if m is not None and m.dim() > 2]
+        mask_leads = [tuple(m.shape[:-2]) for m in (masking.mask, masking.fill_mask, masking.sinks)
+                      if m is not None and m.dim() > 2]
         lead = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], *mask_leads))
         batch, heads = _fold(lead, head_split)
         q4 = _to_4d(q, lead, batch, heads)
@@ -76,13 +77,15 @@ def _mask_to_4d(mask: torch.Tensor | None, lead: tuple[int, ...], batch: int, he
 
 
 def combine_mask_terms(terms: tuple[TermSpec, ...], tensors: tuple[torch.Tensor, ...],
-                       dtype: torch.dtype) -> Masking:
-    """The masking that the additive / fill terms found on the scores path apply, in order.
+                       dtype: torch.dtype, softcap: float | None = None, sinks: Any = None) -> Masking:
+    """The masking that the additive / fill terms found on the scores path apply, in order, after
+    the cap `softcap` (None: none) and with the sink logits `sinks` (an operand: `Input` or None).
 
     Terms run from the QK matmul to the softmax. Fills replace the score (the detector made their
     value one constant for the site); adds made before a fill are lost where it fills, adds made
     after it still apply. A lone -inf fill becomes a bool keep-mask (what fused kernels want).
     """
+    transforms = dict(softcap=softcap, sinks=resolve(sinks, tensors))
     fill_mask = None
     fill_value = -math.inf
     additive = None
@@ -111,8 +114,8 @@ def combine_mask_terms(terms: tuple[TermSpec, ...], tensors: tuple[torch.Tensor,
     if isinstance(additive, (int, float)):
         additive = torch.as_tensor(additive, dtype=dtype)
     if fill_mask is not None and additive is None and fill_value == -math.inf:
-        return Masking(mask=~fill_mask)
-    return Masking(mask=additive, fill_mask=fill_mask, fill_value=fill_value, score_dtype=score_dtype)
+        return Masking(mask=~fill_mask, **transforms)
+    return Masking(mask=additive, fill_mask=fill_mask, fill_value=fill_value, score_dtype=score_dtype, **transforms)
 
 
 def _held_in(value: float, dtype: torch.dtype | None) -> float:
@@ -144,7 +147,7 @@ class MatmulSiteCall(SiteCall):
             k = k.transpose(-1, -2)
         if recipe.leads is not None:
             return self._regrouped(q, k, v, tensors)
-        masking = combine_mask_terms(recipe.terms, tensors, q.dtype)
+        masking = combine_mask_terms(recipe.terms, tensors, q.dtype, recipe.softcap, recipe.sinks)
         out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=False,
                              dropout_p=recipe.dropout_p, grouped=recipe.grouped, head_split=recipe.head_split)
         return _in_layout(_in_dtype(out, recipe.out_dtype), recipe.out_order)
@@ -166,7 +169,7 @@ class MatmulSiteCall(SiteCall):
                 values.append(values[term.value.index].expand(*term.layout, n, m).reshape(*softmax_lead, n, m))
                 term = dataclasses.replace(term, value=Input(len(values) - 1))
             terms.append(term)
-        masking = combine_mask_terms(tuple(terms), tuple(values), q.dtype)
+        masking = combine_mask_terms(tuple(terms), tuple(values), q.dtype, recipe.softcap)  # no sinks: refused
         out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=False,
                              dropout_p=recipe.dropout_p, grouped=False, head_split=recipe.head_split)
         return _in_layout(_in_dtype(out.reshape(*pv_lead, n, v.shape[-1]), recipe.out_dtype), recipe.out_order)

@@ -62,7 +62,11 @@ class MatmulRecipe:
     scale_inputs: per-head tensor scales folded into q. head_split: (B, H) when 3-D scores fold
     them. leads: the leading dims at the QK matmul, the softmax and the PV matmul when views
     regroup them in between (bmm round trips), else None. out_dtype: the PV matmul's dtype.
-    out_order: the memory order of the original output (`memory_order`)."""
+    out_order: the memory order of the original output (`memory_order`).
+    softcap: c when the scaled scores are capped to c·tanh(s / c) before the terms (Gemma 2), else
+    None. sinks: the `Input` holding the sink logits joined to the scores before the softmax
+    (`cat([scores, sink], -1)`, broadcastable to the scores with one key; gpt-oss), whose column
+    is dropped before the PV matmul; else None."""
 
     scale: float
     terms: tuple[TermSpec, ...] = ()
@@ -73,6 +77,8 @@ class MatmulRecipe:
     out_dtype: torch.dtype | None = None
     leads: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
     out_order: tuple[int, ...] | None = None
+    softcap: float | None = None
+    sinks: Input | None = None
 
     @property
     def key_transposed(self) -> bool:

@@ -34,21 +34,25 @@ def keeps_last_two(a: Any, b: Any) -> bool:
     sa, sb = shape_of(a), shape_of(b)
     return sa is not None and sb is not None and len(sa) >= 2 and len(sb) >= 2 and sa[-2:] == sb[-2:]
 
-def reaches_matmul(node: Any, depth: int = WALK_DEPTH) -> bool:
+def reaches_matmul(node: Any, depth: int = WALK_DEPTH, passes: Any = None) -> bool:
     """Whether the scores path from `node` leads up to a matmul (through values, regrouping
-    views, masks and scales)."""
+    views, masks and scales). `passes(node)`, when given, names more steps a walk may take: the
+    node to go on from, or None (match_matmul passes a logit softcap so)."""
     while isinstance(node, fx.Node) and depth > 0:
         if node.target is torch.matmul:
             return True
         name = op_name(node)
-        if name in VALUE_OPS or name in ("masked_fill", "div") or (
+        source = passes(node) if passes is not None else None
+        if source is not None:
+            node = source
+        elif name in VALUE_OPS or name in ("masked_fill", "div") or (
                 TRANSPARENT.get(name) == VIEW and keeps_last_two(node.args[0], node)):
             node = node.args[0]
         elif name in ("mul", "add") and len(node.args) == 2:
-            return any(reaches_matmul(a, depth - 1) for a in node.args
+            return any(reaches_matmul(a, depth - 1, passes) for a in node.args
                        if isinstance(a, fx.Node) and shape_of(a) == shape_of(node))
         elif name == "where" and len(node.args) == 3:
-            return any(reaches_matmul(a, depth - 1) for a in node.args[1:] if isinstance(a, fx.Node))
+            return any(reaches_matmul(a, depth - 1, passes) for a in node.args[1:] if isinstance(a, fx.Node))
         else:
             return False
         depth -= 1

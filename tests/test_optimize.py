@@ -85,14 +85,18 @@ def test_an_attainable_budget_is_met_and_every_decision_is_audited(planned):
         decision = site.decision
         assert decision is not None and decision.reason
         assert decision.flops_before > 0 and decision.est_seconds_before > 0
-        variants = [row["variant"] for row in decision.candidates]
-        assert variants == ["softmax", "agent", "linear", "mediator"]
+        whole = [row["variant"] for row in decision.candidates if "exact_heads" not in row["params"]]
+        assert whole == ["softmax", "agent", "linear", "mediator"]
+        # per-head alternatives follow: a variant on some heads, its worst heads kept exact
+        assert all(row["variant"] in whole[1:] and row["params"]["exact_heads"]
+                   for row in decision.candidates if "exact_heads" in row["params"])
         for row in decision.candidates[1:]:
             assert row["refused"] is None
             assert row["error"] >= 0 and row["est_seconds"] > 0
             assert row["pays_off_from_N"] is None or row["pays_off_from_N"] >= 1
         if decision.variant != "softmax":
-            chosen = next(row for row in decision.candidates if row["variant"] == decision.variant)
+            chosen = next(row for row in decision.candidates
+                          if row["variant"] == decision.variant and row["params"] == decision.params)
             assert decision.error == chosen["error"] and decision.est_seconds_after < decision.est_seconds_before
     summary = str(report)
     assert "plan: graph 0 at 2x512x32" in summary and "met: True" in summary

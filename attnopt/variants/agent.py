@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from attnopt import costmodel
-from attnopt.costmodel import B, H, N, d, dtype_bytes
+from attnopt.costmodel import B, H, d, dtype_bytes
 
 from .clustering import (
     bipartite_merge,

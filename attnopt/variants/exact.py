@@ -25,7 +25,8 @@ class ExactConfig:
 
 class ExactAttention(nn.Module):
     """softmax(q kᵀ·scale + mask) v, with causality, dropout and the site's masking exactly as
-    the original had them (fills, the dtype masks are added in, fully masked rows)."""
+    the original had them (fills, the dtype masks are added in, fully masked rows, logit
+    softcapping, attention sinks)."""
 
     exact_masking = True  # takes attnopt.masking.Masking's arguments (see attnopt.site_call)
 
@@ -48,9 +49,11 @@ def _cost_params(config: ExactConfig, site_info: SiteInfo) -> dict:
     hand-written half-precision site whose scores round before a float mask also runs the
     reference, which this formula prices as fused: the kernel count measured on the built module
     corrects its per-call term)."""
-    return {"fused": site_info.device == "cuda" or site_info.dropout == 0}
+    # softcap and sinks run the reference on every device
+    return {"fused": not site_info.score_transforms and (site_info.device == "cuda" or site_info.dropout == 0)}
 
 
 register_variant(VariantSpec(
     name="exact", config_type=ExactConfig, refusal=_refusal, build=_build, cost=costmodel.softmax_attention,
-    cost_params=_cost_params, candidates=lambda site_info: (ExactConfig(),)))
+    cost_params=_cost_params, candidates=lambda site_info: (ExactConfig(),),
+    supports=frozenset({"softcap", "sinks"})))

@@ -40,6 +40,9 @@ class VariantSpec:
     candidates(site) → the configs `optimize` tries at the site when the caller gives none.
     shown: config fields reports always show; the others are shown where they differ from the
         config's defaults.
+    supports: the score transforms beyond scaling and masking the variant computes
+        ("softcap", "sinks"; SiteInfo.score_transforms); a site with any other is refused for
+        it by `refusal`, before the variant's own rule.
     """
 
     name: str
@@ -50,6 +53,7 @@ class VariantSpec:
     cost_params: Callable[[Any, SiteInfo], dict[str, Any]]
     candidates: Callable[[SiteInfo], Sequence[Any]]
     shown: tuple[str, ...] = ()
+    supports: frozenset[str] = frozenset()
 
     def formula(self, config: Any, site_info: SiteInfo) -> CostFormula:
         """The cost of one call of `config`'s module at the site."""
@@ -100,8 +104,20 @@ def config_for(name: str, **params: Any) -> Any:
 
 
 def refusal(config: Any, site_info: SiteInfo) -> str | None:
-    """One sentence on why `config` cannot stand in for the site's softmax attention, or None."""
-    return spec_for(config).refusal(config, site_info)
+    """One sentence on why `config` cannot stand in for the site's softmax attention, or None.
+
+    One rule for every variant first: a site that caps its logits or adds attention-sink logits
+    is refused by the variants that do not declare them in `supports`."""
+    spec = spec_for(config)
+    missing = site_info.score_transforms - spec.supports
+    if missing:
+        what = []
+        if "softcap" in missing:
+            what.append(f"caps its logits (softcap {site_info.softcap:g})")
+        if "sinks" in missing:
+            what.append("adds attention-sink logits")
+        return f"the site {' and '.join(what)}, which {spec.name} does not compute."
+    return spec.refusal(config, site_info)
 
 
 def build_site_module(config: Any, site_info: SiteInfo, example: Example | None = None) -> nn.Module:

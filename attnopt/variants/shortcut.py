@@ -57,6 +57,9 @@ class ValueShortcut(nn.Module):
 
         One pass for w₀·attention_out, then one in-place multiply-add of a shifted slice of v per
         offset; query heads read their kv head's values by broadcasting, never by repeating them.
+        In eager CPU inference, passes that change nothing (w₀ = 1, an offset weighted 0 in every
+        head, as before calibration) are skipped; under torch.compile Inductor fuses all of them
+        into one loop.
         reuse_output: the caller owns attention_out and no longer needs it: when nothing is to be
         differentiated, it is overwritten with the result instead of allocating another.
         """
@@ -65,7 +68,12 @@ class ValueShortcut(nn.Module):
         group = n_heads // n_kv_heads
         weights = self.weights.to(attention_out.dtype)
         needs_grad = torch.is_grad_enabled() and (attention_out.requires_grad or weights.requires_grad)
-        if reuse_output and not needs_grad:
+        offsets, scaled = self._passes_needed(weights, needs_grad)
+        if not scaled and not offsets:
+            return attention_out if reuse_output else attention_out.clone()
+        if not scaled:
+            out = attention_out if reuse_output and not needs_grad else attention_out.clone()
+        elif reuse_output and not needs_grad:
             out = attention_out.mul_(weights[:, :1, None])
         else:
             out = attention_out * weights[:, :1, None]
@@ -79,12 +87,25 @@ class ValueShortcut(nn.Module):
             else:
                 values = values * valid.reshape(valid.shape[0], n_kv_heads, group, n_tokens, 1)
         offset_weights = weights[:, 1:].reshape(n_kv_heads, group, len(self.offsets), 1, 1)
-        for index, offset in enumerate(self.offsets):
+        for index, offset in offsets:
             first, last = max(-offset, 0), n_tokens - max(offset, 0)  # queries i with i + offset in range
             if first < last:
                 grouped[..., first:last, :].addcmul_(values[..., first + offset:last + offset, :],
                                                     offset_weights[:, :, index])
         return out
+
+    def _passes_needed(self, weights: torch.Tensor, needs_grad: bool) -> tuple[list[tuple[int, int]], bool]:
+        """The (index, offset) pairs to add and whether w₀ must be applied: in eager CPU inference,
+        an offset whose weight is 0 for every head is a pass that adds nothing, and w₀ = 1 for
+        every head is one that multiplies by 1 (an uncalibrated shortcut is both). Reading the
+        weights is free there; under torch.compile (one fused pass anyway), on other devices (a
+        sync) or when gradients flow (a skipped weight still gets one), every pass runs."""
+        every = list(enumerate(self.offsets))
+        if needs_grad or weights.device.type != "cpu" or torch.compiler.is_compiling():
+            return every, True
+        values = weights.detach().tolist()  # (H, 1 + len(offsets))
+        scaled = any(row[0] != 1 for row in values)
+        return [(index, offset) for index, offset in every if any(row[1 + index] != 0 for row in values)], scaled
 
     @torch.no_grad()
     def fit(self, attention_out: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,

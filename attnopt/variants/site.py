@@ -54,6 +54,9 @@ class SiteInfo:
     or infer a square grid where their config asks). device is the type of device the site runs
     on ("cpu", "cuda"), which decides the kernels. fused: the model computed this attention with
     one fused kernel call (SDPA, nn.MultiheadAttention), which is how its baseline is priced.
+    softcap: c when the site caps its scaled scores to c·tanh(s / c) (Gemma 2), else None. sinks:
+    the site adds attention-sink logits to its softmax's normaliser (gpt-oss). Only variants that
+    declare them (`VariantSpec.supports`) stand in for such a site.
     """
 
     B: int
@@ -71,6 +74,8 @@ class SiteInfo:
     grid: TokenGrid | None = None
     device: str = "cpu"
     fused: bool = False
+    softcap: float | None = None
+    sinks: bool = False
 
     @classmethod
     def from_shape(cls, shape: Mapping[str, int], **fields) -> SiteInfo:
@@ -92,6 +97,11 @@ class SiteInfo:
         """Queries and keys are read as the same tokens (N == M): a padded key marks its query as
         padding too, which the two-stage variants use to leave padded queries out of their agents."""
         return self.N == self.M
+
+    @property
+    def score_transforms(self) -> frozenset[str]:
+        """What the site does to its scores beyond scaling and masking: "softcap", "sinks"."""
+        return frozenset(name for name, on in (("softcap", self.softcap is not None), ("sinks", self.sinks)) if on)
 
     @property
     def mask_varies_per_query(self) -> bool:

@@ -6,6 +6,7 @@ subgraphs of higher-order ops (torch.utils.checkpoint), searched by the passes d
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -25,7 +26,7 @@ from attnopt.passes.rewrite import rewrite, rewritten_copy
 from attnopt.passes.verify import verify
 from attnopt.passes.site_call import site_call
 
-from .idioms import BATCH, HEAD_DIM, HEADS, bhsd
+from .idioms import BATCH, HEAD_DIM, HEADS, SEQ, bhsd
 from .support import assert_outputs_close, reference_attention
 
 
@@ -340,24 +341,211 @@ def test_attention_inside_torch_vmap_is_found_and_other_vmapped_code_keeps_its_n
     assert inspect_one(attention, q, k, v).rewritable
 
 
-def test_softcapped_and_sink_scores_are_reported_with_the_op_attnopt_does_not_model():
-    q, k, v = bhsd()
-    sinks = torch.randn(HEADS)
+SOFTCAP = 3.0  # small enough that the cap bends random scores
 
-    def softcapped(q, k, v):
-        scores = torch.tanh(q @ k.transpose(-1, -2) * HEAD_DIM**-0.5 / 30.0) * 30.0
-        return scores.softmax(-1) @ v
 
-    def with_sinks(q, k, v):
-        scores = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5
-        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
-        logits = torch.cat([scores, sink], dim=-1)
+def keep_rows(n=SEQ, m=SEQ, seed=1):
+    """A bool keep-mask (B, 1, N, M) with random entries and fully masked rows."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(BATCH, 1, n, m, generator=generator) < 0.6
+    keep[0, 0, 1] = False
+    keep[-1, 0, -1] = False
+    return keep
+
+
+def additive_rows(n=SEQ, m=SEQ, seed=2):
+    """A float mask (B, 1, N, M): 0 or finfo.min, with fully masked rows."""
+    return torch.zeros(BATCH, 1, n, m).masked_fill(~keep_rows(n, m, seed), torch.finfo(torch.float32).min)
+
+
+def softcap_divided(q, k, v, keep):
+    scores = torch.tanh(q @ k.transpose(-1, -2) * HEAD_DIM**-0.5 / SOFTCAP) * SOFTCAP
+    return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def softcap_multiplied(q, k, v, bias):
+    scores = torch.matmul(q, k.transpose(-2, -1)) * HEAD_DIM**-0.5
+    scores = SOFTCAP * torch.tanh(scores * (1.0 / SOFTCAP))
+    return torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class Sinks(nn.Module):
+    """gpt-oss's eager attention: a learned sink logit per head joins the softmax, then is dropped."""
+
+    def __init__(self, slicing: str = "minus-one") -> None:
+        super().__init__()
+        self.sinks = nn.Parameter(torch.randn(HEADS))
+        self.slicing = slicing
+
+    def forward(self, q, k, v, bias):
+        scores = q @ k.transpose(2, 3) * HEAD_DIM**-0.5 + bias
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        logits = torch.cat([scores, sinks], dim=-1)
         logits = logits - logits.max(dim=-1, keepdim=True).values
-        return torch.softmax(logits, dim=-1)[..., :-1] @ v
+        probs = F.softmax(logits, dim=-1, dtype=logits.dtype)
+        probs = probs[..., :-1] if self.slicing == "minus-one" else probs[:, :, :, : k.shape[-2]]
+        return torch.matmul(F.dropout(probs, p=0.0, training=self.training).to(v.dtype), v)
 
-    for fn, op in ((softcapped, "tanh"), (with_sinks, "cat")):
-        site = inspect_one(fn, q, k, v)
-        assert not site.rewritable and f"`{op}`" in site.reason
+
+def sinks_and_softcap(q, k, v, keep):
+    scores = torch.tanh(q @ k.transpose(-1, -2) * (HEAD_DIM**-0.5 / SOFTCAP)) * SOFTCAP
+    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    sink = torch.zeros(*scores.shape[:-1], 1)  # a constant sink: every row also weighs exp(0)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1] @ v
+
+
+def fresh_inputs(mask_of, seed):
+    torch.manual_seed(seed)
+    return (*bhsd(), mask_of(seed=seed + 10))
+
+
+def assert_exact_on_fresh_inputs(model, mask_of):
+    """The exact rewrite equals the original on inputs it was not built on, with fully masked rows."""
+    args = fresh_inputs(mask_of, 0)
+    rewritten = attnopt.rewrite(model, "exact", args=args, inner="eager")
+    for seed in (1, 2):
+        args = fresh_inputs(mask_of, seed)
+        with torch.no_grad():
+            assert_outputs_close(rewritten(*args), model(*args), rtol=1e-5)
+    return rewritten
+
+
+SCORE_TRANSFORMS = {
+    "softcap, divided, masked after": (lambda: Lambda(softcap_divided), keep_rows, "softcap"),
+    "softcap, multiplied, mask added after": (lambda: Lambda(softcap_multiplied), additive_rows, "softcap"),
+    "sinks, [..., :-1]": (lambda: Sinks("minus-one"), additive_rows, "sinks"),
+    "sinks, [:, :, :, :M]": (lambda: Sinks("keys"), additive_rows, "sinks"),
+    "sinks and softcap": (lambda: Lambda(sinks_and_softcap), keep_rows, "both"),
+    "softcap of other factors": (lambda: Lambda(softcap_other_factors), keep_rows, "softcap"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORE_TRANSFORMS))
+def test_softcapped_and_sink_scores_are_found_and_rewritten_exactly(name):
+    make, mask_of, transform = SCORE_TRANSFORMS[name]
+    model = make().eval()
+    site = inspect_one(model.forward, *fresh_inputs(mask_of, 0))
+    assert site.rewritable, site.reason
+    assert_exact_on_fresh_inputs(model, mask_of)
+
+
+@pytest.mark.parametrize("variant", ["linear", "agent"])
+@pytest.mark.parametrize("name", ["softcap, divided, masked after", "sinks, [..., :-1]"])
+def test_variants_refuse_softcapped_and_sink_sites_with_the_reason(name, variant):
+    make, mask_of, transform = SCORE_TRANSFORMS[name]
+    model = make().eval()
+    args = fresh_inputs(mask_of, 0)
+    rewritten = attnopt.rewrite(model, variant, args=args, inner="eager")
+    (site,) = attnopt.report_of(rewritten).sites
+    expected = "caps its logits (softcap 3)" if transform == "softcap" else "adds attention-sink logits"
+    assert site.decision.variant != variant and f"{expected}, which {variant} does not compute" in site.decision.reason
+    with torch.no_grad():
+        assert_outputs_close(rewritten(*args), model(*args))
+
+
+def test_sink_gradients_flow_through_the_exact_rewrite():
+    model = Sinks().train()
+    args = fresh_inputs(additive_rows, 0)
+    rewritten = attnopt.rewrite(copy.deepcopy(model), "exact", args=args, inner="eager")
+    rewritten(*args).square().sum().backward()
+    model(*args).square().sum().backward()
+    (ours,) = [p.grad for p in rewritten.parameters()]
+    torch.testing.assert_close(ours, model.sinks.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, dropped", [("sinks, [..., :-1]", "sinks"), ("softcap, divided, masked after", "softcap")])
+def test_verification_draws_fully_masked_rows_and_catches_a_dropped_sink_or_cap(name, dropped):
+    from attnopt.variants.exact import ExactAttention
+
+    make, mask_of, _ = SCORE_TRANSFORMS[name]
+    gm, args = captured(make().eval(), *fresh_inputs(mask_of, 0))
+    work = canonicalize(with_meta(fx.GraphModule(gm, copy.deepcopy(gm.graph)), args))
+    (match,) = detect(work)
+    assert match.reason is None and getattr(match.recipe, dropped) is not None
+    assert verify(match, site_call(ExactAttention(), match.recipe, 0)) is None
+    wrong = dataclasses.replace(match.recipe, **{dropped: None})
+    assert "verification failed" in verify(match, site_call(ExactAttention(), wrong, 0))
+
+
+def capped_then_masked_before(q, k, v, bias):
+    scores = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5 + bias  # the mask goes in before the cap
+    return (torch.tanh(scores / SOFTCAP) * SOFTCAP).softmax(-1) @ v
+
+
+def capped_then_scaled(q, k, v, bias):
+    scores = torch.tanh(q @ k.transpose(-1, -2) / SOFTCAP) * SOFTCAP * HEAD_DIM**-0.5
+    return (scores + bias).softmax(-1) @ v
+
+
+def tanh_not_a_cap(q, k, v, bias):
+    scores = torch.tanh(q @ k.transpose(-1, -2) / SOFTCAP) * q.norm(dim=-1, keepdim=True)  # per query
+    return (scores + bias).softmax(-1) @ v
+
+
+def softcap_other_factors(q, k, v, keep):
+    # 2·tanh(s / 3) is a softcap 2 of the scores scaled by 2/3
+    scores = (torch.tanh(q @ k.transpose(-1, -2) / SOFTCAP) * 2.0).masked_fill(~keep, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def sink_column_kept(q, k, v, bias):
+    scores = q @ k.transpose(-1, -2) + bias
+    logits = torch.cat([scores, torch.zeros(*scores.shape[:-1], 1)], dim=-1)
+    return torch.softmax(logits, dim=-1)[..., 1:] @ v  # drops the first key, not the sink
+
+
+@pytest.mark.parametrize("fn, words", [
+    (capped_then_masked_before, "before their tanh softcap"),
+    (capped_then_scaled, "softcapped scores are multiplied"),
+    (tanh_not_a_cap, "`tanh`"),
+    (sink_column_kept, "does not drop that column"),
+])
+def test_score_transforms_attnopt_cannot_express_are_reported_with_a_reason(fn, words):
+    site = inspect_one(fn, *fresh_inputs(additive_rows, 0))
+    assert not site.rewritable and words in site.reason, site.reason
+
+
+def tiny_transformers_model(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(**common, attn_logit_softcapping=5.0, final_logit_softcapping=None,
+                                           sliding_window=4, query_pre_attn_scalar=8)
+        model_type = transformers.Gemma2ForCausalLM
+    else:
+        if not hasattr(transformers, "GptOssConfig"):
+            pytest.skip("transformers has no GptOss")
+        config = transformers.GptOssConfig(**common, num_local_experts=2, num_experts_per_tok=1, sliding_window=4)
+        model_type = transformers.GptOssForCausalLM
+    config._attn_implementation = "eager"
+    model = model_type(config).eval()
+    if kind == "gpt-oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_()  # zeros at init: random sinks show they matter
+    return model
+
+
+@pytest.mark.parametrize("kind, transform", [("gemma2", "softcap"), ("gpt-oss", "sinks")])
+def test_tiny_transformers_models_with_softcap_or_sinks_are_rewritten_exactly(kind, transform):
+    model = tiny_transformers_model(kind)
+    ids = torch.randint(0, 64, (2, 7))
+    padding = torch.ones(2, 7, dtype=torch.long)
+    padding[1, :3] = 0  # left padding: the padded queries see no key at all
+    rewritten = attnopt.rewrite(model, "exact", args=(ids,), kwargs=dict(attention_mask=padding), inner="eager")
+    sites = attnopt.report_of(rewritten).sites
+    assert len(sites) == 2 and all(site.rewritable for site in sites), [site.reason for site in sites]
+    assert all(site.decision.variant == "exact" for site in sites)
+    with torch.no_grad():
+        for seed in (1, 2):
+            ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(seed))
+            expected = model(ids, attention_mask=padding).logits
+            assert_outputs_close(rewritten(ids, attention_mask=padding).logits, expected, rtol=1e-5)
+    refused = attnopt.rewrite(model, "linear", args=(ids,), kwargs=dict(attention_mask=padding), inner="eager")
+    words = "caps its logits" if transform == "softcap" else "adds attention-sink logits"
+    assert all(words in site.decision.reason for site in attnopt.report_of(refused).sites)
 
 
 def test_a_softmax_over_a_matmul_that_feeds_no_value_matmul_is_not_attention():
