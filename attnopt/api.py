@@ -184,9 +184,10 @@ def _variant_policy(variant: str, params: dict[str, Any], calibration: Any = Non
     return ExactPolicy() if isinstance(config, ExactConfig) else VariantPolicy(config, calibration=calibration)
 
 
-def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, timestep_arg: str | None) -> AttnoptModule:
+def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, timestep_arg: str | None,
+          inner: str = "eager") -> AttnoptModule:
     check_inputs(args, kwargs)
-    wrapped = AttnoptModule(model, AttnoptBackend(policy), timestep_arg)
+    wrapped = AttnoptModule(model, AttnoptBackend(policy, inner=inner), timestep_arg)
     if args or kwargs:
         with torch.random.fork_rng(devices=[]):
             wrapped(*args, **(kwargs or {}))
@@ -194,7 +195,7 @@ def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, ti
 
 
 def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: dict | None = None, *,
-            calibration: Any = None, **variant_params: Any) -> AttnoptModule:
+            calibration: Any = None, inner: str = "eager", **variant_params: Any) -> AttnoptModule:
     """Rewrite every rewritable site of `model` into `variant` ("exact", "agent", "linear", "mediator").
 
     `variant_params` are the variant's config fields (e.g. agent_fraction=0.1). A site the
@@ -204,15 +205,20 @@ def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: 
     `calibration`: batches of model inputs (tuples, dicts, a DataLoader) or an
     `attnopt.calibration.Calibration`: each site's module is fitted on them (learned linear feature
     maps, mediators, hybrid's mix) and its error measured on held-out batches (attnopt.calibration).
+    `inner`: what runs the rewritten graphs — "eager" (default: the rewritten fx graph) or
+    "inductor" (Inductor compiles each input signature's graph, fusing everything around
+    attention, attnopt's ops called as extern kernels; an Inductor failure or a mismatch on the
+    first call runs the graph eagerly, noted in the report).
     """
     _check_model(model, "rewrite")
     policy = _variant_policy(variant, variant_params, calibrator_for(model, calibration))
-    return _wrap(model, policy, args, kwargs, "timestep")
+    return _wrap(model, policy, args, kwargs, "timestep", inner)
 
 
 def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs: dict | None = None, *,
              candidates: Sequence[Any] | None = None, strict: bool = False, device: Any = None,
-             timestep_arg: str | None = "timestep", calibration: Any = None) -> AttnoptModule:
+             timestep_arg: str | None = "timestep", calibration: Any = None,
+             inner: str = "eager") -> AttnoptModule:
     """Rewrite `model`'s attention so its whole forward meets `budget` at the least measured error.
 
     budget: a fraction of the original's predicted forward time (0.5 = twice as fast), or an
@@ -224,6 +230,7 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
     calibration: batches of model inputs (tuples, dicts, a DataLoader) or an
         `attnopt.calibration.Calibration`: candidates with parameters are fitted on them, every
         candidate's error is measured on held-out batches, and the learned linear map is tried.
+    inner: what runs the rewritten graphs: "eager" (default) or "inductor" (see `rewrite`).
 
     Each new input signature is planned on its first call, on that call's inputs: their q, k, v
     at every site measure each candidate's error. The report (`report_of`) lists every decision
@@ -233,7 +240,7 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
     _check_model(model, "optimize")
     policy = _ModelBudgetPolicy(_budget(budget), candidates, strict=strict, device=device,
                                 calibration=calibrator_for(model, calibration))
-    return _wrap(model, policy, args, kwargs, timestep_arg)
+    return _wrap(model, policy, args, kwargs, timestep_arg, inner)
 
 
 def _budget(budget: Any) -> Budget:
@@ -328,17 +335,21 @@ def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options
     """`torch.compile(model, backend="attnopt", options={...})`: exact rewrite by default.
 
     Options: {"budget": 0.5 or attnopt.Budget(...), "candidates", "strict", "device"} plans under
-    a budget; {"variant": "agent", **params} rewrites into one variant. Each torch.compile call
+    a budget; {"variant": "agent", **params} rewrites into one variant; any of them may add
+    {"inner": "inductor"} to compile the rewritten graphs with Inductor (everything around
+    attention fused as under a plain torch.compile; an Inductor failure runs the graph eagerly,
+    noted in the report) instead of running them as they are (the default, "eager"). Each torch.compile call
     gets its own backend and report (`report_of(compiled)`; after `model.compile(backend=
     "attnopt")`, `report_of(model)`), kept across its recompiles, and its own dynamo region, so
     separately compiled instances of one class never share compiled code.
 
     torch.compile's other arguments: `mode` is accepted and ignored — its presets
     ("reduce-overhead", "max-autotune", ...) configure inductor (CUDA graphs, autotuning), which
-    this backend does not run: attnopt's ops pick their own kernels, and the rewrite is the same in
-    every mode (torch.compile takes either `mode` or `options`, so with a mode the rewrite is
-    exact). `fullgraph`, `dynamic` and `disable` are dynamo's and act as for any backend: graphs
-    dynamo makes dynamic are still analysed at the concrete shapes of their calls.
+    this backend runs with its default settings: attnopt's ops pick their own kernels, and the
+    rewrite is the same in every mode (torch.compile takes either `mode` or `options`, so with a
+    mode the rewrite is exact). `fullgraph`, `dynamic` and `disable` are dynamo's and act as for
+    any backend: graphs dynamo makes dynamic are still analysed at the concrete shapes of their
+    calls (Python floats it passes as tensors at their values).
     """
     del mode  # inductor's presets: nothing to configure here (see above)
     backend = _backend() if _backend is not None else _backend_of_this_compile(options)
@@ -357,7 +368,9 @@ def _backend_of_this_compile(options: dict | None) -> AttnoptBackend:
     wrapper = torch._dynamo.eval_frame.innermost_backend(context.callback) if context is not None else None
     if not _is_attnopt(wrapper):
         raise AttnoptError('use the attnopt backend through torch.compile(model, backend="attnopt", options={...}).')
-    backend = AttnoptBackend(_policy_from_options(options or {}))
+    options = dict(options or {})
+    inner = options.pop("inner", "eager")
+    backend = AttnoptBackend(_policy_from_options(options), inner=inner)
     context._attnopt_backend = backend
     wrapper.kwargs = {**wrapper.kwargs, "_backend": weakref.ref(backend)}
     own_region(context)

@@ -10,12 +10,21 @@ graphs made dynamic by dynamo still get concrete shapes), running
 Under the exact policy, whose decisions depend on no shape, the signatures of one graph with
 symbolic sizes share one analysis per size bucket (`size_bucket`, `_PerSignature`).
 
+What runs a signature's graph (`inner`): the fx graph as it is by default (`"eager"`); with
+`inner="inductor"` the rewritten (or untouched) graph is compiled by `compile_fx` for the call's
+concrete inputs — attnopt's ops kept opaque, everything around them fused as under a plain
+`torch.compile` — and checked once against the eager graph; an Inductor failure or a mismatch
+runs the eager graph instead, with the reason in the report's notes. (Not the default yet: each
+graph costs 2–15 s of Inductor compile on a CPU, and a compile whose check passed on one example
+is trusted for every later input of that signature.)
+
 All sites, rewritten or not, land in the backend's `Report`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import itertools
 import math
@@ -42,11 +51,22 @@ from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
 from .policies import Choice, Choices, ExactPolicy, GraphRequest, Policy
 from .report import Report, Site
 from .variants import ExactAttention
+from .variants.mediator import MediatorAttention
 
 
 
 class AttnoptError(RuntimeError):
     """Raised by attnopt for bad input or a capture that cannot be trusted."""
+
+
+INNERS = ("inductor", "eager")
+"""What runs each signature's graph: Inductor (`compile_fx` at the call's concrete shapes) or the
+fx graph itself."""
+
+INDUCTOR_SIGNATURES_PER_DYNAMIC_GRAPH = 8
+"""A graph dynamo made dynamic (sizes change between calls: a decode loop) is compiled by
+Inductor per concrete signature on the second call of that signature, for at most this many
+signatures; others run the eager graph (a decode step seen once never pays a compile)."""
 
 
 def signature_of(args: tuple[Any, ...]) -> tuple:
@@ -102,15 +122,109 @@ def _flat_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _inductor_check(graph: Callable, compiled: Callable, args: tuple[Any, ...],
+                    cloned: set[int]) -> tuple[str | None, dict[int, tuple]]:
+    """Run the graph and Inductor's compile of it on `args` once each: why the compile is not
+    the graph's function (to END_TO_END_TOLERANCE), or None; and, by output position, the
+    graph's strides where the compile returns another layout and the graph's output is dense
+    (a KV cache Inductor returns transposed, say: the next graph's dynamo guards, and the user,
+    must see the layout eager gives)."""
+    want, got = run_graph(graph, args, cloned), run_graph(compiled, args, cloned)
+    strides = {}
+    if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)) and len(want) == len(got):
+        strides = {i: e.stride() for i, (e, a) in enumerate(zip(want, got))
+                   if isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor) and e.shape == a.shape
+                   and e.stride() != a.stride() and torch._prims_common.is_non_overlapping_and_dense(e)}
+    want, got = _flat_tensors(want), _flat_tensors(got)
+    if len(want) != len(got):
+        return "Inductor's compile returns a different structure", strides
+    for e, a in zip(want, got):
+        if e.shape != a.shape or e.dtype != a.dtype:
+            return (f"Inductor's compile returns {tuple(a.shape)} {a.dtype} where the graph returns "
+                    f"{tuple(e.shape)} {e.dtype}"), strides
+        if not e.is_floating_point():
+            if not torch.equal(e, a):
+                return "Inductor's compile changed an integer output", strides
+            continue
+        error = mismatch(a, e)
+        if not error <= tolerance(END_TO_END_TOLERANCE, e.dtype):
+            return f"Inductor's compile differs from the graph by {error:.2e} (relative)", strides
+    return None, strides
+
+
+class _Relaid:
+    """Inductor's compile with the outputs at `strides` copied into the graph's layout."""
+
+    def __init__(self, compiled: Callable, strides: dict[int, tuple]):
+        self.compiled = compiled
+        self.strides = strides
+
+    def __call__(self, *args: Any) -> Any:
+        out = list(self.compiled(*args))
+        for i, stride in self.strides.items():
+            value = out[i]
+            out[i] = torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device).copy_(value)
+        return out
+
+
+def scalar_positions(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph inputs that are Python numbers dynamo passes as 0-d tensors (floats
+    it did not specialise: `dynamic=True`, or `specialize_float` off). The graph reads them with
+    `.item()`, which fake tensors cannot answer; attnopt analyses each call at their values."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, node in enumerate(placeholders) if getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False)]
+
+
+def specialize_scalars(gm: fx.GraphModule, args: tuple[Any, ...], positions: list[int]) -> fx.GraphModule:
+    """`gm` with every `.item()` of a Python number passed as a tensor replaced by its value in
+    `args`, as a static capture would have it (a float fill or scale is a constant, not data).
+    The input stays (unused), so the graph is called as before. Changes `gm` in place.
+    `positions`: `scalar_positions` of the graph dynamo handed over (dynamo drops the
+    placeholders' metadata once its compile is done)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    changed = False
+    for i in positions:
+        if i >= len(args) or not isinstance(args[i], torch.Tensor) or args[i].numel() != 1:
+            continue
+        value = args[i].item()
+        for user in list(placeholders[i].users):
+            if (user.op == "call_method" and user.target == "item") or user.target is torch.ops.aten._local_scalar_dense.default:
+                for consumer in list(user.users):
+                    consumer.args = fx.node.map_arg(consumer.args, lambda n, user=user: value if n is user else n)
+                    consumer.kwargs = fx.node.map_arg(consumer.kwargs, lambda n, user=user: value if n is user else n)
+                gm.graph.erase_node(user)
+                changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def _is_dynamic(gm: fx.GraphModule) -> bool:
+    """Whether dynamo traced `gm` with symbolic sizes (its calls may come with other sizes)."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor) and any(
+                isinstance(n, torch.SymInt) for n in (*value.shape, *value.stride()))):
+            return True
+    return False
+
+
 class AttnoptBackend:
     """A dynamo backend with a report. One instance per optimized model.
 
     `policy` decides what replaces the rewritable sites (attnopt.policies); None only inspects.
     """
 
-    def __init__(self, policy: Policy | None = None, *, check: bool = True):
+    def __init__(self, policy: Policy | None = None, *, check: bool = True, inner: str = "eager"):
+        if inner not in INNERS:
+            raise AttnoptError(f"inner must be one of {INNERS} (what runs the rewritten graphs), got {inner!r}.")
         self.policy = policy
         self.check = check
+        # inspection only runs the model once: nothing to compile
+        self.inner = inner if policy is not None else "eager"
+        self.inner_seconds: list[float] = []  # time of each Inductor compile
         self.report = Report()
         self._site_ids = itertools.count()
         self._chosen: dict[int, nn.Module] = {}  # site id → its attention module, once decided
@@ -128,16 +242,18 @@ class AttnoptBackend:
         return _PerSignature(self, gm, graph_index, per_instance=self.policy is not None and self.policy.per_instance)
 
     def compile_for(self, gm: fx.GraphModule, args: tuple[Any, ...], graph_index: int,
-                    state: list[torch.Tensor] = ()) -> Callable:
+                    state: list[torch.Tensor] = (), scalars: list[int] = ()) -> Callable:
         """Analyse and (if a policy is set) rewrite `gm` for the concrete `args`: a pipeline of
         steps that return values — eager paths restored → canonicalize → detect and verify →
         decide → rewrite → check — with the report written here and nowhere else.
 
-        `state`: the parameters and buffers the call passes when the policy plans per instance."""
+        `state`: the parameters and buffers the call passes when the policy plans per instance;
+        `scalars`: the positions of Python numbers passed as tensors (`scalar_positions`)."""
         signature = describe_inputs(args)
         # what eager runs where dynamo traced another path: the reference for every check, and
-        # what runs when nothing is rewritten
-        reference = restore_eager_paths(fx.GraphModule(gm, copy.deepcopy(gm.graph)))
+        # what runs when nothing is rewritten; Python floats dynamo passed as tensors are
+        # constants again (at this call's values, part of the signature: `scalar_positions`)
+        reference = restore_eager_paths(specialize_scalars(fx.GraphModule(gm, copy.deepcopy(gm.graph)), args, scalars))
         work, mutated = self._canonical(reference, args)
         found = self._sites(work, signature, graph_index)
         rewritable = [(site, match) for site, match, _ in found if site.rewritable]
@@ -161,6 +277,55 @@ class AttnoptBackend:
             site.rewritable = False
             site.reason = problem
         return reference
+
+    def lower(self, graph: fx.GraphModule, args: tuple[Any, ...], graph_index: int) -> Callable:
+        """What runs `graph` for calls with the signature of `args`: Inductor's compile of it
+        (checked once against `graph` on these inputs), or `graph` itself — with `inner="eager"`,
+        or, noted in the report, when Inductor fails or its output differs."""
+        if self.inner == "eager":
+            return graph
+        where = f"graph {graph_index} at {describe_inputs(args) or 'no tensor inputs'}"
+        problems = []
+        # attnopt's ops are triton_ops, kept opaque: Inductor calls them as extern kernels (their
+        # fake impls promise the contiguous outputs their kernels return) and fuses what is around.
+        has_sites = any(node.op == "call_module" and str(node.target).startswith("attnopt_site_") for node in graph.graph.nodes)
+        # never traced into: a traced body is rounded and fused as Inductor likes, and a check on
+        # one example cannot vouch for it (an fp16 row blocked by finfo.min came out wrong)
+        for decompose in (False,) if has_sites else (True,):
+            compiled, problem = self._inductor(graph, args, decompose)
+            if problem is None:
+                return compiled
+            problems.append(problem)
+        problem = problems[0]
+        self._note(f"{where}: {problem}; this graph runs eagerly (attnopt's rewrite unchanged).")
+        return graph
+
+    def _inductor(self, graph: fx.GraphModule, args: tuple[Any, ...], decompose: bool) -> tuple[Callable | None, str | None]:
+        """Inductor's compile of `graph` for `args`, checked against `graph` on them; or why not."""
+        from torch._inductor.compile_fx import compile_fx
+
+        start = time.perf_counter()
+        try:
+            # a copy: Inductor's passes may change the graph they get, and `graph` stays the fallback.
+            # Traced as part of a torch.compile, as under dynamo: code that branches on
+            # torch.compiler.is_compiling() (a data-dependent shortcut skipped when compiled)
+            # takes its compiled path
+            session = getattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
+            with session(), torch._functorch.config.patch(decompose_custom_triton_ops=decompose):
+                compiled = compile_fx(fx.GraphModule(graph, copy.deepcopy(graph.graph)), list(args))
+            self.inner_seconds.append(time.perf_counter() - start)
+            cloned = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)}
+            problem, strides = _inductor_check(graph, compiled, args, cloned)
+            if strides:
+                compiled = _Relaid(compiled, strides)
+        except Exception as error:  # noqa: BLE001 - Inductor must never break the user's model
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            return None, f"Inductor failed ({type(error).__name__}: {first})"
+        return (compiled, None) if problem is None else (None, problem)
+
+    def _note(self, note: str) -> None:
+        if note not in self.report.notes:
+            self.report.notes.append(note)
 
     def _canonical(self, reference: fx.GraphModule, args: tuple[Any, ...]) -> tuple[fx.GraphModule, set[int]]:
         """A canonicalized copy of `reference` with concrete shapes on every node, and the
@@ -316,6 +481,10 @@ class _PerSignature:
     reuses that bucket's graph once it passes the end-to-end check on its own first call (exact
     rewrites must match the original there; `check=False` skips it); if it does not, it is
     analysed on its own.
+
+    Each signature's graph (analysed or shared) runs through `_Lowered`: Inductor compiles it
+    for that signature (`AttnoptBackend.lower`) — on its first call, or on its second in a graph
+    with symbolic sizes, at most INDUCTOR_SIGNATURES_PER_DYNAMIC_GRAPH of those.
     """
 
     def __init__(self, backend: AttnoptBackend, gm: fx.GraphModule, graph_index: int, per_instance: bool):
@@ -327,24 +496,44 @@ class _PerSignature:
         self.shares_sizes = not per_instance and (backend.policy is None or isinstance(backend.policy, ExactPolicy))
         self.by_bucket: dict[tuple, Callable] = {}
         self._reference: fx.GraphModule | None = None
+        self.scalar_positions = scalar_positions(gm)
+        # a graph with symbolic sizes meets many signatures: Inductor compiles one on its second call
+        self.dynamic = _is_dynamic(gm)
+        self.inductor_compiles = 0
 
     def __call__(self, *args: Any) -> Any:
         state = [args[i] for i in self.state_positions if i < len(args) and isinstance(args[i], torch.Tensor)]
-        signature = signature_of(args)
+        # the values of Python numbers passed as tensors are part of the signature: analysed as constants
+        signature = signature_of(args) + tuple(args[i].item() for i in self.scalar_positions
+                                               if i < len(args) and isinstance(args[i], torch.Tensor))
         entries = self.compiled.setdefault(signature, [])
         for refs, compiled in entries:
             if _same_tensors(refs, state):
                 return compiled(*args)
         entries[:] = [(refs, compiled) for refs, compiled in entries if all(ref() is not None for ref in refs)]
-        compiled = self._shared(signature, args)
-        if compiled is None:
-            compiled = self.backend.compile_for(self.gm, args, self.graph_index, state)
+        graph = self._shared(signature, args)
+        if graph is None:
+            graph = self.backend.compile_for(self.gm, args, self.graph_index, state, self.scalar_positions)
             if self.shares_sizes:
-                self.by_bucket.setdefault(size_bucket(signature), compiled)
+                self.by_bucket.setdefault(size_bucket(signature), graph)
+        compiled = _Lowered(self, graph, first=not self.dynamic)
         entries.append(([weakref.ref(tensor) for tensor in state], compiled))
         return compiled(*args)
 
-    def _shared(self, signature: tuple, args: tuple[Any, ...]) -> Callable | None:
+    def lower(self, graph: fx.GraphModule, args: tuple[Any, ...]) -> Callable:
+        """Inductor's compile of `graph` for these args (see AttnoptBackend.lower), within the
+        limit of compiles per graph with symbolic sizes."""
+        if self.backend.inner == "eager":
+            return graph
+        if self.dynamic and self.inductor_compiles >= INDUCTOR_SIGNATURES_PER_DYNAMIC_GRAPH:
+            self.backend._note(f"graph {self.graph_index} has symbolic sizes and met more than "
+                               f"{INDUCTOR_SIGNATURES_PER_DYNAMIC_GRAPH} input signatures: later ones run "
+                               "their graph eagerly, without Inductor.")
+            return graph
+        self.inductor_compiles += 1
+        return self.backend.lower(graph, args, self.graph_index)
+
+    def _shared(self, signature: tuple, args: tuple[Any, ...]) -> fx.GraphModule | None:
         """The graph analysed for this signature's size bucket, if it passes the end-to-end check here."""
         compiled = self.by_bucket.get(size_bucket(signature)) if self.shares_sizes else None
         if compiled is None or not self.backend.check:
@@ -359,6 +548,34 @@ class _PerSignature:
         except Exception:  # noqa: BLE001 - a graph that cannot run at these sizes is analysed anew
             return None
         return compiled if problem is None else None
+
+
+class _Lowered:
+    """One signature's graph as it runs: the fx graph until Inductor compiles it — on the first
+    call (`first`) or on the second (graphs with symbolic sizes) — then Inductor's compile (or
+    the fx graph, where Inductor was refused; see AttnoptBackend.lower).
+
+    Mediator sites read the call's context (mediator_count, mediator_timestep) when they run; a
+    compiled graph holds the count it was traced at, so each count gets its own compile."""
+
+    def __init__(self, owner: _PerSignature, graph: fx.GraphModule, first: bool):
+        self.owner = owner
+        self.graph = graph
+        self.first = first
+        self.mediators = [m for m in graph.modules() if isinstance(m, MediatorAttention)]
+        self.runs: dict[tuple, Callable] = {}
+        self.calls: collections.Counter = collections.Counter()
+
+    def __call__(self, *args: Any) -> Any:
+        context = tuple(m.config.count() for m in self.mediators)
+        run = self.runs.get(context)
+        if run is None:
+            self.calls[context] += 1
+            if self.first or self.calls[context] > 1:
+                run = self.runs[context] = self.owner.lower(self.graph, args)
+            else:
+                run = self.graph
+        return run(*args)
 
 
 def size_bucket(signature: tuple) -> tuple:

@@ -255,7 +255,8 @@ class Calibrator:
             from .backend import AttnoptBackend
             from .capture import CompiledCall
 
-            self._call = CompiledCall(AttnoptBackend(_RecordingPolicy(self), check=False))
+            # eager: the recorders' Python side effects must run on every call, not once when traced
+            self._call = CompiledCall(AttnoptBackend(_RecordingPolicy(self), check=False, inner="eager"))
         return self._call
 
     def _run_all(self, key: tuple | None) -> dict[int, list[SiteCapture]]:

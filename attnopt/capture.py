@@ -182,8 +182,14 @@ class CompiledCall:
         weakref.finalize(self, _forget_call, self.compiled._isolate_recompiles_id, compile_graph)
 
     def __reduce__(self) -> tuple:
-        return _fresh_call, (self.backend.policy, self.backend.check, self.fullgraph)
+        return _fresh_call, (self.backend.policy, self.backend.check, self.fullgraph, self.backend.inner)
 
+    # Under a torch.compile applied on top of attnopt's module, dynamo would otherwise trace into
+    # this call: the settings patch below breaks its graph and skips the whole frame, and without
+    # it dynamo inlines the original model, ignoring attnopt's backend — the rewrite silently gone.
+    # Disabled here, the call is one explicit graph break of the outer compile: it compiles the
+    # code around the model, and the model runs attnopt's own compiled graphs (Inductor's).
+    @torch._dynamo.disable(reason="attnopt runs its own compiled graphs of the model")
     def __call__(self, model: Callable, *args: Any, **kwargs: Any) -> Any:
         key = signature_of(tuple(args) + tuple(kwargs.values()))
         runs_before = self._graph_runs[0]
@@ -211,8 +217,8 @@ def _forget_call(region: int, compile_graph: Callable) -> None:
             del eval_frame.cached_backends[key]
 
 
-def _fresh_call(policy: Any, check: bool, fullgraph: bool) -> CompiledCall:
-    return CompiledCall(AttnoptBackend(policy, check=check), fullgraph)
+def _fresh_call(policy: Any, check: bool, fullgraph: bool, inner: str = "inductor") -> CompiledCall:
+    return CompiledCall(AttnoptBackend(policy, check=check, inner=inner), fullgraph)
 
 
 def capture(model: nn.Module | Callable, args: tuple = (), kwargs: dict | None = None,

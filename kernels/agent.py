@@ -49,7 +49,8 @@ def _agent_attention_op(
     _check_agent_inputs(q, k, v, agents, mask, agent_bias)
     options = dict(scale=scale, agent_scale=agent_scale)
     if not config.use_triton(q):
-        return agent_attention_reference(q, k, v, agents, mask, agent_bias, **options)
+        # contiguous, as the fake impl promises (CPU SDPA follows its inputs' layout)
+        return agent_attention_reference(q, k, v, agents, mask, agent_bias, **options).contiguous()
     from .agent_triton import agent_attention_triton
 
     return agent_attention_triton(q, k, v, agents, mask, agent_bias, **options)

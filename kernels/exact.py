@@ -183,10 +183,13 @@ def _exact_attention_op(
         from .exact_triton import exact_attention_triton  # launchers load on first use, not at import
 
         return exact_attention_triton(q, k, v, mask, scale=scale, causal=causal, **masking)
+    # contiguous, as the fake impl promises (Inductor calls the op as an extern kernel and checks
+    # its strides; CPU SDPA follows the inputs' layout)
     if _sdpa_computes(q, k, v, mask, fill_mask, masking["fill_value"], score_dtype, dropout_p, scale, sinks, softcap):
-        return _sdpa_attention(q, k, v, mask, fill_mask, scale=scale, causal=causal, zero_empty_rows=zero_empty_rows)
+        return _sdpa_attention(q, k, v, mask, fill_mask, scale=scale, causal=causal,
+                               zero_empty_rows=zero_empty_rows).contiguous()
     return exact_attention_reference(q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, sinks=sinks,
-                                     softcap=softcap, **masking)
+                                     softcap=softcap, **masking).contiguous()
 
 
 @_exact_attention_op.register_fake

@@ -1,0 +1,45 @@
+"""The zoo's slow tier: representative transformers model types, built from tiny random-init
+configs (tests/zoo/zoo.py), inspected and rewritten exactly; the attention calls that really run
+are counted on both sides.
+
+For each (model type, attention implementation): the tiny model builds and runs; inspect and the
+exact rewrite do not raise; the rewrite reproduces the original's outputs; every attention call
+the original makes either goes through `attnopt::exact_attention` or belongs to a site that
+`inspect` reports refused with a reason (none silently missed); and for these types, all known
+to be fully rewritten, every call goes through attnopt's op. The whole zoo is
+`python tests/zoo/run_zoo.py` (docs/zoo_coverage.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from .zoo import IMPLEMENTATIONS, RTOL, measure
+
+pytestmark = pytest.mark.slow
+
+TYPES = ("bert", "gpt2", "llama", "mistral", "qwen2", "t5", "bart", "vit", "clip", "whisper")
+FULLY_REWRITTEN = set(TYPES)
+"""Types whose every attention call goes through attnopt's op after the exact rewrite."""
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("model_type", TYPES)
+def test_zoo_model_type(model_type: str, implementation: str) -> None:
+    r = measure(model_type, implementation)
+    where = f"{model_type} ({implementation}, {r.tier} config, {r.inputs})"
+    assert r.outcome != "skipped", f"{model_type} ({implementation}) did not build or run: {r.skip_reason}"
+    assert not r.errors, f"{where}: {r.errors}"
+    assert r.outcome != "WRONG", f"{where}: the exact rewrite differs by {r.max_rel:.3g} > {RTOL:g}"
+    assert r.max_rel is not None and r.max_rel <= RTOL, f"{where}: relative error {r.max_rel}"
+    assert r.original_attention > 0, f"{where}: the original made no attention call ({r.original})"
+    assert r.silently_missed == 0, (
+        f"{where}: {r.left_original} original attention call(s) left after the rewrite, "
+        f"only {len(r.refused)} site(s) reported refused: {r.refused}; graph breaks {r.graph_breaks}")
+    if model_type in FULLY_REWRITTEN:
+        assert r.outcome == "all", (
+            f"{where}: {r.through_attnopt} of {r.original_attention} attention calls through attnopt's op "
+            f"(original {r.original}, rewritten {r.rewritten}); refused {r.refused}")
+        assert r.rewritten_sites == r.sites == r.rewritable, f"{where}: sites {r.sites}, rewritten {r.rewritten_sites}"
