@@ -38,7 +38,7 @@ from attnopt.costmodel import (  # the cost formula's shape symbols
 from attnopt.kernels.hybrid_reference import hybrid_attention_reference, window_size
 
 from .linear import FEATURE_MAPS as LINEAR_FEATURE_MAPS
-from .masks import as_4d, key_validity, per_key_mask
+from .masks import as_4d, causal_key_mask, key_validity, per_key_mask
 from .reasons import dropout_reason, first_reason, per_query_mask_reason
 from .registry import Example, VariantSpec, register_variant
 from .site import SiteInfo, TokenGrid, infer_grid
@@ -92,18 +92,6 @@ class HybridConfig:
         return rows * cols, min(self.sinks, n_tokens), int(grid is not None and grid.has_class_token)
 
 
-def _causal_key_mask(mask: torch.Tensor) -> torch.Tensor:
-    """The key mask (B, 1, 1, M) of a causal mask stored per query (a tril, possibly with padding)."""
-    validity = key_validity(as_4d(mask))
-    last_row = validity[:, :, -1:, :]
-    n_queries, n_keys = validity.shape[-2:]
-    causal = torch.ones(n_queries, n_keys, dtype=torch.bool, device=mask.device).tril()
-    if not torch.compiler.is_compiling() and not torch.equal(validity, (causal & last_row).expand_as(validity)):
-        raise ValueError("the causal site's mask is more than causality and key padding; "
-                         "hybrid attention cannot follow it")
-    return last_row
-
-
 class HybridAttention(nn.Module):
     """One site's hybrid attention; forward takes the canonical (q, k, v, mask) layout.
 
@@ -143,7 +131,7 @@ class HybridAttention(nn.Module):
         but key padding (and causality)."""
         if mask is None:
             return None
-        rows = _causal_key_mask(mask) if causal and as_4d(mask).shape[2] > 1 else per_key_mask(mask)
+        rows = causal_key_mask(mask, "hybrid attention") if causal and as_4d(mask).shape[2] > 1 else per_key_mask(mask)
         validity = key_validity(rows)[:, :, 0, :]
         if not torch.compiler.is_compiling():
             if not torch.equal(validity, validity[:, :1].expand_as(validity)):

@@ -35,7 +35,7 @@ from attnopt.costmodel import (  # the cost formula's shape symbols
 )
 from attnopt.kernels import linear_attention
 
-from .masks import as_4d, key_validity, per_key_mask
+from .masks import as_4d, causal_key_mask, key_validity, per_key_mask
 from .reasons import dropout_reason, first_reason, per_query_mask_reason
 from .registry import Example, VariantSpec, register_variant
 from .site import SiteInfo
@@ -101,21 +101,6 @@ class LearnedFeatureMap(nn.Module):
         return features.reshape(batch, n_heads, n_tokens, -1)
 
 
-def _causal_key_mask(mask: torch.Tensor) -> torch.Tensor:
-    """The key mask (B, 1, 1, M) of a causal mask stored per query (a tril, possibly with padding).
-
-    Raises ValueError unless the mask is exactly "j ≤ i and key j valid".
-    """
-    validity = key_validity(as_4d(mask))
-    last_row = validity[:, :, -1:, :]
-    n_queries, n_keys = validity.shape[-2:]
-    causal = torch.ones(n_queries, n_keys, dtype=torch.bool, device=mask.device).tril()
-    if not torch.compiler.is_compiling() and not torch.equal(validity, (causal & last_row).expand_as(validity)):
-        raise ValueError("the causal site's mask is more than causality and key padding; "
-                         "linear attention cannot follow it")
-    return last_row
-
-
 def _check_only_drops_keys(rows: torch.Tensor, validity: torch.Tensor) -> None:
     """Raise unless the per-key mask only drops keys (no other additive values), alike for all heads."""
     if not torch.equal(validity, validity[:, :1].expand_as(validity)):
@@ -138,7 +123,7 @@ class LinearAttention(nn.Module):
         broadcasts over the keys (a scalar bias, (B, 1, 1, 1)) applies to every key."""
         if mask is None:
             return None
-        rows = _causal_key_mask(mask) if causal and as_4d(mask).shape[2] > 1 else per_key_mask(mask)
+        rows = causal_key_mask(mask, "linear attention") if causal and as_4d(mask).shape[2] > 1 else per_key_mask(mask)
         validity = key_validity(rows)[:, :, 0, :]
         if not torch.compiler.is_compiling():
             _check_only_drops_keys(rows, validity)

@@ -35,6 +35,21 @@ def per_key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return first_row
 
 
+def causal_key_mask(mask: torch.Tensor, variant: str) -> torch.Tensor:
+    """The key mask (B, 1, 1, M) of a causal mask stored per query (a tril, possibly with padding),
+    for a `variant` that applies causality itself.
+
+    Raises ValueError unless the mask is exactly "j ≤ i and key j valid".
+    """
+    validity = key_validity(as_4d(mask))
+    last_row = validity[:, :, -1:, :]
+    n_queries, n_keys = validity.shape[-2:]
+    causal = torch.ones(n_queries, n_keys, dtype=torch.bool, device=mask.device).tril()
+    if not torch.compiler.is_compiling() and not torch.equal(validity, (causal & last_row).expand_as(validity)):
+        raise ValueError(f"the causal site's mask is more than causality and key padding; {variant} cannot follow it")
+    return last_row
+
+
 def key_validity(key_mask: torch.Tensor) -> torch.Tensor:
     """Bool, same shape: True where the key may be attended."""
     return key_mask if key_mask.dtype == torch.bool else key_mask > MASKED_AT_OR_BELOW
