@@ -57,9 +57,11 @@ def tiny_bert() -> nn.Module:
 
 @pytest.fixture(autouse=True)
 def forget_dynamic_sizes():
-    """After each test, dynamo forgets which sizes it saw change (its automatic-dynamic state is
-    kept per code location, nn.Linear.forward's included): this file's dynamic=True compiles
-    would otherwise make later tests' compiles of the same code symbolic from their first call."""
+    """Before and after each test, dynamo forgets which sizes it saw change (its automatic-dynamic
+    state is kept per code location, nn.Linear.forward's included): compiles of the same code
+    elsewhere (earlier test files, this file's dynamic=True tests) would otherwise make a test's
+    compiles symbolic from their first call."""
+    torch._dynamo.reset()
     yield
     torch._dynamo.reset()
 
