@@ -5,6 +5,7 @@
     fast = attnopt.optimize(model, budget=0.5, args=(x,))      # or attnopt.Budget(max_error=0.05)
     fast = attnopt.optimize(model, 0.5, args=(x,), calibration=batches)   # fitted on your data
     attnopt.report_of(fast)
+    attnopt.save(fast, "plans.pt"); fast = attnopt.load(model, "plans.pt")   # no re-planning
     torch.compile(model, backend="attnopt", options={"budget": 0.5})
 """
 
@@ -13,6 +14,7 @@ import torch._dynamo
 from .api import AttnoptModule, attnopt_backend, inspect, optimize, report_of, rewrite
 from .backend import AttnoptError
 from .calibration import Calibration
+from .persist import load, save
 from .planner import Budget, BudgetError, BudgetNotMetWarning
 from .report import Decision, GraphPlan, Report, Site
 from .variants import (
@@ -47,9 +49,11 @@ __all__ = [
     "Report",
     "Site",
     "inspect",
+    "load",
     "mediator_count",
     "mediator_timestep",
     "optimize",
     "report_of",
     "rewrite",
+    "save",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import inspect as python_inspect
 import types
@@ -12,10 +14,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .backend import AttnoptBackend, AttnoptError
 from .calibration import calibrator_for
 from .capture import CompiledCall, capture, check_inputs, compiling_context, own_region
+from .loops import plan_for_loop
 from .planner import Budget, BudgetNotMetWarning
 from .policies import BudgetPolicy, ExactPolicy, Policy, VariantPolicy
 from .report import Report
@@ -42,11 +46,18 @@ class AttnoptModule(nn.Module):
     whose calls (`self(...)`, `self.__call__`) go through the rewrite, so `generate` and other
     loops over the model's forward run the rewritten attention. That `self` shares the model's
     attributes (what a method sets is set on the model) and is an instance of a subclass of the
-    model's class. Its `state_dict` is the model's, with the same keys, and the model's own
-    state dict loads into it (`load_state_dict` loads into the model).
+    model's class.
+
+    The attention modules attnopt put at the sites (calibrated feature maps, mediator tokens,
+    V shortcuts, hybrid mixing weights) are its own: in `parameters()` and `state_dict()` as
+    `attnopt_sites.<site id>.<name>`, next to the model's keys, which are the model's own (no
+    `model.` prefix). So `load_state_dict` takes the model's own state dict (the sites keep
+    their values) as well as a full one of a rewrite (the sites' keys load into them).
 
     `copy.deepcopy` and pickling (`torch.save`) give a module that owns its copy of the model
-    and plans anew, for that copy's weights, on its first call (the report starts empty).
+    and plans anew, for that copy's weights, on its first call (the report starts empty); a copy
+    of a module `attnopt.load` returned holds copies of the file's site modules and applies its
+    decisions again. `attnopt.save` writes the plans and site modules themselves.
     Hooks registered on the model's modules after the rewrite run: the call recompiles.
     """
 
@@ -65,7 +76,7 @@ class AttnoptModule(nn.Module):
         timestep = self._timestep(args, kwargs)
         if timestep is None:
             return self._attnopt_call(self.model, *args, **kwargs)
-        with mediator_timestep(timestep):
+        with mediator_timestep(timestep), _int_traced_symbolically(self._timestep_source(args, kwargs, timestep)):
             return self._attnopt_call(self.model, *args, **kwargs)
 
     def _timestep(self, args: tuple, kwargs: dict) -> Any:
@@ -76,6 +87,16 @@ class AttnoptModule(nn.Module):
         except TypeError:
             return None
         return bound.arguments.get(self._timestep_arg)
+
+    def _timestep_source(self, args: tuple, kwargs: dict, timestep: Any) -> str | None:
+        """Dynamo's name for a Python-int timestep in the compiled call (`_run(model, *args,
+        **kwargs)`), or None for any other timestep. A sampling loop passes a new int every step;
+        traced as a constant, each step would compile (and analyse) its own graph."""
+        if not isinstance(timestep, int) or isinstance(timestep, bool):
+            return None
+        if self._timestep_arg in kwargs:
+            return f"L['kwargs']['{self._timestep_arg}']"
+        return next((f"L['args'][{i}]" for i, arg in enumerate(args) if arg is timestep), None)
 
     def __getattr__(self, name: str) -> Any:
         """The model's attribute, for names neither nn.Module nor this class resolve.
@@ -97,35 +118,110 @@ class AttnoptModule(nn.Module):
             return types.MethodType(found, _rewritten_self(model, self))  # a method of the model's class
         return getattr(model, name)
 
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
-        """The model's state dict: the same keys as `model.state_dict()` (no `model.` prefix).
+    def attnopt_site_modules(self) -> list[tuple[int, nn.Module]]:
+        """(site id, attention module) of every module attnopt put at a site, by id, each once: a
+        module serving several sites (a graph recompiled for another grad mode reuses its
+        decisions) is listed under its first id. They are not submodules (the compiled graphs
+        hold them), so `state_dict` and `named_parameters` add them by hand."""
+        seen: set[int] = set()
+        listed = []
+        for site_id, module in sorted(self._attnopt_backend._chosen.items()):
+            if id(module) not in seen:
+                seen.add(id(module))
+                listed.append((site_id, module))
+        return listed
 
-        attnopt's site modules are not submodules (they are held by the compiled graphs), so a
-        rewrite adds no keys."""
-        return self.model.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The model's state dict with its own keys (no `model.` prefix), then each site module's
+        state as `attnopt_sites.<site id>.<name>` (none for the exact op, which has no state)."""
+        if args:  # torch's deprecated positional form: (destination, prefix, keep_vars)
+            destination, prefix, keep_vars = (*args, *(destination, prefix, keep_vars)[len(args):])
+        state = self.model.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for site_id, module in self.attnopt_site_modules():
+            module.state_dict(destination=state, prefix=f"{prefix}{SITES}.{site_id}.", keep_vars=keep_vars)
+        return state
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
         """The model's parameters (as `model.`...), then those of the attention modules attnopt put
         at its sites — calibrated feature maps, mediator tokens, hybrid mixing weights — as
         `attnopt_sites.<site id>.<name>`, so `parameters()` hands an optimizer everything the
-        rewritten forward learns. The state dict stays the model's (see `state_dict`)."""
+        rewritten forward learns."""
         seen: set[int] = set()
         for name, parameter in super().named_parameters(prefix, recurse, remove_duplicate):
             seen.add(id(parameter))
             yield name, parameter
         if not recurse:
             return
-        for site_id, module in list(self._attnopt_backend._chosen.items()):
+        for site_id, module in self.attnopt_site_modules():
             for name, parameter in module.named_parameters(remove_duplicate=remove_duplicate):
                 if remove_duplicate and id(parameter) in seen:
                     continue
                 seen.add(id(parameter))
-                yield f"{prefix}{'.' if prefix else ''}attnopt_sites.{site_id}.{name}", parameter
+                yield f"{prefix}{'.' if prefix else ''}{SITES}.{site_id}.{name}", parameter
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Load the model's state dict (keys as `model.state_dict()` gives them) into the model."""
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+        """Load a state dict as `state_dict()` gives it: the model's keys into the model, the
+        `attnopt_sites.<site id>.` keys into those sites' modules.
 
+        The model's own state dict (no site keys) loads as into the model; the site modules keep
+        their current parameters then. A site whose keys are given must be given whole; under
+        `strict`, keys of a site this module does not have are unexpected, as any unknown key."""
+        sites = {key: value for key, value in state_dict.items() if key.startswith(f"{SITES}.")}
+        rest = collections.OrderedDict((key, value) for key, value in state_dict.items() if key not in sites)
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None:
+            rest._metadata = metadata  # type: ignore[attr-defined]
+        loaded = self.model.load_state_dict(rest, strict=False, assign=assign)
+        missing, unexpected = list(loaded.missing_keys), list(loaded.unexpected_keys)
+        self._load_sites(sites, "", missing, unexpected, assign)
+        if strict and (missing or unexpected):
+            problems = [f"{what} key(s) in state_dict: {', '.join(repr(key) for key in keys)}."
+                        for what, keys in (("Unexpected", unexpected), ("Missing", missing)) if keys]
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self.model).__name__}:\n\t"
+                               + "\n\t".join(problems))
+        return _IncompatibleKeys(missing, unexpected)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        """Loaded as part of a larger module: the sites' keys into the sites (the model's keys move
+        under `model.` in the `_into_model` pre-hook, for the model's own modules to load)."""
+        sites = {key: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(f"{prefix}{SITES}.")]}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._load_sites(sites, prefix, missing_keys, unexpected_keys,
+                         local_metadata.get("assign_to_params_buffers", False))
+
+    def _load_sites(self, sites: dict[str, Any], prefix: str, missing: list, unexpected: list, assign: bool) -> None:
+        """Load `<prefix>attnopt_sites.<id>.<name>` keys into the site modules; note the keys of
+        unknown sites as unexpected, and those a given site lacks or does not have as such."""
+        chosen = self._attnopt_backend._chosen
+        per_site: dict[int, dict[str, Any]] = collections.defaultdict(dict)
+        for key, value in sites.items():
+            site, _, name = key[len(prefix) + len(SITES) + 1:].partition(".")
+            if not site.isdigit() or int(site) not in chosen or not name:
+                unexpected.append(key)
+                continue
+            per_site[int(site)][name] = value
+        for site, state in per_site.items():
+            loaded = chosen[site].load_state_dict(state, strict=False, assign=assign)
+            missing.extend(f"{prefix}{SITES}.{site}.{name}" for name in loaded.missing_keys)
+            unexpected.extend(f"{prefix}{SITES}.{site}.{name}" for name in loaded.unexpected_keys)
+
+
+@contextlib.contextmanager
+def _int_traced_symbolically(source: str | None) -> Any:
+    """Dynamo traces the int at `source` (a dynamo source name) as a symbolic int from its first
+    compile on, instead of as a constant, so one graph serves every value (None: no change)."""
+    if source is None:
+        yield
+        return
+    known = torch.compiler.config.dynamic_sources
+    with torch.compiler.config.patch(dynamic_sources=f"{known},{source}" if known else source):
+        yield
+
+
+SITES = "attnopt_sites"
+"""The prefix of the site modules' parameters and state in an AttnoptModule: `attnopt_sites.<id>.<name>`."""
 
 _OWN_NAMES = frozenset({"model", "_attnopt_call", "_timestep_arg", "_attnopt_backend"})
 
@@ -218,7 +314,7 @@ def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: 
 def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs: dict | None = None, *,
              candidates: Sequence[Any] | None = None, strict: bool = False, device: Any = None,
              timestep_arg: str | None = "timestep", calibration: Any = None,
-             inner: str = "eager") -> AttnoptModule:
+             inner: str = "eager", loop: Callable[[nn.Module], Any] | None = None) -> AttnoptModule:
     """Rewrite `model`'s attention so its whole forward meets `budget` at the least measured error.
 
     budget: a fraction of the original's predicted forward time (0.5 = twice as fast), or an
@@ -231,6 +327,11 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
         `attnopt.calibration.Calibration`: candidates with parameters are fitted on them, every
         candidate's error is measured on held-out batches, and the learned linear map is tried.
     inner: what runs the rewritten graphs: "eager" (default) or "inductor" (see `rewrite`).
+    loop: a short run of the loop the model serves (e.g. a 20-step sampler): called with a model,
+        it returns the loop's final output (the final latent). With `Budget(loop_error=...)`, the
+        error of that output against the original's is measured, and sites are held to tighter
+        per-call errors, planning again, until it is within `loop_error` (attnopt.loops); the report's
+        `loop` shows it beside the per-call errors.
 
     Each new input signature is planned on its first call, on that call's inputs: their q, k, v
     at every site measure each candidate's error. The report (`report_of`) lists every decision
@@ -238,9 +339,20 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
     most once per returned model (a decode loop plans every step's new KV length).
     """
     _check_model(model, "optimize")
-    policy = _ModelBudgetPolicy(_budget(budget), candidates, strict=strict, device=device,
-                                calibration=calibrator_for(model, calibration))
-    return _wrap(model, policy, args, kwargs, timestep_arg, inner)
+    budget, calibrator = _budget(budget), calibrator_for(model, calibration)
+
+    def build(per_call: Budget, strict: bool = strict) -> AttnoptModule:
+        policy = _ModelBudgetPolicy(per_call, candidates, strict=strict, device=device, calibration=calibrator)
+        return _wrap(model, policy, args, kwargs, timestep_arg, inner)
+
+    if loop is not None:
+        if not callable(loop):
+            raise AttnoptError(f"`loop` must be a callable taking a model, got {type(loop).__name__}.")
+        return plan_for_loop(functools.partial(build, strict=False), model, loop, budget, strict=strict)
+    if budget.loop_error is not None:
+        raise AttnoptError("Budget.loop_error bounds a loop's final output: give the loop too, "
+                           "optimize(model, budget, loop=run) with run(model) returning the loop's final output.")
+    return build(budget)
 
 
 def _budget(budget: Any) -> Budget:
@@ -303,6 +415,9 @@ def _policy_from_options(options: dict[str, Any]) -> Policy:
         if "variant" in options:
             raise AttnoptError("give either a budget or a variant in the attnopt options, not both.")
         budget = _budget(options.pop("budget"))
+        if budget.loop_error is not None:
+            raise AttnoptError("Budget.loop_error needs the loop it bounds: use attnopt.optimize(model, budget, "
+                               "loop=run); torch.compile's options cannot take one.")
         known = {"candidates", "strict", "device"}
         if set(options) - known:
             raise AttnoptError(f"unknown attnopt options {sorted(set(options) - known)}; with a budget: {sorted(known)}.")

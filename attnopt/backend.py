@@ -8,7 +8,13 @@ graphs made dynamic by dynamo still get concrete shapes), running
     → end-to-end check on the call's real inputs
 
 Under the exact policy, whose decisions depend on no shape, the signatures of one graph with
-symbolic sizes share one analysis per size bucket (`size_bucket`, `_PerSignature`).
+symbolic sizes share one analysis per size bucket (`size_bucket`, `_PerSignature`). Policies that
+plan per instance (budgets, variants: errors measured on the weights) share a plan within a size
+bucket too — every size, batch included, rounded up to a power of two, so within a factor of two
+of the sizes it was priced at — when, run on the new signature's first call, its output error
+is at most PLAN_SHARING × the one measured where it was planned; otherwise they plan anew. A
+plan that rewrote nothing is shared without a check (it is the original graph). Ints used as
+data, not sizes (a diffusion timestep), are in no signature (`value_int_positions`).
 
 What runs a signature's graph (`inner`): the fx graph as it is by default (`"eager"`); with
 `inner="inductor"` the rewritten (or untouched) graph is compiled by `compile_fx` for the call's
@@ -26,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import itertools
 import math
 import time
@@ -48,8 +55,8 @@ from attnopt.passes.verify import verify
 
 from .analysis import run_graph
 from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
-from .policies import Choice, Choices, ExactPolicy, GraphRequest, Policy
-from .report import Report, Site
+from .policies import Choice, Choices, GraphRequest, Policy
+from .report import GraphPlan, Report, Site
 from .variants import ExactAttention
 from .variants.mediator import MediatorAttention
 
@@ -64,6 +71,9 @@ INNERS = ("inductor", "eager")
 fx graph itself."""
 
 INDUCTOR_SIGNATURES_PER_DYNAMIC_GRAPH = 8
+PLAN_SHARING = 1.5
+"""A plan made at one signature serves another of its size bucket while the output error there
+is at most this many times the error measured where it was planned (see the module doc)."""
 """A graph dynamo made dynamic (sizes change between calls: a decode loop) is compiled by
 Inductor per concrete signature on the second call of that signature, for at most this many
 signatures; others run the eager graph (a decode step seen once never pays a compile)."""
@@ -80,6 +90,16 @@ def signature_of(args: tuple[Any, ...]) -> tuple:
         else:
             key.append(type(value).__name__)
     return tuple(key)
+
+
+def call_key(args: tuple[Any, ...], scalars: list[int] = (), sizes: list[int] = ()) -> str:
+    """A graph call's signature as a string that is the same in every process, and for a static
+    and a dynamic compile of the same call: `signature_of` its inputs (parameters included) but
+    the symbolic sizes of a dynamic graph (`size_positions`: the tensors' shapes say them), and
+    the values of the Python numbers dynamo passes as tensors (`scalar_positions`). What a saved
+    plan is keyed by (attnopt.persist)."""
+    values = tuple(args[i].item() for i in scalars if i < len(args) and isinstance(args[i], torch.Tensor))
+    return repr(signature_of(tuple(a for i, a in enumerate(args) if i not in sizes)) + values)
 
 
 def describe_inputs(args: tuple[Any, ...]) -> str:
@@ -199,6 +219,35 @@ def specialize_scalars(gm: fx.GraphModule, args: tuple[Any, ...], positions: lis
     return gm
 
 
+def value_int_positions(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph's symbolic-int inputs that size no tensor of the graph: ints used as
+    data (a diffusion loop's Python-int timestep indexing an embedding), like a tensor's values.
+    Every shape in the graph is the same whatever their value, so they are not part of a call's
+    planning signature (`_PerSignature`): a sampler's steps share one analysis, as they do when
+    the timestep is a tensor. An int that reaches any tensor's shape or strides is a size and stays
+    (a view's storage offset, `weight[t]`, is not a size)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols = {i: value.node.expr for i, node in enumerate(placeholders)
+               if isinstance(value := node.meta.get("example_value"), torch.SymInt)}
+    if not symbols:
+        return []
+    sizing: set = set()
+    for node in gm.graph.nodes:
+        for value in torch.utils._pytree.tree_leaves(node.meta.get("example_value")):
+            if isinstance(value, torch.Tensor):
+                for n in (*value.shape, *value.stride()):
+                    if isinstance(n, torch.SymInt):
+                        sizing |= n.node.expr.free_symbols
+    return [i for i, expr in symbols.items() if not (expr.free_symbols & sizing) and expr.free_symbols]
+
+
+def size_positions(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph inputs that are symbolic ints (sizes of a graph dynamo made dynamic);
+    read when dynamo hands the graph over, as `scalar_positions`."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, node in enumerate(placeholders) if isinstance(node.meta.get("example_value"), torch.SymInt)]
+
+
 def _is_dynamic(gm: fx.GraphModule) -> bool:
     """Whether dynamo traced `gm` with symbolic sizes (its calls may come with other sizes)."""
     for node in gm.graph.nodes:
@@ -211,10 +260,26 @@ def _is_dynamic(gm: fx.GraphModule) -> bool:
     return False
 
 
+@dataclasses.dataclass
+class AnalysedGraph:
+    """One analysis of a graph at one input signature (one `compile_for` call): the sites found
+    and the plan made, as `attnopt.save` writes them."""
+
+    graph: int
+    signature: str
+    key: str
+    """`call_key` of the call it was analysed for."""
+    sites: list[Site]
+    plan: GraphPlan | None = None
+
+
 class AttnoptBackend:
     """A dynamo backend with a report. One instance per optimized model.
 
     `policy` decides what replaces the rewritable sites (attnopt.policies); None only inspects.
+    Site ids count from 0 in the order graphs are analysed, so the same model called the same
+    way gets the same ids in every process; a policy replaying a saved file names the ids of the
+    sites it recognises (`site_ids`) and reserves them (`first_site_id`).
     """
 
     def __init__(self, policy: Policy | None = None, *, check: bool = True, inner: str = "eager"):
@@ -226,8 +291,10 @@ class AttnoptBackend:
         self.inner = inner if policy is not None else "eager"
         self.inner_seconds: list[float] = []  # time of each Inductor compile
         self.report = Report()
-        self._site_ids = itertools.count()
-        self._chosen: dict[int, nn.Module] = {}  # site id → its attention module, once decided
+        self._site_ids = itertools.count(getattr(policy, "first_site_id", 0))
+        # site id → its attention module, once decided (or, loaded from a file, from the start)
+        self._chosen: dict[int, nn.Module] = dict(getattr(policy, "site_modules", {}))
+        self.analyses: list[AnalysedGraph] = []  # one per compile_for call, in order
         # the decided site of an earlier graph with the same identity (another grad mode, a guard
         # that failed): its decision is reused, and checked again, for the new graph
         self._decided: dict[tuple, tuple[Site, list[weakref.ref]]] = {}
@@ -242,24 +309,29 @@ class AttnoptBackend:
         return _PerSignature(self, gm, graph_index, per_instance=self.policy is not None and self.policy.per_instance)
 
     def compile_for(self, gm: fx.GraphModule, args: tuple[Any, ...], graph_index: int,
-                    state: list[torch.Tensor] = (), scalars: list[int] = ()) -> Callable:
+                    state: list[torch.Tensor] = (), scalars: list[int] = (), sizes: list[int] = ()) -> Callable:
         """Analyse and (if a policy is set) rewrite `gm` for the concrete `args`: a pipeline of
         steps that return values — eager paths restored → canonicalize → detect and verify →
         decide → rewrite → check — with the report written here and nowhere else.
 
         `state`: the parameters and buffers the call passes when the policy plans per instance;
-        `scalars`: the positions of Python numbers passed as tensors (`scalar_positions`)."""
+        `scalars`: the positions of Python numbers passed as tensors (`scalar_positions`);
+        `sizes`: those of symbolic sizes (`size_positions`)."""
         signature = describe_inputs(args)
         # what eager runs where dynamo traced another path: the reference for every check, and
         # what runs when nothing is rewritten; Python floats dynamo passed as tensors are
         # constants again (at this call's values, part of the signature: `scalar_positions`)
         reference = restore_eager_paths(specialize_scalars(fx.GraphModule(gm, copy.deepcopy(gm.graph)), args, scalars))
         work, mutated = self._canonical(reference, args)
-        found = self._sites(work, signature, graph_index)
+        key = call_key(args, scalars, sizes)
+        found = self._sites(work, signature, graph_index, key)
+        analysed = AnalysedGraph(graph_index, signature, key, [site for site, _, _ in found])
+        self.analyses.append(analysed)
         rewritable = [(site, match) for site, match, _ in found if site.rewritable]
         if self.policy is None or not rewritable:
             return reference
         choices = self._decide(GraphRequest(work, args, mutated, rewritable, graph_index, signature), found, state)
+        analysed.plan = choices.plan
         modules = self._record(choices, found, state)
         if not modules:
             return reference
@@ -337,11 +409,20 @@ class AttnoptBackend:
         self._note_opaque_regions(work)
         return work, mutated
 
-    def _sites(self, work: fx.GraphModule, signature: str, graph_index: int) -> list[tuple[Site, SiteMatch, tuple]]:
+    def _sites(self, work: fx.GraphModule, signature: str, graph_index: int,
+               key: str) -> list[tuple[Site, SiteMatch, tuple]]:
         """Every detected site as a verified report record, with its match and its identity."""
         occurrences: collections.Counter = collections.Counter()
-        return [(self._site_for(match, signature, graph_index), match, _identity(match, signature, occurrences))
-                for match in detect(work, subgraphs=True)]
+        matches = detect(work, subgraphs=True)
+        return [(self._site_for(match, site_id, signature, graph_index), match,
+                 _identity(match, signature, occurrences))
+                for site_id, match in zip(self._ids(matches, key), matches)]
+
+    def _ids(self, matches: list[SiteMatch], key: str) -> list[int]:
+        """The ids of a graph's sites: the policy's where it knows them (a loaded file), else the next ones."""
+        named = getattr(self.policy, "site_ids", None)
+        ids = named(key, matches) if named is not None else None
+        return list(ids) if ids is not None else [next(self._site_ids) for _ in matches]
 
     def _decide(self, request: GraphRequest, found: list[tuple[Site, SiteMatch, tuple]],
                 state: list[torch.Tensor]) -> Choices:
@@ -386,11 +467,10 @@ class AttnoptBackend:
             return None
         return site if site.rewritable and site.decision is not None else None
 
-    def _site_for(self, match: SiteMatch, signature: str, graph_index: int) -> Site:
+    def _site_for(self, match: SiteMatch, site_id: int, signature: str, graph_index: int) -> Site:
         """A new, verified Site for a match. Every compiled graph (a recompile for another grad
         mode or a failed guard included) and every shape gets its own sites and decisions, so
         the report describes exactly what each running graph does."""
-        site_id = next(self._site_ids)
         site = Site(id=site_id, module=match.module, source=match.source, form=match.form,
                     shape=dict(match.shape), causal=match.causal, mask=match.mask,
                     dropout=match.dropout, dtype=match.dtype, rewritable=False,
@@ -420,26 +500,13 @@ class AttnoptBackend:
         only when it breaks the output (another structure, a changed integer output, non-finite
         values where the original is finite).
         """
-        expected, actual = _flat_tensors(run_graph(original, args, mutated)), _flat_tensors(run_graph(rewritten, args, mutated))
-        if len(expected) != len(actual):
-            return "end-to-end check failed: the rewritten graph returns a different structure."
-        errors = []
-        for e, a in zip(expected, actual):
-            if not e.is_floating_point():
-                if not torch.equal(e, a):
-                    return "end-to-end check failed: an integer output of the graph changed."
-                continue
-            error = mismatch(a, e)
-            if not math.isfinite(error) and bool(e.isfinite().all()):
-                return "end-to-end check failed: the rewritten graph produced non-finite values."
-            if exact and error > tolerance(END_TO_END_TOLERANCE, e.dtype):
-                return f"end-to-end check failed: the rewritten graph differs from the original by {error:.2e} (relative)."
-            errors.append(error)
-        for plan in reversed(self.report.plans):
-            if plan.graph == graph_index and plan.signature == signature:
-                plan.output_error = max(errors, default=0.0)
-                break
-        return None
+        problem, error = compare_outputs(original, rewritten, args, mutated, exact)
+        if problem is None:
+            for plan in reversed(self.report.plans):
+                if plan.graph == graph_index and plan.signature == signature:
+                    plan.output_error = error
+                    break
+        return problem
 
 
 def _identity(match: SiteMatch, signature: str, occurrences: collections.Counter) -> tuple:
@@ -447,6 +514,29 @@ def _identity(match: SiteMatch, signature: str, occurrences: collections.Counter
     identity = (match.module, match.source, match.form, signature, tuple(sorted(match.shape.items())), match.dropout)
     occurrences[identity] += 1
     return identity + (occurrences[identity],)
+
+
+def compare_outputs(original: fx.GraphModule, rewritten: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],
+                    exact: bool) -> tuple[str | None, float]:
+    """Run both graphs on `args`: why the rewrite must be dropped (None if it may stay) and the
+    largest relative error over the floating outputs (see AttnoptBackend._end_to_end)."""
+    expected, actual = _flat_tensors(run_graph(original, args, mutated)), _flat_tensors(run_graph(rewritten, args, mutated))
+    if len(expected) != len(actual):
+        return "end-to-end check failed: the rewritten graph returns a different structure.", math.inf
+    errors = []
+    for e, a in zip(expected, actual):
+        if not e.is_floating_point():
+            if not torch.equal(e, a):
+                return "end-to-end check failed: an integer output of the graph changed.", math.inf
+            continue
+        error = mismatch(a, e)
+        if not math.isfinite(error) and bool(e.isfinite().all()):
+            return "end-to-end check failed: the rewritten graph produced non-finite values.", error
+        if exact and error > tolerance(END_TO_END_TOLERANCE, e.dtype):
+            return (f"end-to-end check failed: the rewritten graph differs from the original by {error:.2e} "
+                    "(relative)."), error
+        errors.append(error)
+    return None, max(errors, default=0.0)
 
 
 def _same_tensors(refs: list[weakref.ref], tensors: list[torch.Tensor]) -> bool:
@@ -493,10 +583,15 @@ class _PerSignature:
         self.graph_index = graph_index
         self.state_positions = model_state_positions(gm) if per_instance else []
         self.compiled: dict[tuple, list[tuple[list[weakref.ref], Callable]]] = {}
-        self.shares_sizes = not per_instance and (backend.policy is None or isinstance(backend.policy, ExactPolicy))
+        self.shares_sizes = not per_instance and (backend.policy is None or getattr(backend.policy, "shares_sizes", False))
         self.by_bucket: dict[tuple, Callable] = {}
+        # per-instance policies: per size bucket, (weights, graph, plan) of each signature planned there
+        self.planned: dict[tuple, list[tuple[list[weakref.ref], fx.GraphModule, GraphPlan | None]]] = (
+            collections.defaultdict(list))
         self._reference: fx.GraphModule | None = None
         self.scalar_positions = scalar_positions(gm)
+        self.size_positions = size_positions(gm)
+        self.value_ints = value_int_positions(gm)
         # a graph with symbolic sizes meets many signatures: Inductor compiles one on its second call
         self.dynamic = _is_dynamic(gm)
         self.inductor_compiles = 0
@@ -504,18 +599,25 @@ class _PerSignature:
     def __call__(self, *args: Any) -> Any:
         state = [args[i] for i in self.state_positions if i < len(args) and isinstance(args[i], torch.Tensor)]
         # the values of Python numbers passed as tensors are part of the signature: analysed as constants
-        signature = signature_of(args) + tuple(args[i].item() for i in self.scalar_positions
-                                               if i < len(args) and isinstance(args[i], torch.Tensor))
+        # ints used as data (value_int_positions) are not: one analysis serves all their values
+        signature = signature_of(tuple("int" if i in self.value_ints else arg for i, arg in enumerate(args)))
+        signature += tuple(args[i].item() for i in self.scalar_positions
+                           if i < len(args) and isinstance(args[i], torch.Tensor))
         entries = self.compiled.setdefault(signature, [])
         for refs, compiled in entries:
             if _same_tensors(refs, state):
                 return compiled(*args)
         entries[:] = [(refs, compiled) for refs, compiled in entries if all(ref() is not None for ref in refs)]
-        graph = self._shared(signature, args)
+        graph = self._shared(signature, args) if self.shares_sizes else self._planned_nearby(signature, args, state)
         if graph is None:
-            graph = self.backend.compile_for(self.gm, args, self.graph_index, state, self.scalar_positions)
+            analyses = len(self.backend.analyses)
+            graph = self.backend.compile_for(self.gm, args, self.graph_index, state, self.scalar_positions,
+                                             self.size_positions)
             if self.shares_sizes:
                 self.by_bucket.setdefault(size_bucket(signature), graph)
+            elif len(self.backend.analyses) > analyses:
+                self.planned[size_bucket(signature)].append(
+                    ([weakref.ref(tensor) for tensor in state], graph, self.backend.analyses[-1].plan))
         compiled = _Lowered(self, graph, first=not self.dynamic)
         entries.append(([weakref.ref(tensor) for tensor in state], compiled))
         return compiled(*args)
@@ -532,6 +634,28 @@ class _PerSignature:
             return graph
         self.inductor_compiles += 1
         return self.backend.lower(graph, args, self.graph_index)
+
+    def _planned_nearby(self, signature: tuple, args: tuple[Any, ...],
+                        state: list[torch.Tensor]) -> fx.GraphModule | None:
+        """For per-instance policies (measured plans): the graph planned for this instance at
+        another signature of the same size bucket, if it holds here (`PLAN_SHARING`)."""
+        for refs, graph, plan in self.planned.get(size_bucket(signature), ()):
+            if not _same_tensors(refs, state):
+                continue
+            if plan is None or plan.output_error is None:  # nothing rewritten: the original graph
+                return graph
+            reference = restore_eager_paths(specialize_scalars(
+                fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph)), args, self.scalar_positions))
+            cloned = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)}
+            try:
+                problem, error = compare_outputs(reference, graph, args, cloned, exact=False)
+            except Exception:  # noqa: BLE001 - a graph that cannot run at these sizes is planned anew
+                return None
+            if problem is None and error <= PLAN_SHARING * plan.output_error + 1e-6:
+                plan.shared_with.append(describe_inputs(args))
+                return graph
+            return None
+        return None
 
     def _shared(self, signature: tuple, args: tuple[Any, ...]) -> fx.GraphModule | None:
         """The graph analysed for this signature's size bucket, if it passes the end-to-end check here."""

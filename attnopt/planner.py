@@ -55,15 +55,20 @@ class Budget:
 
     time: predicted whole-forward seconds ≤ time × the original's (0.5 = twice as fast).
     flops: the same with FLOPs. max_error: every site's measured error ≤ max_error.
+    loop_error: the relative error of the final output of a loop over the model (a diffusion
+        sampler) ≤ loop_error; only with `optimize(..., loop=run)`, which measures it (attnopt.loops).
     """
 
     time: float | None = None
     flops: float | None = None
     max_error: float | None = None
+    loop_error: float | None = None
 
     def __post_init__(self) -> None:
-        if self.time is None and self.flops is None and self.max_error is None:
-            raise ValueError("a Budget needs at least one of time, flops, max_error")
+        if self.time is None and self.flops is None and self.max_error is None and self.loop_error is None:
+            raise ValueError("a Budget needs at least one of time, flops, max_error, loop_error")
+        if self.loop_error is not None and not (self.loop_error >= 0 and math.isfinite(self.loop_error)):
+            raise ValueError(f"Budget.loop_error must be a finite number ≥ 0, got {self.loop_error!r}")
         for name in ("time", "flops"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):

@@ -9,6 +9,8 @@ nothing: the backend records the decisions, the modules and the plan.
 - `VariantPolicy`: one variant everywhere it is not refused (`rewrite(model, "agent", ...)`).
 - `BudgetPolicy`: per site, the candidate a knapsack over the whole graph picks so the graph
   meets the budget at the least total measured error (`optimize`, `options={"budget": ...}`).
+- `attnopt.persist.LoadedPolicy`: the decisions and site modules of a saved file (`attnopt.load`),
+  for the graphs and shapes it holds; any other shape is decided by the saved policy.
 
 One graph is planned at a time: a model captured whole (no graph breaks) is planned whole; with
 graph breaks each graph meets the budget on its own, so the whole model meets it too.
@@ -83,6 +85,14 @@ class Choices:
 
 
 class Policy(Protocol):
+    """What the backend asks of a policy. Optional members the backend reads where present:
+    `shares_sizes` (bool, default False: decisions depend on neither weights nor shape, so one
+    analysis serves a size bucket; backend._PerSignature), `site_modules` (site id → module
+    decided before any graph ran: what a loaded file holds, so `parameters()` and `state_dict()`
+    have them from the start; site ids below `first_site_id` are theirs) and `site_ids(key,
+    matches)` (the ids of a graph's detected sites, for a call with `backend.call_key` `key`,
+    when the policy knows them; else None)."""
+
     name: str
     per_instance: bool
     """Decisions depend on the weights (measured errors, calibration): plan each instance anew."""
@@ -97,6 +107,7 @@ class ExactPolicy:
 
     name = EXACT.name
     per_instance = False  # the exact op is verified for any weights
+    shares_sizes = True  # nor does it depend on the shape: one analysis per size bucket
 
     def choose(self, request: GraphRequest) -> Choices:
         config = ExactConfig()
@@ -236,7 +247,7 @@ class BudgetPolicy:
 
 
 def _describe(budget: Budget) -> str:
-    return ", ".join(f"{name}={getattr(budget, name):g}" for name in ("time", "flops", "max_error")
+    return ", ".join(f"{name}={getattr(budget, name):g}" for name in ("time", "flops", "max_error", "loop_error")
                      if getattr(budget, name) is not None)
 
 

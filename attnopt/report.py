@@ -39,6 +39,10 @@ class Decision:
     (`pays_off_from_N`), or why it was `refused`."""
     reason: str | None = None
     """Why this variant (e.g. why softmax was kept)."""
+    loaded_from: str | None = None
+    """The file this decision was loaded from (`attnopt.load`), or None when it was made in this
+    process. A loaded decision was not re-planned: its error and costs are those measured when
+    it was saved (the graph's end-to-end check ran again)."""
 
     @property
     def kept(self) -> bool:
@@ -69,6 +73,12 @@ class GraphPlan:
     planning_seconds: float | None = None
     """Wall-clock seconds spent deciding this graph (recording run, candidates built and measured,
     knapsack), as the policy timed it; None when not timed."""
+    shared_with: list[str] = dataclasses.field(default_factory=list)
+    """Other input signatures of the same size bucket this plan serves, each checked on its first
+    call (attnopt.backend.PLAN_SHARING) instead of planned anew."""
+    loaded_from: str | None = None
+    """The file this plan was loaded from (`attnopt.load`): its totals are the saved ones, but
+    `output_error` is measured again on the call that applied it."""
 
     @property
     def predicted_speedup(self) -> float | None:
@@ -132,6 +142,8 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     plans: list[GraphPlan] = dataclasses.field(default_factory=list)
     """One per (graph, input signature) that was decided: a new input shape is planned anew."""
+    loop: Any = None
+    """`attnopt.loops.LoopCheck` when optimize was given a loop: its end-of-loop error and rounds."""
 
     def add_plan(self, plan: GraphPlan) -> None:
         self.plans.append(plan)
@@ -153,6 +165,7 @@ class Report:
             "budget_met": self.budget_met,
             "notes": list(self.notes),
             "plans": [dataclasses.asdict(p) for p in self.plans],
+            "loop": dataclasses.asdict(self.loop) if self.loop is not None else None,
             "sites": [s.to_dict() for s in self.sites],
         }
 
@@ -175,6 +188,8 @@ class Report:
                 before, after = site.decision.est_seconds_before, site.decision.est_seconds_after
                 if before and after and not site.decision.kept:
                     decision += f", {before / after:.1f}x est."
+                if site.decision.loaded_from is not None:
+                    decision += ", loaded"
             else:
                 decision = "-"
             table.add_row(
@@ -226,11 +241,18 @@ class Report:
                 line += f", predicted {plan.predicted_speedup:.2f}x faster"
             if plan.output_error is not None:
                 line += f", output error {plan.output_error:.2e}"
-            if plan.planning_seconds is not None:
+            if plan.loaded_from is not None:
+                line += f", loaded from {plan.loaded_from}"
+            elif plan.planning_seconds is not None:
                 line += f", planned in {plan.planning_seconds:.2f} s"
+            if plan.shared_with:
+                line += f", also serves {len(plan.shared_with)} other shape(s) ({', '.join(plan.shared_with[:3])}" + (
+                    ", …)" if len(plan.shared_with) > 3 else ")")
             lines.append(line)
         if self.budget_met is not None:
             lines.append(f"budget met: {self.budget_met}")
+        if self.loop is not None:
+            lines.append(str(self.loop))
         return "\n".join(lines)
 
 

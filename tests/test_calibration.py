@@ -199,7 +199,8 @@ def test_the_original_model_is_unchanged_and_calibrated_parameters_are_the_modul
         weight = site_module(rewritten, site).feature_module.weight
         assert not torch.equal(weight, torch.eye(weight.shape[-1]).expand_as(weight))  # it was fitted
     assert {f"model.{name}" for name in model_names} <= set(names)
-    assert set(rewritten.state_dict()) == set(model.state_dict())  # the state dict stays the model's
+    # the state dict is the model's, with its own keys, and the sites' calibrated parameters
+    assert set(rewritten.state_dict()) == set(model.state_dict()) | set(site_params)
 
 
 def test_buffers_changed_by_a_recording_run_are_restored():

@@ -1,0 +1,62 @@
+"""Measured plans shared across the shapes of one size bucket (attnopt.backend.PLAN_SHARING): a
+service that sees many batch sizes and lengths plans once per bucket, each new shape checked on
+its first call against the original, and planned anew when the shared plan does worse there."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import attnopt
+import attnopt.backend
+from tests.test_optimize import FEW, PROFILE, make, relative
+
+OPTIONS = {"budget": 0.5, "candidates": FEW, "device": PROFILE}
+
+
+def serve(compiled, model, shapes) -> list[float]:
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", attnopt.BudgetNotMetWarning)
+        for batch, length in shapes:
+            x = torch.randn(batch, length, 32)
+            errors.append(relative(compiled(x), model(x)))
+    return errors
+
+
+def test_shapes_of_one_bucket_share_the_plan_made_for_the_first():
+    torch.manual_seed(0)
+    model, _ = make(512)
+    compiled = torch.compile(model, backend="attnopt", dynamic=True, options=OPTIONS)
+    errors = serve(compiled, model, [(2, 480), (2, 300), (2, 500), (1, 400)])
+    report = attnopt.report_of(compiled)
+    planned = list(report.plans)  # batch 1 is another bucket (and dynamo's own graph: size 1 is static)
+    assert [plan.signature for plan in planned] == ["2x480x32", "1x400x32"], planned
+    assert planned[0].shared_with == ["2x300x32", "2x500x32"]
+    assert planned[0].output_error > 0 and report.rewritten
+    for error in errors[1:3]:  # what the shared plan gives, measured again here
+        assert error <= attnopt.backend.PLAN_SHARING * planned[0].output_error + 1e-6
+    assert "also serves 2 other shape(s)" in str(report)
+
+
+def test_a_plan_that_does_worse_at_another_shape_is_not_shared(monkeypatch):
+    monkeypatch.setattr(attnopt.backend, "PLAN_SHARING", 0.0)  # no approximate plan can pass
+    torch.manual_seed(0)
+    model, _ = make(512)
+    compiled = torch.compile(model, backend="attnopt", dynamic=True, options=OPTIONS)
+    serve(compiled, model, [(2, 480), (2, 300)])
+    report = attnopt.report_of(compiled)
+    assert [plan.signature for plan in report.plans] == ["2x480x32", "2x300x32"]
+    assert all(not plan.shared_with for plan in report.plans)
+
+
+def test_another_instance_never_takes_a_shared_plan():
+    first, _ = make(512, seed=0)
+    second, _ = make(512, seed=1)
+    compiled = torch.compile(lambda model, x: model(x), backend="attnopt", dynamic=True, options=OPTIONS)
+    serve(lambda x: compiled(first, x), first, [(2, 480)])
+    serve(lambda x: compiled(second, x), second, [(2, 300)])  # same code and bucket, other weights
+    report = attnopt.report_of(compiled)
+    assert [plan.signature for plan in report.plans] == ["2x480x32", "2x300x32"]
+    assert all(not plan.shared_with for plan in report.plans)
