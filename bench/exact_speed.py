@@ -28,33 +28,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
-from collections.abc import Callable, Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import attnopt
-from attnopt.kernels import exact as exact_module
-from attnopt.kernels import exact_attention, exact_attention_reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import interleaved_median_seconds  # noqa: E402
+
+import attnopt  # noqa: E402
+from attnopt.kernels import exact as exact_module  # noqa: E402
+from attnopt.kernels import exact_attention, exact_attention_reference  # noqa: E402
 
 THREADS = 2
-
-
-def interleaved_median_seconds(runs: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median time of each run: one warm-up each, then `rounds` rounds of one call of each in turn
-    (load from other processes then falls on all runs alike)."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            began = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - began)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ import attnopt.kernels.agent as agent_op_module
 import attnopt.kernels.linear as linear_op_module
 from attnopt.kernels import agent_attention, linear_attention
 from site_speed import SdpaModel, pooled_agents
+from timing import interleaved_times
 
 import attnopt
 from attnopt.variants import AgentConfig, SiteInfo, build_site_module
@@ -142,20 +143,6 @@ def candidates(length: int, before: Callable[[], contextlib.AbstractContextManag
 def _within(context: Callable[[], contextlib.AbstractContextManager], run: Callable[[], torch.Tensor]) -> torch.Tensor:
     with context():
         return run()
-
-
-def interleaved_times(runs: dict[str, Callable[[], object]], rounds: int,
-                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds of each call: one warm-up call each, then `rounds` rounds of one call per candidate."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            began = clock()
-            run()
-            times[name].append(clock() - began)
-    return times
 
 
 def main() -> None:

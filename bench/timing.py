@@ -1,8 +1,13 @@
-"""Timing shared by the benchmarks: interleaved best-of runs, fair to every candidate on a busy machine."""
+"""Timing shared by the benchmarks: interleaved runs, fair to every candidate on a busy machine.
+
+`interleaved_best_seconds` gives each run's fastest time over a time budget; `interleaved_times`
+every call's time over a fixed number of rounds (for medians); `interleaved_median_seconds` those
+medians."""
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
 
@@ -32,3 +37,24 @@ def interleaved_best_seconds(
                     break
         rounds += 1
     return best
+
+
+def interleaved_times(runs: Mapping[str, Callable[[], object]], rounds: int,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of every call of each run: one warm-up call each, then `rounds` rounds of one call
+    of each in turn (load from other processes then falls on all runs alike). `clock`:
+    time.perf_counter (wall) or time.thread_time (the calling thread's CPU time)."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            began = clock()
+            run()
+            times[name].append(clock() - began)
+    return times
+
+
+def interleaved_median_seconds(runs: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """The median of `interleaved_times` for each run."""
+    return {name: statistics.median(seconds) for name, seconds in interleaved_times(runs, rounds).items()}
