@@ -643,6 +643,8 @@ class _PerSignature:
             if not _same_tensors(refs, state):
                 continue
             if plan is None or plan.output_error is None:  # nothing rewritten: the original graph
+                if plan is not None:
+                    plan.shared_with.append(describe_inputs(args))
                 return graph
             reference = restore_eager_paths(specialize_scalars(
                 fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph)), args, self.scalar_positions))
