@@ -2,9 +2,13 @@
 
 After this pass, detection matches meaning, not spelling:
 
-    @ / matmul / Tensor.matmul / bmm / mm / einsum (two operands) → torch.matmul
+    keyword arguments of the ops below (torch.baddbmm(input=b, batch1=q, batch2=k)),
+    x.where(cond, y)                                            → positional, torch.where(cond, x, y)
+    ~m spelled twice (mask negated before and after a softmax)  → one node
+    @ / matmul / Tensor.matmul / bmm / mm / einsum (two operands, `...` too) → torch.matmul
     baddbmm(input, b1, b2, beta, alpha)                        → alpha·(b1 @ b2) + beta·input
-    x / c   (c a number, 0-dim tensor or (..., 1, 1) tensor)    → x · (1/c)
+    x / c   (c a number, 0-dim tensor or (..., 1, 1) tensor,
+             or a number the graph computes, e.g. from sizes)   → x · (1/c)
     F.softmax / torch.softmax / Tensor.softmax(dtype=...)       → torch.softmax (after a cast)
     softmax(x - max(x)) (the row max subtracted first)          → torch.softmax(x)
     exp(x - max(x)) / sum(exp(...))  (softmax written by hand)  → torch.softmax
@@ -22,6 +26,7 @@ x/c → x·(1/c)); the rewritten model is checked end to end against the origina
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import string
 from typing import Any, Callable
@@ -30,8 +35,8 @@ import torch
 import torch.fx as fx
 
 from .fx_utils import (
-    ALIASING_OPS, arg, body_module, copy_meta, has_side_effects, is_scalar, mutated_by, op_name, propagate_body_meta,
-    searched_body, shape_of, tensor_meta, dtype_of,
+    ALIASING_OPS, alias_root, arg, body_module, copy_meta, has_side_effects, is_scalar, mutated_by, number_valued, op_name,
+    propagate_body_meta, searched_body, shape_of, tensor_meta, dtype_of,
 )
 
 _MATMUL_SPELLINGS = {"matmul", "bmm", "mm", "__matmul__"}
@@ -58,7 +63,10 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             propagate_body_meta(node, owned)
     # _manual_softmax runs before _division: its `exps / exps.sum(...)` must still be a division
     # (with a single query the sum is (..., 1, 1), which _division would fold into a product).
+    for node in list(graph.nodes):
+        _positional(graph, node)
     _functionalise(graph)
+    _one_negation(graph)
     for rule in (_shape_only_uses, _einsum, _baddbmm, _matmul, _manual_softmax,
                  _division, _casts, _softmax, _max_shift, _eval_dropout):
         for node in list(graph.nodes):
@@ -92,6 +100,77 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
         index += 1
         name = f"{base}_{index}"
     return name
+
+
+# The leading parameters of the ops the rules and the matchers read by position, looked up by the
+# call's target, else by its op name (a method's first parameter is `self`, passed positionally).
+# Keyword-only parameters (baddbmm's beta and alpha, add's alpha, softmax's dtype) stay keywords.
+_PARAMETERS: dict[Any, tuple[str, ...]] = {
+    torch.nn.functional.softmax: ("input", "dim", "_stacklevel", "dtype"),
+    torch.nn.functional.dropout: ("input", "p", "training", "inplace"),
+    torch.dropout: ("input", "p", "train"),
+    "softmax": ("input", "dim", "dtype"), "matmul": ("input", "other"), "mm": ("input", "mat2"),
+    "bmm": ("input", "mat2"), "baddbmm": ("input", "batch1", "batch2"), "addmm": ("input", "mat1", "mat2"),
+    "mul": ("input", "other"), "add": ("input", "other"), "sub": ("input", "other"), "div": ("input", "other"),
+    "masked_fill": ("input", "mask", "value"), "where": ("condition", "input", "other"), "cat": ("tensors", "dim"),
+    "exp": ("input",), "tanh": ("input",), "reciprocal": ("input",), "sum": ("input", "dim", "keepdim"),
+    "max": ("input", "dim", "keepdim"), "amax": ("input", "dim", "keepdim"),
+    "transpose": ("input", "dim0", "dim1"), "permute": ("input", "dims"),
+}
+
+
+def _positional(graph: fx.Graph, node: fx.Node) -> None:
+    """Pass the leading parameters of the ops in `_PARAMETERS` by position, as every rule and
+    matcher reads them (`alibi.baddbmm(batch1=q, batch2=k, alpha=s)` → `alibi.baddbmm(q, k, alpha=s)`);
+    `x.where(cond, y)`, whose `self` is the kept value, → `torch.where(cond, x, y)`."""
+    if node.op not in ("call_function", "call_method"):
+        return
+    if node.op == "call_method" and node.target == "where":
+        names = ("self", "condition", "other")
+    else:
+        names = _parameters_of_target(node) or _PARAMETERS.get(op_name(node))
+    if names is None:
+        return
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name in names[len(args):]:
+        if name not in kwargs:
+            break
+        args.append(kwargs.pop(name))
+    if node.op == "call_method" and node.target == "where" and len(args) == 3 and not kwargs:
+        kept, condition, other = args
+        _replace(graph, node, lambda: _call(graph, torch.where, condition, kept, other), form="where")
+        return
+    if len(args) != len(node.args):
+        node.args, node.kwargs = tuple(args), kwargs
+
+
+def _one_negation(graph: fx.Graph) -> None:
+    """`~m` (or `m.logical_not()`) spelled twice → one node, so that a mask negated once for a
+    fill before the softmax and again for a zeroing after it reads as one mask. Not for a mask
+    written in place anywhere (its two negations may see two values)."""
+    written = {alias_root(mutated_by(node)) for node in graph.nodes if mutated_by(node) is not None}
+    first: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if op_name(node) not in ("bitwise_not", "logical_not") or len(node.args) != 1 or node.kwargs:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or alias_root(source) in written:
+            continue
+        key = (op_name(node), source)
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+
+
+def _parameters_of_target(node: fx.Node) -> tuple[str, ...] | None:
+    if node.op != "call_function":
+        return None
+    try:
+        return _PARAMETERS.get(node.target)
+    except TypeError:  # an unhashable target
+        return None
 
 
 def _replace(graph: fx.Graph, node: fx.Node, build: Callable[[], fx.Node], form: str | None = None) -> fx.Node:
@@ -276,7 +355,8 @@ def _einsum(graph: fx.Graph, node: fx.Node) -> None:
     if operands is None:
         return
     equation, x, y = operands
-    plan = _einsum_plan(equation)
+    ranks = [tensor_meta(t).dim() if tensor_meta(t) is not None else None for t in (x, y)]
+    plan = _einsum_plan(equation, *ranks)
     if plan is None:
         return
     x_order, y_order, out_order = plan
@@ -299,36 +379,74 @@ def _einsum(graph: fx.Graph, node: fx.Node) -> None:
             copy_meta(node, candidate)
 
 
-def _einsum_plan(equation: str) -> tuple[list[int], list[int], list[int]] | None:
-    """Permutations that turn `x,y->out` into `(batch,i,c) @ (batch,c,j)` → out, or None."""
+def _einsum_labels(subscripts: str, rank: int | None, n_broadcast: int) -> list[str] | None:
+    """The labels of one operand's dims, its `...` spelled out as the last of `n_broadcast`
+    broadcast dims ("…0", "…1", ...; right-aligned, as einsum and matmul broadcast them)."""
+    if "..." not in subscripts:
+        return list(subscripts) if "." not in subscripts else None
+    before, _, after = subscripts.partition("...")
+    if "." in before + after:
+        return None
+    if rank is None:
+        return None
+    n = rank - len(before) - len(after)
+    if n < 0 or n > n_broadcast:
+        return None
+    return [*before, *(f"…{i}" for i in range(n_broadcast - n, n_broadcast)), *after]
+
+
+def _einsum_plan(equation: str, x_rank: int | None = None, y_rank: int | None = None
+                 ) -> tuple[list[int], list[int], list[int]] | None:
+    """Permutations that turn `x,y->out` into `(batch,i,c) @ (batch,c,j)` → out, or None.
+    `...` (the operands' ranks given) stands for broadcast batch dims, kept in front of the
+    matmul's operands where matmul broadcasts them as einsum does."""
     equation = equation.replace(" ", "")
-    if "->" not in equation or "." in equation:
+    if "->" not in equation:
         return None
     inputs, out = equation.split("->")
     if inputs.count(",") != 1:
         return None
-    xs, ys = inputs.split(",")
-    if any(len(set(s)) != len(s) for s in (xs, ys, out)) or not set(xs + ys + out) <= set(string.ascii_letters):
+    x_sub, y_sub = inputs.split(",")
+    named = set((x_sub + y_sub + out).replace("...", ""))
+    if not named <= set(string.ascii_letters):
         return None
-    batch = [c for c in xs if c in ys and c in out]
-    contracted = [c for c in xs if c in ys and c not in out]
-    x_free = [c for c in xs if c not in ys]
-    y_free = [c for c in ys if c not in xs]
+    n_broadcast = 0
+    for sub, rank in ((x_sub, x_rank), (y_sub, y_rank)):
+        if "..." in sub:
+            if rank is None:
+                return None
+            n_broadcast = max(n_broadcast, rank - len(sub.replace("...", "")))
+    if ("..." in out) != ("..." in x_sub or "..." in y_sub):
+        return None
+    xs = _einsum_labels(x_sub, x_rank, n_broadcast)
+    ys = _einsum_labels(y_sub, y_rank, n_broadcast)
+    outs = _einsum_labels(out, len(out.replace("...", "")) + n_broadcast if "..." in out else None, n_broadcast)
+    if xs is None or ys is None or outs is None:
+        return None
+    if any(len(set(s)) != len(s) for s in (xs, ys, outs)):
+        return None
+    broadcast = [f"…{i}" for i in range(n_broadcast)]
+    named_x = [c for c in xs if not c.startswith("…")]
+    named_y = [c for c in ys if not c.startswith("…")]
+    batch = [c for c in named_x if c in named_y and c in outs]
+    contracted = [c for c in named_x if c in named_y and c not in outs]
+    x_free = [c for c in named_x if c not in named_y]
+    y_free = [c for c in named_y if c not in named_x]
     if len(contracted) != 1 or len(x_free) != 1 or len(y_free) != 1:
         return None
-    if set(out) != set(batch + x_free + y_free):
+    if set(outs) != set(broadcast + batch + x_free + y_free):
         return None
-    x_order = [xs.index(c) for c in batch + x_free + contracted]
-    y_order = [ys.index(c) for c in batch + contracted + y_free]
-    produced = batch + x_free + y_free
-    out_order = [produced.index(c) for c in out]
+    x_order = [xs.index(c) for c in [b for b in broadcast if b in xs] + batch + x_free + contracted]
+    y_order = [ys.index(c) for c in [b for b in broadcast if b in ys] + batch + contracted + y_free]
+    produced = broadcast + batch + x_free + y_free
+    out_order = [produced.index(c) for c in outs]
     return x_order, y_order, out_order
 
 
 def _baddbmm(graph: fx.Graph, node: fx.Node) -> None:
-    if op_name(node) != "baddbmm":
+    if op_name(node) != "baddbmm" or len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"}:
         return
-    base, b1, b2 = node.args[:3]
+    base, b1, b2 = node.args
     beta = node.kwargs.get("beta", 1)
     alpha = node.kwargs.get("alpha", 1)
     if not all(isinstance(v, (int, float)) for v in (alpha, beta)):
@@ -351,7 +469,13 @@ def _division(graph: fx.Graph, node: fx.Node) -> None:
     if op_name(node) not in ("div", "truediv") or len(node.args) != 2 or node.kwargs:
         return
     x, divisor = node.args
-    if not isinstance(x, fx.Node) or not (is_scalar(divisor) or _per_head_tensor(divisor)):
+    if not isinstance(x, fx.Node):
+        return
+    if number_valued(divisor) and (dtype_of(x) or torch.bool).is_floating_point:
+        # a number computed in the graph (a scale from symbolic sizes): its reciprocal, per call
+        _replace(graph, node, lambda: _call(graph, torch.mul, x, _call(graph, reciprocal_number, divisor)), form="div")
+        return
+    if not (is_scalar(divisor) or _per_head_tensor(divisor)):
         return
     if isinstance(divisor, (int, float)):
         if divisor == 0:
@@ -359,6 +483,12 @@ def _division(graph: fx.Graph, node: fx.Node) -> None:
         _replace(graph, node, lambda: _call(graph, torch.mul, x, 1.0 / divisor), form="div")
     else:
         _replace(graph, node, lambda: _call(graph, torch.mul, x, _call(graph, torch.reciprocal, divisor)), form="div")
+
+
+def reciprocal_number(value: float) -> float:
+    """1 / value for a number the graph computes, ±inf for ±0: `x · reciprocal_number(c)` is
+    `x / c` up to one rounding, also where c is 0 (inf, -inf or NaN as torch divides)."""
+    return 1.0 / value if value != 0 else math.copysign(math.inf, value)
 
 
 def _per_head_tensor(value) -> bool:
@@ -405,15 +535,17 @@ def _casts(graph: fx.Graph, node: fx.Node) -> None:
 
 
 def _softmax(graph: fx.Graph, node: fx.Node) -> None:
-    if op_name(node) != "softmax" or node.target is torch.softmax:
+    """Every softmax → torch.softmax(x, dim), its `dtype` (F.softmax's fourth parameter,
+    torch.softmax's and Tensor.softmax's third) a cast of x before it, as torch applies it."""
+    if op_name(node) != "softmax" or not node.args:
         return
     x = node.args[0]
     dim = arg(node, 1, "dim")
-    dtype = node.kwargs.get("dtype")
-    if len(node.args) > 3 and isinstance(node.args[3], torch.dtype):
-        dtype = node.args[3]
-    if not isinstance(dim, int):
+    dtype = arg(node, 3 if node.target is torch.nn.functional.softmax else 2, "dtype")
+    if not isinstance(dim, int) or not (dtype is None or isinstance(dtype, torch.dtype)):
         return
+    if node.target is torch.softmax and len(node.args) == 2 and not node.kwargs:
+        return  # canonical already
 
     def build() -> fx.Node:
         source = _call(graph, torch.Tensor.to, x, dtype) if dtype is not None else x

@@ -86,6 +86,14 @@ def is_scalar(value: Any) -> bool:
     return meta is not None and meta.dim() == 0
 
 
+def number_valued(value: Any) -> bool:
+    """A graph node whose value is a Python number, not a tensor: a scale computed from sizes in
+    a graph dynamo traced with symbolic ones (`math.sqrt(x.size(-1))` is `_sym_sqrt(size)`).
+    It is a value of each call, read by whoever needs it at run time — never frozen."""
+    value = meta_value(value) if isinstance(value, fx.Node) else None
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Positional-or-keyword argument `name` (position `index`) of a call node."""
     if len(node.args) > index:

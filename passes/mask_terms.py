@@ -62,8 +62,8 @@ def constant_fills(terms: list[MaskTerm], dag: nx.DiGraph, constants: dict[fx.No
         if term.fill * term.factor > MASKED_AT_OR_BELOW:
             return f"the filled scores are scaled by {term.factor}, which makes the fill {term.fill * term.factor}, not a mask value."
         if term.factor_nodes:
-            return ("the filled scores are then multiplied by a tensor, so the masked value is not a known "
-                    "constant.")
+            return (f"the filled scores are then multiplied by `{term.factor_nodes[0].name}`, so the masked value "
+                    "is not a known constant.")
         filled.add(term.fill * term.factor)
     if len(filled) > 1:
         return f"the scores are filled with several different values ({sorted(filled)}), which attnopt does not model."

@@ -20,8 +20,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .canonicalize import _reduced_over
-from .fx_utils import arg, dtype_of, is_scalar, mutated_by, nodes_between, normalize_dim, op_name, shape_of
+from .canonicalize import _einsum_operands, _reduced_over
+from .fx_utils import (
+    arg, dtype_of, is_scalar, meta_value, mutated_by, nodes_between, normalize_dim, number_valued, op_name, shape_of,
+)
 from .mask_terms import MaskTerm, constant_fills, mask_kind, scales_per_head, single_value, term_inputs
 from .site_ir import Input, MatmulRecipe, SiteMatch, TermSpec, index_of, memory_order, partial_shape, refuse
 from .walk import TRANSPARENT, VALUE_OPS, VIEW, WALK_DEPTH, head_split, keeps_last_two, peel_repeat, reaches_matmul, unwrap_key, upstream_factor
@@ -35,7 +37,8 @@ def _user_names(node: fx.Node) -> str:
     return ", ".join(sorted(user.name for user in node.users))
 
 def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
-    up = _walk_up(softmax.args[0])
+    stopped: list[fx.Node] = []
+    up = _walk_up(softmax.args[0], stopped)
     if up is None:
         write = _write_on_scores(softmax.args[0])
         if write is not None:  # attention, seen through a write attnopt could not make out-of-place
@@ -43,7 +46,7 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
                               recipe=None, shape={})
             return refuse(match, f"the scores are written in place by `{write.name}` on a tensor others can see "
                                   "(an input, a buffer or a shared view), so attnopt cannot follow them.")
-        return _opaque_site(softmax)
+        return _opaque_site(softmax, stopped[0] if stopped else None)
     scores_matmul, chain, terms, scale, factor_nodes, up_reason, softcap, sink = up
     q_operand, kt_operand = scores_matmul.args
     scores_shape = shape_of(scores_matmul)
@@ -70,6 +73,7 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     node = softmax
     dropout = 0.0
     sliced = sink is None  # with sinks: whether the sink's column was dropped yet
+    zeroed = False  # the weights zeroed where the scores were filled (XSoftmax)
     n_keys = scores_shape[-1]
     while True:
         users = list(node.users)
@@ -88,6 +92,12 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
             down.append(user)
         elif not sliced and _drops_last_column(node, user, n_keys):
             sliced = True
+            down.append(user)
+        elif op_name(user) == "masked_fill" and user.args[0] is node and not zeroed:
+            reason = _zeroing_refusal(user, terms, sink)
+            if reason:
+                return refuse(match, reason)
+            zeroed = True
             down.append(user)
         else:
             break
@@ -126,23 +136,37 @@ def match_softmax(softmax: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     specs = tuple(TermSpec(term.kind, operand(term.value), term.fill, term.factor,
                            tuple(index_of(tensor_inputs, f) for f in term.factor_nodes), tuple(term.layout),
                            term.score_dtype) for term in terms)
-    scale_inputs = tuple(index_of(tensor_inputs, f) for f in factor_nodes)
+    scale_inputs = tuple(index_of(tensor_inputs, f) for f in factor_nodes if not number_valued(f))
+    scale_numbers = tuple(index_of(tensor_inputs, f) for f in factor_nodes if number_valued(f))
     sinks = operand(sink) if sink is not None else None
     match.inputs += tensor_inputs
     heads = head_split(q_operand, scores_shape, softmax_lead)
-    match.recipe = MatmulRecipe(scale=scale, terms=specs, scale_inputs=scale_inputs, grouped=grouped,
+    match.recipe = MatmulRecipe(scale=scale, terms=specs, scale_inputs=scale_inputs, scale_numbers=scale_numbers,
+                                grouped=grouped,
                                 dropout_p=dropout, head_split=heads, out_dtype=dtype_of(pv_matmul),
-                                out_order=memory_order(pv_matmul), softcap=softcap, sinks=sinks,
+                                out_order=memory_order(pv_matmul), softcap=softcap, sinks=sinks, weights_zeroed=zeroed,
                                 leads=(tuple(qk_lead), tuple(softmax_lead), tuple(pv_lead)) if regrouped else None)
     match.mask_inputs = [term.value for term in terms if isinstance(term.value, fx.Node)]
     match.shape = partial_shape(q_operand, kt_operand, v_operand, heads=heads, kv_heads=kv_heads)
     match.mask, match.causal = mask_kind(terms, scores_shape, dag)
-    match.scale = scale * upstream_factor(q_operand) * upstream_factor(kt_operand)
+    match.scale = scale * upstream_factor(q_operand) * upstream_factor(kt_operand) * _value_now(scale_numbers, match)
     for node in chain:
         extra = [u for u in node.users if u not in match.internal and u is not pv_matmul]
         if extra:
             return refuse(match, f"intermediate `{node.name}` is also used by {_user_names(node)}.")
     return match
+
+def _value_now(indices: tuple[int, ...], match: SiteMatch) -> float:
+    """The product of the number-valued site inputs at `indices` (counted after q, k, v) in the
+    captured call, for the report (the rewrite reads them per call); 1.0 where unknown."""
+    product = 1.0
+    for index in indices:
+        try:
+            product *= float(meta_value(match.inputs[3 + index]))
+        except (TypeError, ValueError, RuntimeError):  # symbolic, no hint
+            return 1.0
+    return product
+
 
 def match_unstable_softmax(node: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
     """`exp(s) / exp(s).sum(-1)` on attention scores, without subtracting the max: reported, not
@@ -156,18 +180,25 @@ def match_unstable_softmax(node: fx.Node, dag: nx.DiGraph) -> SiteMatch | None:
                           "overflows for scores above ~88 and gives 0/0 on rows of very negative scores; "
                           "softmax would change those results.")
 
-def _opaque_site(softmax: fx.Node) -> SiteMatch | None:
-    """A softmax whose scores come from a QK matmul through an op attnopt does not model (a tanh
-    that is no softcap, a concatenation that is no sink column, ...) and whose weights feed a
-    matmul with values: attention, reported with the op it could not pass — never silently left out.
-    Anything else (a router's softmax, a softmax over a projection) is not attention: None."""
+PROJECTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
+"""Ops whose output, softmaxed over its last dim into weights for a matmul with values, is
+attention with learned queries (MGP-STR's token learner, attention pooling): reported, not rewritten."""
+
+
+def _opaque_site(softmax: fx.Node, stopped: fx.Node | None = None) -> SiteMatch | None:
+    """A softmax whose weights feed a matmul with values and whose scores come from a QK matmul
+    through an op attnopt does not model (a tanh that is no softcap, a concatenation that is no
+    sink column, ...; or `stopped`, where the walk up gave up on an op it models in other forms,
+    such as `add(s, m, alpha=2)`), or from a projection (`PROJECTIONS`): attention, reported with
+    the op it could not pass — never silently left out. Anything else (a router's softmax, whose
+    weights feed no matmul) is not attention: None."""
     node, opaque = softmax.args[0], None
     for _ in range(WALK_DEPTH):
         if not isinstance(node, fx.Node):
             return None
-        if node.target is torch.matmul:
-            break
         name = op_name(node)
+        if node.target is torch.matmul or name == "einsum" or name in PROJECTIONS:
+            break
         modelled = name in VALUE_OPS or name in ("mul", "add", "div", "masked_fill", "where") or TRANSPARENT.get(name) == VIEW
         if not modelled and opaque is None:
             opaque = node
@@ -178,27 +209,51 @@ def _opaque_site(softmax: fx.Node) -> SiteMatch | None:
         node = sources[0]
     else:
         return None
-    if opaque is None or not _feeds_value_matmul(softmax):
+    if not _feeds_value_matmul(softmax):
         return None
     match = SiteMatch(kind="matmul", anchor=softmax, output=softmax, form=node.meta.get("attnopt_form") or "matmul",
-                      inputs=[], internal=[], recipe=None, shape=partial_shape(*node.args, None))
+                      inputs=[], internal=[], recipe=None, shape={})
+    if op_name(node) in PROJECTIONS:
+        n_queries, n_keys = (shape_of(softmax) or (0, 0))[-2:]
+        match.shape, match.form = {"N": n_queries, "M": n_keys}, op_name(node)
+        return refuse(match, f"the scores are computed by `{op_name(node)}` (`{node.name}`), a projection, not by a "
+                             "matmul of queries and keys, which attnopt does not model.")
+    match.shape = partial_shape(*_product_operands(node), None)
+    how = "which attnopt does not model"
+    if opaque is None and stopped is not None and stopped is not node:
+        opaque = stopped
+        keywords = ", ".join(f"{key}=" for key in stopped.kwargs)
+        how = "in a form attnopt does not model" + (f" (with {keywords})" if keywords else "")
+    if opaque is None:
+        return None
     return refuse(match, f"the scores pass through `{op_name(opaque)}` (`{opaque.name}`) on their way to the "
-                          "softmax, which attnopt does not model.")
+                          f"softmax, {how}.")
+
+
+def _product_operands(node: fx.Node) -> tuple[Any, Any]:
+    """The two operands of a matmul, or of a two-operand einsum (else twice None)."""
+    if op_name(node) == "einsum":
+        operands = _einsum_operands(node)
+        return operands[1:] if operands is not None else (None, None)
+    return node.args[0], node.args[1]
 
 
 def _feeds_value_matmul(softmax: fx.Node, depth: int = 4) -> bool:
-    """Whether the softmax's weights reach, through at most `depth` single-use ops of any kind
-    (a slice dropping a sink column, a cast), the left operand of a matmul."""
-    node = softmax
+    """Whether the softmax's weights reach, through at most `depth` ops of any kind that take
+    them first (a slice dropping a sink column, a cast, column blocks split for several value
+    matmuls), the left operand of a matmul (or of an einsum canonicalize left as it was)."""
+    frontier = [softmax]
     for _ in range(depth):
-        if len(node.users) != 1:
-            return False
-        user = next(iter(node.users))
-        if user.target is torch.matmul:
-            return user.args[0] is node
-        if not user.args or user.args[0] is not node:
-            return False
-        node = user
+        following = []
+        for node in frontier:
+            for user in node.users:
+                if user.target is torch.matmul or op_name(user) == "einsum":
+                    operands = _einsum_operands(user) if op_name(user) == "einsum" else user.args
+                    if operands is not None and operands[-2] is node:
+                        return True
+                elif user.args and user.args[0] is node:
+                    following.append(user)
+        frontier = following
     return False
 
 
@@ -215,19 +270,22 @@ def _write_on_scores(node: Any) -> fx.Node | None:
         node = node.args[0]
     return None
 
-def _walk_up(node: Any):
+def _walk_up(node: Any, stopped: list[fx.Node] | None = None):
     """From the softmax input up to the QK matmul.
 
     Returns (matmul, chain, mask terms, python scale, tensor scale nodes, reason, softcap, sink
     node) or None when no matmul produces the scores. `chain` lists the nodes from the matmul to
     the softmax input. softcap: c where the scores are capped to c·tanh(s / c), else None. sink:
     the tensor concatenated to the scores as one more key right before the softmax, else None.
+    `stopped`, when given, receives the node where the walk gave up.
     """
     chain: list[fx.Node] = []
     steps: list[tuple[str, Any]] = []
     current = node
     sink = None
     while isinstance(current, fx.Node):
+        if stopped is not None:
+            stopped[:] = [current]
         name = op_name(current)
         chain.append(current)
         if current.target is torch.matmul:
@@ -276,7 +334,8 @@ def _walk_up(node: Any):
             path, other = _split_operands(current, allow_full=True)
             if path is None:
                 return None
-            steps.append(("add", (other, dtype_of(path))))
+            if not (_is_number(other) and other == 0):  # `s + 0` (DeBERTa without relative attention)
+                steps.append(("add", (other, dtype_of(path))))
             current = path
             continue
         if name == "masked_fill":
@@ -324,9 +383,10 @@ def _walk_up(node: Any):
                 scale *= float(item)
                 for term in terms:
                     term.factor *= float(item)
-            elif scales_per_head(item, shape_of(chain[-1])) and (
-                    layout == shape_of(chain[0])[:-2] or single_value(item)):
-                # a one-element factor scales every score alike, whatever view the scores are in
+            elif number_valued(item) or (scales_per_head(item, shape_of(chain[-1])) and (
+                    layout == shape_of(chain[0])[:-2] or single_value(item))):
+                # a one-element factor (or a number the graph computes, e.g. from symbolic sizes)
+                # scales every score alike, whatever view the scores are in
                 factor_nodes.append(item)
                 for term in terms:
                     term.factor_nodes.append(item)
@@ -344,6 +404,46 @@ def _walk_up(node: Any):
             else:
                 terms.append(MaskTerm("fill", cond, fill, layout=layout, score_dtype=dtype))
     return chain[0], chain, terms, scale, factor_nodes, reason, softcap, sink
+
+
+def _zeroing_refusal(fill: fx.Node, terms: list[MaskTerm], sink: fx.Node | None) -> str | None:
+    """None when `fill`, a masked_fill of the attention weights, is DeBERTa's XSoftmax zeroing:
+    `softmax(s.masked_fill(m, f)).masked_fill(m, 0)` with the same `m` (or `~x` spelled twice;
+    or `where(x, s, f)` and `~x`), f -inf or at most the scores' lowest finite value, and no
+    other term on the scores. The weights it zeroes are then 0 already in every row that keeps a
+    key scoring above f + 104 (their exp(f - max) underflows; with f = finfo.min that is every
+    finite score but finfo.min itself), and a row whose every key is filled gives 0 instead of
+    uniform weights (or NaN for -inf): softmax with `m` as a -inf mask whose fully masked rows
+    give 0 (`MatmulRecipe.weights_zeroed`). Else the reason the site is refused."""
+    condition, value = fill.args[1:3] if len(fill.args) == 3 else (None, None)
+    what = f"the attention weights are filled after the softmax by `{fill.name}`"
+    if not _is_number(value) or value != 0:
+        return f"{what} with {getattr(value, 'name', value)}, not with 0, which attnopt does not model."
+    fills = [t for t in terms if (t.kind == "fill" and _same_condition(t.value, condition))
+             or (t.kind == "keep" and _negation_of(condition) is t.value)]
+    if not fills:
+        return (f"{what} where `{getattr(condition, 'name', condition)}` is True, which is not the mask the "
+                "scores were filled with before it; attnopt does not model that.")
+    if len(terms) != 1 or sink is not None:
+        return (f"{what}, zeroing where the scores were filled, while other terms also act on the scores: the "
+                "zeroed weights need not be zero before, which attnopt does not model.")
+    score_dtype = fills[0].score_dtype or torch.float32
+    if fills[0].fill * fills[0].factor > torch.finfo(score_dtype).min:
+        return (f"{what}, zeroing where the scores were filled with {fills[0].fill}, a value above the lowest "
+                f"{score_dtype}: the zeroed weights need not be zero before, which attnopt does not model.")
+    return None
+
+
+def _negation_of(node: Any) -> Any:
+    """x for `~x` / `logical_not(x)`, else None."""
+    if isinstance(node, fx.Node) and op_name(node) in ("bitwise_not", "logical_not") and len(node.args) == 1:
+        return node.args[0]
+    return None
+
+
+def _same_condition(a: Any, b: Any) -> bool:
+    """`a` and `b` are one bool mask: the same node, or the negation of one node spelled twice."""
+    return a is b or (_negation_of(a) is not None and _negation_of(a) is _negation_of(b))
 
 
 def _is_number(value: Any) -> bool:

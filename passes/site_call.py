@@ -96,7 +96,9 @@ def combine_mask_terms(terms: tuple[TermSpec, ...], tensors: tuple[torch.Tensor,
             factor = factor * tensors[index]
         value = resolve(term.value, tensors)
         if term.kind == "add":
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            if not isinstance(value, torch.Tensor):  # a number: added in the scores' dtype
+                value = torch.tensor(value, dtype=term.score_dtype or dtype)
+            elif not value.is_floating_point():
                 value = value.to(dtype)
             value = value if isinstance(factor, float) and factor == 1.0 else value * factor
             additive = value if additive is None else additive + value
@@ -147,11 +149,28 @@ class MatmulSiteCall(SiteCall):
             k = k.transpose(-1, -2)
         if recipe.leads is not None:
             return self._regrouped(q, k, v, tensors)
-        masking = combine_mask_terms(recipe.terms, tensors, q.dtype, recipe.softcap, recipe.sinks)
-        out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=False,
+        masking = self._masking(recipe.terms, tensors, q.dtype)
+        out = call_attention(self.attention, q, k, v, masking, scale=self._scale(tensors), causal=False,
                              dropout_p=recipe.dropout_p, grouped=recipe.grouped, head_split=recipe.head_split)
         return _in_layout(_in_dtype(out, recipe.out_dtype), recipe.out_order)
 
+
+    def _scale(self, tensors: tuple) -> float:
+        """The recipe's scale times the numbers the graph computed for this call (scale_numbers)."""
+        scale = self.recipe.scale
+        for index in self.recipe.scale_numbers:
+            scale = scale * float(tensors[index])
+        return scale
+
+    def _masking(self, terms: tuple[TermSpec, ...], tensors: tuple, dtype: torch.dtype) -> Masking:
+        """The recipe's masking; with `weights_zeroed` (XSoftmax) its one fill is a -inf mask whose
+        fully masked rows give 0."""
+        recipe: MatmulRecipe = self.recipe
+        if not recipe.weights_zeroed:
+            return combine_mask_terms(terms, tensors, dtype, recipe.softcap, recipe.sinks)
+        terms = tuple(dataclasses.replace(term, fill=-math.inf, factor=1.0) for term in terms)
+        masking = combine_mask_terms(terms, tensors, dtype, recipe.softcap)
+        return dataclasses.replace(masking, zero_empty_rows=True)
 
     def _regrouped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors) -> torch.Tensor:
         """The scores were viewed with other leading dims between the matmuls (bmm round
@@ -169,8 +188,8 @@ class MatmulSiteCall(SiteCall):
                 values.append(values[term.value.index].expand(*term.layout, n, m).reshape(*softmax_lead, n, m))
                 term = dataclasses.replace(term, value=Input(len(values) - 1))
             terms.append(term)
-        masking = combine_mask_terms(tuple(terms), tuple(values), q.dtype, recipe.softcap)  # no sinks: refused
-        out = call_attention(self.attention, q, k, v, masking, scale=recipe.scale, causal=False,
+        masking = self._masking(tuple(terms), tuple(values), q.dtype)  # no sinks: refused
+        out = call_attention(self.attention, q, k, v, masking, scale=self._scale(tensors), causal=False,
                              dropout_p=recipe.dropout_p, grouped=False, head_split=recipe.head_split)
         return _in_layout(_in_dtype(out.reshape(*pv_lead, n, v.shape[-1]), recipe.out_dtype), recipe.out_order)
 

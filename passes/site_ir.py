@@ -59,18 +59,23 @@ class MatmulRecipe:
     """softmax(Q Kᵀ·scale + terms) V from matmul operands: q (*L, N, d), kᵀ (*L, d, M) — or, when
     `grouped`, k (B, Hkv, M, d) peeled from a head repetition — and v (*L, M, e).
 
-    scale_inputs: per-head tensor scales folded into q. head_split: (B, H) when 3-D scores fold
-    them. leads: the leading dims at the QK matmul, the softmax and the PV matmul when views
-    regroup them in between (bmm round trips), else None. out_dtype: the PV matmul's dtype.
+    scale_inputs: per-head tensor scales folded into q. scale_numbers: numbers the graph computes
+    (a scale from symbolic sizes, `_sym_sqrt(d)`), multiplied into `scale` on each call.
+    head_split: (B, H) when 3-D scores fold them. leads: the leading dims at the QK matmul, the
+    softmax and the PV matmul when views regroup them in between (bmm round trips), else None.
+    out_dtype: the PV matmul's dtype.
     out_order: the memory order of the original output (`memory_order`).
     softcap: c when the scaled scores are capped to c·tanh(s / c) before the terms (Gemma 2), else
     None. sinks: the `Input` holding the sink logits joined to the scores before the softmax
     (`cat([scores, sink], -1)`, broadcastable to the scores with one key; gpt-oss), whose column
-    is dropped before the PV matmul; else None."""
+    is dropped before the PV matmul; else None. weights_zeroed: the weights are set to 0 after the
+    softmax where the site's one fill term (-inf or the scores' lowest value) filled the scores
+    (DeBERTa's XSoftmax): softmax with that fill as a -inf mask, fully masked rows giving 0."""
 
     scale: float
     terms: tuple[TermSpec, ...] = ()
     scale_inputs: tuple[int, ...] = ()
+    scale_numbers: tuple[int, ...] = ()
     grouped: bool = False
     dropout_p: float = 0.0
     head_split: tuple[int, int] | None = None
@@ -79,6 +84,7 @@ class MatmulRecipe:
     out_order: tuple[int, ...] | None = None
     softcap: float | None = None
     sinks: Input | None = None
+    weights_zeroed: bool = False
 
     @property
     def key_transposed(self) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 from attnopt.numerics import VERIFY_TOLERANCE, mismatch, tolerance
 
 from .detect import SiteMatch
-from .fx_utils import tensor_meta
+from .fx_utils import meta_value, number_valued, tensor_meta
 from .site_ir import MatmulRecipe
 
 
@@ -86,6 +86,8 @@ def _random_like(node: fx.Node, generator: torch.Generator, trial: int, blocking
     float masks with `blocking` — so a rewrite that drops a mask or mistakes its meaning on fully
     masked rows fails here, whatever the example input held."""
     meta = tensor_meta(node)
+    if number_valued(node):  # a number the graph computes (a scale from sizes): this call's value
+        return meta_value(node)
     if meta is None:
         raise TypeError(f"`{node.name}` is not a tensor")
     shape, dtype = tuple(meta.shape), meta.dtype

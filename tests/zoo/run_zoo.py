@@ -158,7 +158,7 @@ def _type_verdict(entries: list[dict]) -> str:
     return "partial"
 
 
-def render(results: dict[tuple[str, str], dict], order: list[str]) -> str:
+def render(results: dict[tuple[str, str], dict], order: list[str], note: str = "") -> str:
     by_type: dict[str, list[dict]] = collections.defaultdict(list)
     for (model_type, _), r in sorted(results.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 10**6, kv[0])):
         by_type[model_type].append(r)
@@ -194,6 +194,7 @@ def render(results: dict[tuple[str, str], dict], order: list[str]) -> str:
         "\"silently missed\" counts original attention calls the rewritten model still makes beyond the",
         "sites `inspect` reports as refused (with a reason).",
         "",
+        *([note, ""] if note else []),
         "## Summary",
         "",
     ]
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="skip entries already in --jsonl")
     parser.add_argument("--rerun", default="", help="with --resume: outcomes to run again (e.g. skipped,timeout)")
     parser.add_argument("--report-only", action="store_true", help="only render --jsonl into --markdown")
+    parser.add_argument("--note", default="", help="a paragraph for the markdown's header (e.g. which entries "
+                                                   "were run again, by which command)")
     options = parser.parse_args(argv)
 
     from zoo import zoo
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     results = load(options.jsonl)
     if options.types or options.limit:
         results = {k: v for k, v in results.items() if k[0] in types}
-    options.markdown.write_text(render(results, order))
+    options.markdown.write_text(render(results, order, options.note))
     print(f"wrote {options.markdown} ({len(results)} entries)")
 
 
