@@ -561,20 +561,29 @@ def _max_shift(graph: fx.Graph, node: fx.Node) -> None:
     Attention-sink models shift their concatenated logits so; the shift may be detached."""
     if node.target is not torch.softmax or not isinstance(node.args[0], fx.Node):
         return
-    shifted, dim = node.args[0], arg(node, 1, "dim")
-    if not isinstance(dim, int):
-        return
+    dim = arg(node, 1, "dim")
+    x = unshifted(node.args[0], dim) if isinstance(dim, int) else None
+    if x is not None:
+        node.replace_input_with(node.args[0], x)
+
+
+def unshifted(shifted: fx.Node, dim: int = -1) -> fx.Node | None:
+    """x when `shifted` is `x - max(x, dim, keepdim=True)` (the max maybe detached) in fp32/fp64,
+    of x's shape: what a softmax over `dim` computes bit for bit without the shift (`_max_shift`;
+    match_matmul reads it where the shift reaches the softmax through a cast)."""
     if op_name(shifted) != "sub" or len(shifted.args) != 2 or shifted.kwargs:
-        return
+        return None
+    if dtype_of(shifted) not in (torch.float32, torch.float64):  # half rounds x - max(x) where softmax does not
+        return None
+    if not shape_of(shifted):  # unknown, or 0-dim: no row to softmax over
+        return None
     x, peak = shifted.args
     while isinstance(peak, fx.Node) and op_name(peak) == "detach":
         peak = peak.args[0]
     reduced = _reduced_over(peak, {"max", "amax"}) if isinstance(peak, fx.Node) else None
     if reduced is None or reduced[0] is not x or not _same_dim(reduced[1], dim, x) or shape_of(x) != shape_of(shifted):
-        return
-    if dtype_of(shifted) not in (torch.float32, torch.float64):  # half rounds x - max(x) where softmax does not
-        return
-    node.replace_input_with(shifted, x)
+        return None
+    return x
 
 
 def _reduced_over(node: fx.Node, names: set[str]) -> tuple[fx.Node, int] | None:

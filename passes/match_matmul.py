@@ -20,7 +20,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .canonicalize import _einsum_operands, _reduced_over
+from .canonicalize import _einsum_operands, unshifted
 from .fx_utils import (
     arg, dtype_of, is_scalar, meta_value, mutated_by, nodes_between, normalize_dim, number_valued, op_name, shape_of,
 )
@@ -293,8 +293,8 @@ def _walk_up(node: Any, stopped: list[fx.Node] | None = None):
         if name in VALUE_OPS:
             current = current.args[0]
             continue
-        if name == "sub" and not steps and _unshifted(current) is not None:
-            current = _unshifted(current)  # the row max, subtracted behind a cast canonicalize kept
+        if name == "sub" and not steps and unshifted(current) is not None:
+            current = unshifted(current)  # the row max, subtracted behind a cast canonicalize kept
             continue
         if name == "cat":
             split = _sink_split(current)
@@ -475,22 +475,6 @@ def _softcap_of(node: fx.Node) -> tuple[float, float, list[fx.Node], fx.Node] | 
     if math.isclose(folded, 1.0, rel_tol=SOFTCAP_RTOL):
         folded = 1.0  # r is 1/c as Python or canonicalize rounded it
     return abs(float(outer)), folded, nodes, path
-
-
-def _unshifted(node: fx.Node) -> fx.Node | None:
-    """x when `node` is `x - max(x, -1, keepdim=True)` (maybe detached) in fp32 / fp64, which
-    softmax computes bit for bit without the shift (canonicalize's `_max_shift`, here for a shift
-    that reaches the softmax through a cast, as `F.softmax(x - max, dtype=...)` spells it)."""
-    if op_name(node) != "sub" or len(node.args) != 2 or node.kwargs or dtype_of(node) not in (torch.float32, torch.float64):
-        return None
-    x, peak = node.args
-    while isinstance(peak, fx.Node) and op_name(peak) == "detach":
-        peak = peak.args[0]
-    reduced = _reduced_over(peak, {"max", "amax"}) if isinstance(peak, fx.Node) else None
-    rank = len(shape_of(node) or ())
-    if reduced is None or reduced[0] is not x or rank == 0 or normalize_dim(reduced[1], rank) != rank - 1:
-        return None
-    return x if shape_of(x) == shape_of(node) else None
 
 
 def _sink_split(cat: fx.Node) -> tuple[fx.Node, fx.Node] | None:
