@@ -96,7 +96,11 @@ class AttnoptModule(nn.Module):
             return None
         if self._timestep_arg in kwargs:
             return f"L['kwargs']['{self._timestep_arg}']"
-        return next((f"L['args'][{i}]" for i, arg in enumerate(args) if arg is timestep), None)
+        try:
+            position = list(python_inspect.signature(self.model.forward).parameters).index(self._timestep_arg)
+        except (TypeError, ValueError):
+            return None
+        return f"L['args'][{position}]" if position < len(args) and args[position] is timestep else None
 
     def __getattr__(self, name: str) -> Any:
         """The model's attribute, for names neither nn.Module nor this class resolve.
