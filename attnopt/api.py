@@ -304,7 +304,8 @@ def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: 
     report is filled and its first shape is compiled (and, for agent and mediator, calibrated).
     `calibration`: batches of model inputs (tuples, dicts, a DataLoader) or an
     `attnopt.calibration.Calibration`: each site's module is fitted on them (learned linear feature
-    maps, mediators, hybrid's mix) and its error measured on held-out batches (attnopt.calibration).
+    maps, mediators, hybrid's mix, agents' per-head stage temperatures) and its error measured on
+    held-out batches (attnopt.calibration).
     `inner`: what runs the rewritten graphs — "eager" (default: the rewritten fx graph) or
     "inductor" (Inductor compiles each input signature's graph, fusing everything around
     attention, attnopt's ops called as extern kernels; an Inductor failure or a mismatch on the

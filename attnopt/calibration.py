@@ -41,7 +41,9 @@ whose exact output is finite, and in self-attention not a padded token).
 Fitting
 -------
 A site module takes part when it has a `calibration_parameters()` method returning parameters
-(linear with a learned feature map, mediator, hybrid's mix; agent does not). Adam, `steps` steps
+(linear with a learned feature map, mediator, hybrid's mix, agent's stage temperatures); one with a
+`calibrating()` context manager is fitted and measured inside it, where it may remember work that
+its parameters do not change (agents select theirs once per capture). Adam, `steps` steps
 at `lr`, one training capture per step (in an order drawn from a generator seeded with `seed`),
 loss = per-head MSE normalised by that head's mean squared exact output, over the valid query rows.
 Everything random runs under a forked, seeded RNG: the user's RNG stream is untouched and two runs
@@ -52,9 +54,10 @@ restored after each recording run, so even train-mode batch norm statistics stay
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -325,9 +328,10 @@ class Calibrator:
         if not isinstance(data, SiteData):
             data = data()
         parameters = _calibration_parameters(module)
-        if parameters:
-            fit(module, parameters, data.train, self.settings, label=type(config).__name__)
-        error = held_out_error(module, data.held_out)
+        with _calibrating(module):
+            if parameters:
+                fit(module, parameters, data.train, self.settings, label=type(config).__name__)
+            error = held_out_error(module, data.held_out)
         state = ({name: p.detach().clone() for name, p in module.named_parameters()} if parameters else None)
         self._results[cache_key] = (state, error)
         return error
@@ -354,11 +358,27 @@ def _devices(args: tuple, kwargs: dict) -> list:
     return sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
 
 
+def _own(module: nn.Module, name: str) -> Callable | None:
+    """The method `name` of the module or, where it has none, of the attention it wraps
+    (CausalMaskAttention, HeadSplitAttention: `.attention`), or None."""
+    while module is not None:
+        method = getattr(module, name, None)
+        if callable(method):
+            return method
+        module = getattr(module, "attention", None)
+    return None
+
+
 def _calibration_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters a calibration fits: the module's (or, wrapped, its attention's) own choice."""
-    inner = getattr(module, "attention", module)  # CausalMaskAttention wraps the variant's module
-    choose = getattr(inner, "calibration_parameters", None)
-    return [p for p in choose()] if callable(choose) else []
+    choose = _own(module, "calibration_parameters")
+    return [p for p in choose()] if choose is not None else []
+
+
+def _calibrating(module: nn.Module) -> contextlib.AbstractContextManager:
+    """The module's `calibrating()` context (see the module doc), or one that does nothing."""
+    session = _own(module, "calibrating")
+    return session() if session is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- loss and error

@@ -120,6 +120,7 @@ CALIBRATED_ROWS = {
     "mediator 64": ("rewrite", "mediator", {"n_mediators": 64}, None),
     "hybrid w64+1 (mix 1)": ("rewrite", "hybrid", {"window": 64, "sinks": 1}, None),
     "linear learned map": ("rewrite", "linear", {"feature_map": "learned"}, FIT),
+    "agent (defaults), fitted temperatures": ("rewrite", "agent", {}, FIT),
     "mediator 64, fitted": ("rewrite", "mediator", {"n_mediators": 64}, FIT),
     "hybrid w64+1, fitted mix": ("rewrite", "hybrid", {"window": 64, "sinks": 1}, FIT_SCALAR),
     "hybrid w32+1, fitted mix": ("rewrite", "hybrid", {"window": 32, "sinks": 1}, FIT_SCALAR),

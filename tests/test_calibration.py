@@ -289,6 +289,64 @@ def test_hybrid_and_mediator_calibration_lower_the_held_out_error():
             assert all(float(site_module(trained, site).mix.detach()) < 20.0 for site in decided(trained))
 
 
+def agent_rewrite(model: nn.Module, batches: list, steps: int, seed: int = 0) -> nn.Module:
+    """8 agents for 48 tokens, their stage temperatures and V shortcut fitted for `steps` steps."""
+    return attnopt.rewrite(model, "agent", args=EXAMPLE, agent_count=8,
+                           calibration=Calibration(batches, steps=steps, lr=0.03, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def agent_runs():
+    model, batches = make_model(), make_batches()
+    return model, batches, agent_rewrite(model, batches, steps=0), agent_rewrite(model, batches, steps=60)
+
+
+def test_agent_step_zero_is_the_training_free_agents(agent_runs):
+    model, batches, before, _ = agent_runs
+    free = attnopt.rewrite(model, "agent", args=EXAMPLE, agent_count=8)  # no calibration at all
+    # the graphs planned on the example (grad mode: a no_grad call is planned anew, its shortcut
+    # fitted on block 1's inputs as that plan's block 0 gives them)
+    assert torch.equal(before(*EXAMPLE), free(*EXAMPLE))
+    assert torch.equal(before(*batches[3]), free(*batches[3]))
+    for site in decided(before):
+        module = site_module(before, site)
+        assert not module.stage1_log_temperature.any() and not module.stage2_log_temperature.any()
+
+
+def test_agent_calibration_lowers_the_held_out_error_of_every_site(agent_runs):
+    _, _, before, after = agent_runs
+    assert len(decided(after)) == 2
+    for untrained, trained in zip(decided(before), decided(after)):
+        assert trained.decision.variant == "agent"
+        assert trained.decision.error < untrained.decision.error - 0.01, (untrained.decision.error,
+                                                                          trained.decision.error)
+        assert site_module(after, trained).stage2_log_temperature.abs().min() > 0  # every head's was fitted
+
+
+def test_agent_calibration_is_deterministic_under_a_seed(agent_runs):
+    model, batches, _, after = agent_runs
+    again, other_seed = agent_rewrite(model, batches, steps=60), agent_rewrite(model, batches, steps=60, seed=1)
+    for a, b, c in zip(decided(after), decided(again), decided(other_seed)):
+        assert a.decision.error == b.decision.error
+        first, second, third = (dict(site_module(run, site).named_parameters())
+                                for run, site in ((after, a), (again, b), (other_seed, c)))
+        assert all(torch.equal(first[name], second[name]) for name in first)
+        assert any(not torch.equal(first[name], third[name]) for name in first)  # another training order
+
+
+def test_agent_temperatures_are_parameters_and_state_and_load_back(agent_runs, tmp_path):
+    *_, after = agent_runs
+    names, state = dict(after.named_parameters()), after.state_dict()
+    for site in decided(after):
+        for name, parameter in site_module(after, site).named_parameters():
+            key = f"attnopt_sites.{site.id}.{name}"
+            assert names[key] is parameter and torch.equal(state[key], parameter)
+    attnopt.save(after, tmp_path / "agents.pt")
+    loaded = attnopt.load(make_model(), tmp_path / "agents.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(*EXAMPLE), after(*EXAMPLE))
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in state.items() if "attnopt_sites." in key)
+
 @pytest.mark.filterwarnings("ignore::attnopt.BudgetNotMetWarning")
 def test_optimize_with_calibration_tries_the_learned_map():
     model = make_model()

@@ -10,19 +10,24 @@ query may only join the agents pooled near it) or bipartite merging — over val
 then the queries farthest from their agent become agents of their own (outliers).
 The stage-2 bias makes queries listen to their nearest agents weighted by cluster size (see
 two_stage.py), and a calibrated V shortcut (shortcut.py) restores fixed-offset heads.
+
+A calibration (attnopt.calibration) fits, per head, the temperature of each stage (the agents'
+gather over the keys, the queries' read of the agents) with the shortcut's weights. Both start
+at 1 — exactly the training-free agents — and a stage whose temperatures are all 1 is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from attnopt import costmodel
-from attnopt.costmodel import B, H, d, dtype_bytes
+from attnopt.costmodel import B, H, N, d, dtype_bytes
 
 from .clustering import (
     bipartite_merge,
@@ -253,13 +258,66 @@ class AgentConfig:
 
 
 class AgentAttention(TwoStageSiteAttention):
-    """One site's agent attention; forward takes the canonical (q, k, v, mask) layout."""
+    """One site's agent attention; forward takes the canonical (q, k, v, mask) layout.
+
+    stage1_log_temperature, stage2_log_temperature (H,): per head, stage 1 reads the keys at
+    scale·exp(τ₁) (the agents are scaled by exp(τ₁)) and stage 2 reads the agents at
+    scale·temperature·exp(τ₂), its distance weighting included (the queries are scaled by
+    exp(τ₂ − τ₁)). 0 until a calibration fits them.
+    """
 
     variant = NAME
 
     def __init__(self, config: AgentConfig, site_info: SiteInfo):
         super().__init__(site_info, config.shortcut_offsets)
         self.config = config
+        self.stage1_log_temperature = nn.Parameter(torch.zeros(site_info.H))
+        self.stage2_log_temperature = nn.Parameter(torch.zeros(site_info.H))
+        self._remembered: dict[int, tuple] | None = None
+
+    def calibration_parameters(self) -> list[nn.Parameter]:
+        """What a calibration (attnopt.calibration) fits: both stages' temperatures and the V
+        shortcut's weights (from its closed-form fit)."""
+        return list(self.parameters())
+
+    @contextlib.contextmanager
+    def calibrating(self) -> Iterator[None]:
+        """While a calibration runs this module over and over on the same captures: the agents of
+        a query tensor are selected once and reused (selection is most of a step's time, and no
+        parameter acts before it). A query is the one seen before when it is that tensor unchanged,
+        or equal to it (a head split's `index_select` gives a new tensor on every call), with an
+        equal key mask."""
+        self._remembered = {}
+        try:
+            yield
+        finally:
+            self._remembered = None
+
+    def _selected(self, q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`agents(q, key_mask)`, remembered while `calibrating`."""
+        if self._remembered is None:
+            return self.agents(q, key_mask)
+        seen = self._remembered.setdefault((q.shape, q.dtype, q.device), [])
+        for query, version, mask, selected in seen:
+            unchanged = query._version == version and (query is q or torch.equal(query, q))
+            if unchanged and (mask is key_mask or (mask is not None and key_mask is not None
+                                                   and mask.shape == key_mask.shape and torch.equal(mask, key_mask))):
+                return selected
+        selected = self.agents(q, key_mask)
+        seen.append((q, q._version, key_mask, selected))
+        return selected
+
+    def _temperatures(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """exp(τ₁) and exp(τ₂) as (H, 1), or None for a stage whose temperatures are all 1 in eager
+        CPU inference (uncalibrated: skipped, so the call is exactly the training-free one). Read
+        as the shortcut reads its weights (shortcut.ValueShortcut._passes_needed): under
+        torch.compile, on other devices or when gradients flow, both are applied."""
+        stages = (self.stage1_log_temperature, self.stage2_log_temperature)
+        applied = [True, True]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in stages)
+        if not needs_grad and like.device.type == "cpu" and not torch.compiler.is_compiling():
+            applied = [any(value != 0 for value in t.detach().tolist()) for t in stages]
+        return tuple(t.exp().unsqueeze(-1) if use else None for t, use in zip(stages, applied))
 
     def agents(self, q: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Agents (B, H, n, d) in fp32 and their sizes (B, H, n) for queries q (B, H, N, d)."""
@@ -288,9 +346,16 @@ class AgentAttention(TwoStageSiteAttention):
 
     def reduced(self, q, k, v, key_mask, scale: float) -> torch.Tensor:
         token_scale = scale * self.config.temperature
-        agents, sizes = self.agents(q, key_mask)
-        agents, bias = agent_bias(agents, sizes, token_scale, distance_weighting=self.config.distance_weighting,
+        agents, sizes = self._selected(q, key_mask)
+        gather, read = self._temperatures(q)
+        agents, bias = agent_bias(agents, sizes, token_scale if read is None else token_scale * read,
+                                  distance_weighting=self.config.distance_weighting,
                                   size_weighting=self.config.size_weighting)
+        if gather is not None:
+            agents = agents * gather.unsqueeze(-1)
+        query_factor = read if gather is None else gather.reciprocal() if read is None else read / gather
+        if query_factor is not None:
+            q = q * query_factor.unsqueeze(-1).to(q.dtype)
         return two_stage_attention(q, k, v, agents.to(q.dtype), bias, key_mask, scale=scale, token_scale=token_scale)
 
 
@@ -315,7 +380,19 @@ def agent_cost(n_agents: costmodel.Expr = costmodel.n, selection: str = "pool", 
     """
     select = costmodel.lookup(SELECTIONS, selection, "agent selection").cost
     return (select(n_agents, kmeans_iterations, kmeans_window, runs) + costmodel.outlier_split(n_outliers)
-            + two_stage_cost(n_agents, shortcut_offsets))
+            + stage_temperatures_cost(n_agents) + two_stage_cost(n_agents, shortcut_offsets))
+
+
+def stage_temperatures_cost(n_agents: costmodel.Expr) -> costmodel.CostFormula:
+    """The calibrated stage temperatures: the agents scaled by exp(τ₁) and the queries by
+    exp(τ₂ − τ₁), one pass over each (read and written). Priced always, as the V shortcut is:
+    skipped while they are 1, the module's runs before calibration cost this much less."""
+    return costmodel.CostFormula(
+        flops=0,
+        elementwise_ops=B * H * (N + n_agents) * d,
+        bytes_moved=2 * dtype_bytes * B * H * (N + n_agents) * d,
+        kernel_calls=2,
+    )
 
 
 def _cost_params(config: AgentConfig, site_info: SiteInfo) -> dict:

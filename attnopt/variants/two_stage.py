@@ -66,7 +66,7 @@ def two_stage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token
     return agent_attention(q, k, v, tokens, key_mask, scale=scale, agent_scale=token_scale, agent_bias=bias)
 
 
-def agent_bias(agents: torch.Tensor, sizes: torch.Tensor, token_scale: float, *, distance_weighting: bool,
+def agent_bias(agents: torch.Tensor, sizes: torch.Tensor, token_scale: float | torch.Tensor, *, distance_weighting: bool,
                size_weighting: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-2 bias for agents of the given sizes, and the agents with empty ones replaced.
 

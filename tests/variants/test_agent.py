@@ -7,7 +7,7 @@ import torch
 
 from attnopt import costmodel
 from attnopt.variants import AgentConfig, TokenGrid, build_site_module, refusal, relative_error, spec_for
-from attnopt.variants.agent import AgentAttention, AgentLayout
+from attnopt.variants.agent import AgentAttention, AgentLayout, stage_temperatures_cost
 from attnopt.variants.clustering import (bipartite_merge, group_means, kmeans, pooled_groups,
                                          pooled_runs_with_outliers, run_kmeans_with_outliers, run_sums,
                                          split_outliers)
@@ -345,3 +345,86 @@ def test_default_agent_count_is_fixed_and_selection_work_linear_in_n():
     assert flops[1] < 4.1 * flops[0]
     assert [c.agent_count for c in spec.candidates(make_site(N=300, M=300))] == [16, 32, 64, 128]
     assert [c.agent_count for c in spec.candidates(make_site(N=20, M=20))] == []
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_stage_temperatures_equal_the_dense_form_at_each_head_s_scales(masked):
+    """τ₁ scales stage 1's logits by exp(τ₁), τ₂ stage 2's (distance weighting included), per head."""
+    site = make_site(H=4, Hkv=2, mask_kind="key_padding" if masked else None)
+    q, k, v = tensors(site)
+    mask = padding_mask(2, site.M, [48, 30]) if masked else None
+    module = AgentAttention(AgentConfig(selection="pool", shortcut_offsets=()), site)
+    with torch.no_grad():
+        module.stage1_log_temperature.copy_(torch.tensor([0.5, -0.7, 0.0, 1.2]))
+        module.stage2_log_temperature.copy_(torch.tensor([-1.0, 0.3, 0.8, 0.0]))
+        out = module(q, k, v, mask=mask, scale=SCALE)
+    agents, sizes = module.agents(q, mask)
+    key_valid = None if mask is None else mask[:, 0, 0][:, None].expand(-1, 4, -1)
+    token_scale = SCALE * module.config.temperature
+    for head in range(4):
+        one = slice(head, head + 1)
+        weights = two_stage_weights(q[:, one], k[:, head // 2:head // 2 + 1], agents[:, one], sizes[:, one],
+                                    None if key_valid is None else key_valid[:, one],
+                                    scale=SCALE * module.stage1_log_temperature[head].exp().item(),
+                                    token_scale=token_scale * module.stage2_log_temperature[head].exp().item())
+        torch.testing.assert_close(out[:, one].double(), apply(weights, v[:, head // 2:head // 2 + 1]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_temperatures_at_one_are_skipped_and_give_exactly_the_training_free_output():
+    """Before calibration (τ = 0) inference skips both scalings; with gradients they run and
+    change nothing; fitted, they run in inference too."""
+    from attnopt.candidates import KernelCounter
+
+    site = make_site(H=4, Hkv=2)
+    q, k, v = tensors(site)
+    module = build_site_module(AgentConfig(), site, example=(q, k, v, None))
+    assert [name for name, _ in module.named_parameters()] == [
+        "stage1_log_temperature", "stage2_log_temperature", "shortcut.weights"]
+    assert module.calibration_parameters() == list(module.parameters())
+    with torch.no_grad(), KernelCounter() as skipped:
+        inference = module(q, k, v, scale=SCALE)
+    with_gradients = module(q, k, v, scale=SCALE)
+    assert with_gradients.requires_grad and torch.equal(with_gradients, inference)
+    with torch.no_grad():
+        module.stage2_log_temperature[1] = 0.5
+        with KernelCounter() as applied:
+            fitted = module(q, k, v, scale=SCALE)
+    assert applied.calls > skipped.calls and not torch.equal(fitted, inference)
+
+
+def test_calibrating_selects_the_agents_of_a_query_once(monkeypatch):
+    """Inside `calibrating` the agents of a query seen before (that tensor unchanged, or an equal
+    one with an equal key mask) are reused; anything else is selected anew."""
+    site = make_site(mask_kind="key_padding")
+    q, k, v = tensors(site)
+    mask = padding_mask(2, site.M, [48, 30])
+    module = build_site_module(AgentConfig(), site, example=(q, k, v, mask))
+    calls = []
+    selects = AgentAttention.agents
+    monkeypatch.setattr(AgentAttention, "agents", lambda self, *args: calls.append(1) or selects(self, *args))
+    reference = module(q, k, v, mask=mask, scale=SCALE)
+    with module.calibrating():
+        for query in (q, q, q.clone(), q.index_select(1, torch.arange(4))):
+            torch.testing.assert_close(module(query, k, v, mask=mask, scale=SCALE), reference, rtol=0, atol=0)
+        assert len(calls) == 2  # once outside, once inside
+        module(q, k, v, mask=padding_mask(2, site.M, [48, 31]), scale=SCALE)
+        other = 2 * q
+        module(other, k, v, mask=mask, scale=SCALE)
+        assert len(calls) == 4  # another mask, another query
+        other.add_(1)  # changed in place: not the query it was
+        module(other, k, v, mask=mask, scale=SCALE)
+        assert len(calls) == 5
+        other.copy_(q)  # now equal to q
+        torch.testing.assert_close(module(other, k, v, mask=mask, scale=SCALE), reference, rtol=0, atol=0)
+        assert len(calls) == 5
+    assert module._remembered is None
+    module(q, k, v, mask=mask, scale=SCALE)
+    assert len(calls) == 6
+
+
+def test_temperatures_are_priced_as_a_pass_over_the_queries_and_the_agents_without_flops():
+    site = make_site(N=64, M=64)
+    n_agents = spec_for(AgentConfig()).cost_params(AgentConfig(), site)["n_agents"]
+    extra = costmodel.evaluate(stage_temperatures_cost(n_agents), site.shape)
+    assert extra.flops == 0 and extra.elementwise_ops == site.B * site.H * (site.N + n_agents) * site.d
