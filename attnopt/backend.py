@@ -646,33 +646,31 @@ class _PerSignature:
                 if plan is not None:
                     plan.shared_with.append(describe_inputs(args))
                 return graph
-            reference = restore_eager_paths(specialize_scalars(
-                fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph)), args, self.scalar_positions))
-            cloned = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)}
-            try:
-                problem, error = compare_outputs(reference, graph, args, cloned, exact=False)
-            except Exception:  # noqa: BLE001 - a graph that cannot run at these sizes is planned anew
-                return None
+            problem, error = self._compared_here(graph, args, exact=False)
             if problem is None and error <= PLAN_SHARING * plan.output_error + 1e-6:
                 plan.shared_with.append(describe_inputs(args))
                 return graph
             return None
         return None
 
-    def _shared(self, signature: tuple, args: tuple[Any, ...]) -> fx.GraphModule | None:
-        """The graph analysed for this signature's size bucket, if it passes the end-to-end check here."""
-        compiled = self.by_bucket.get(size_bucket(signature)) if self.shares_sizes else None
-        if compiled is None or not self.backend.check:
-            return compiled
+    def _compared_here(self, graph: fx.GraphModule, args: tuple[Any, ...], exact: bool) -> tuple[str | None, float]:
+        """`compare_outputs` of `graph`, made for another signature, against the original graph on
+        this call's inputs; a graph that cannot run at these sizes is a problem too."""
         if self._reference is None:
             self._reference = restore_eager_paths(fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph)))
         # every tensor input but the weights is cloned: whichever the graph writes to stays untouched
         cloned = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)}
         try:
-            problem = self.backend._end_to_end(self._reference, compiled, args, cloned, True, self.graph_index,
-                                               describe_inputs(args))
-        except Exception:  # noqa: BLE001 - a graph that cannot run at these sizes is analysed anew
-            return None
+            return compare_outputs(self._reference, graph, args, cloned, exact)
+        except Exception as failed:  # noqa: BLE001 - analysed or planned anew, by the caller
+            return f"it does not run at these sizes: {failed}", math.inf
+
+    def _shared(self, signature: tuple, args: tuple[Any, ...]) -> fx.GraphModule | None:
+        """The graph analysed for this signature's size bucket, if it passes the end-to-end check here."""
+        compiled = self.by_bucket.get(size_bucket(signature)) if self.shares_sizes else None
+        if compiled is None or not self.backend.check:
+            return compiled
+        problem, _ = self._compared_here(compiled, args, exact=True)
         return compiled if problem is None else None
 
 

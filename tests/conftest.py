@@ -92,3 +92,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name in sorted(SLOW[file]):
             if not callable(getattr(module, name, None)):
                 warnings.warn(f"tests/conftest.py SLOW lists {file}::{name}, which does not exist", stacklevel=1)
+
+
+# ── counting calls: shared by the tests that check what really runs ──────────────────────────────
+
+
+@pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch):
+    """`count_calls(owner, name)` replaces `owner.name` (for the test) by a wrapper that counts
+    its calls in the returned list's one element and then calls the real function."""
+
+    def count(owner: object, name: str) -> list[int]:
+        calls = [0]
+        real = getattr(owner, name)
+
+        def counting(*args, **kwargs):
+            calls[0] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+        return calls
+
+    return count
+
+
+@pytest.fixture
+def exact_op_calls(count_calls) -> list[int]:
+    """How many times attnopt's exact attention op ran in a rewritten graph (analysis and
+    verification run their own copies of the op, which this does not count)."""
+    import attnopt.variants.exact as exact_variant
+
+    return count_calls(exact_variant, "exact_attention")

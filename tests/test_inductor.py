@@ -67,17 +67,9 @@ def forget_dynamic_sizes():
 
 
 @pytest.fixture
-def inductor_compiles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def inductor_compiles(count_calls) -> list[int]:
     """How many graphs attnopt handed to Inductor's compile_fx (the real one runs)."""
-    calls = [0]
-    real = inductor_compile_fx.compile_fx
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inductor_compile_fx, "compile_fx", counting)
-    return calls
+    return count_calls(inductor_compile_fx, "compile_fx")
 
 
 def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import attnopt
-import attnopt.variants.exact as exact_variant
 from attnopt.costmodel import DeviceProfile
 from attnopt.variants import LinearConfig
 
@@ -51,19 +50,6 @@ def seeded(factory, seed: int = 0):
     return factory().eval()
 
 
-@pytest.fixture
-def exact_op_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times attnopt's exact attention op ran in a rewritten graph (analysis and
-    verification run their own copies of the op, which this does not count)."""
-    calls = [0]
-    op = exact_variant.exact_attention
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(exact_variant, "exact_attention", counting)
-    return calls
 
 
 # ── the returned module stands in for the model ───────────────────────────────────────────────

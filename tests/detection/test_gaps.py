@@ -27,7 +27,7 @@ from attnopt.passes.verify import verify
 from attnopt.passes.site_call import site_call
 
 from .idioms import BATCH, HEAD_DIM, HEADS, SEQ, bhsd
-from .support import assert_outputs_close, reference_attention
+from .support import Lambda, assert_outputs_close, reference_attention
 
 
 def inspect_one(fn, *args):
@@ -46,15 +46,6 @@ def inspect_one(fn, *args):
     assert rewritten_site.rewritable == site.rewritable
     assert (rewritten_site.decision and rewritten_site.decision.variant) == ("exact" if site.rewritable else None)
     return site
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 # --- grouped-query attention spelled with unsqueeze + expand + flatten ------------------------------

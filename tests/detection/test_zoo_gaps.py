@@ -19,27 +19,16 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import attnopt
-import attnopt.variants.exact as exact_variant
 from attnopt.passes.canonicalize import _einsum_plan, reciprocal_number
 
 from .idioms import BATCH, HEAD_DIM, HEADS, SEQ, bhsd
-from .support import assert_outputs_close
+from .support import Lambda, assert_outputs_close
 
 LOWEST = torch.finfo(torch.float32).min
 SCALE = HEAD_DIM**-0.5
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def keep_rows(seed: int) -> torch.Tensor:
@@ -74,18 +63,6 @@ def fresh(mask_of, seed: int) -> tuple:
     return (*bhsd(), *([mask_of(seed)] if mask_of is not None else []))
 
 
-@pytest.fixture
-def exact_op_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times the exact variant's op ran in a rewritten graph."""
-    calls = [0]
-    op = exact_variant.exact_attention
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(exact_variant, "exact_attention", counting)
-    return calls
 
 
 def assert_found_and_exact(fn, mask_of=None) -> attnopt.Report:
