@@ -4,12 +4,13 @@
     python bench/gpu_kernels.py --check    # CPU: correctness on tiny shapes via TRITON_INTERPRET=1
 
 For N = 1K…32K tokens (batch = 32K // N, so every row moves the same number of tokens) and head
-dims 64 and 128 it times SDPA's flash kernel, attnopt's exact kernel (non-causal and causal),
-agent attention with 64 agents and linear attention (elu+1, sum; non-causal and causal). Each
-row reports ms, TFLOP/s (FLOPs of the op's registered formula, 2 per multiply-add; SDPA rows
-use the exact formula, causal rows too — so causal TFLOP/s read as "dense-equivalent"), GB/s
-(bytes of inputs read once plus output written once), and the time ratio SDPA / kernel of the
-same N, d (and causality) — above 1 is faster than SDPA. A copy of 1 GiB measures the device's
+dims 64 and 128 it times SDPA's flash kernel, attnopt's exact kernel (non-causal and causal, and
+causal with Gemma 2's logit softcapping (50) and gpt-oss's per-head attention sinks, against
+plain causal SDPA), agent attention with 64 agents and linear attention (elu+1, sum; non-causal
+and causal). Each row reports ms, TFLOP/s (FLOPs of the op's registered formula, 2 per
+multiply-add; SDPA rows use the exact formula, causal rows too — so causal TFLOP/s read as
+"dense-equivalent"), GB/s (bytes of inputs read once plus output written once), and the time
+ratio SDPA / kernel of the same N, d (and causality) — above 1 is faster than SDPA. A copy of 1 GiB measures the device's
 achievable memory bandwidth, the ceiling for the GB/s column.
 """
 
@@ -49,6 +50,7 @@ def _cases(n_tokens: int, head_dim: int) -> list[Case]:
     shape = (batch, HEADS, n_tokens, head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     agents = torch.randn(1, HEADS, N_AGENTS, head_dim, device="cuda", dtype=torch.bfloat16)
+    sinks = torch.randn(1, HEADS, 1, 1, device="cuda", dtype=torch.bfloat16)  # one learned logit per head
     scale = head_dim**-0.5
     io_bytes = 4 * q.numel() * q.element_size()  # q, k, v read, out written
     exact_flops = 2 * batch * HEADS * n_tokens * n_tokens * 2 * head_dim
@@ -67,6 +69,11 @@ def _cases(n_tokens: int, head_dim: int) -> list[Case]:
         Case("exact", False, lambda: exact_attention(q, k, v, scale=scale), exact_flops, io_bytes),
         Case("sdpa-flash", True, sdpa(True), exact_flops, io_bytes),
         Case("exact", True, lambda: exact_attention(q, k, v, scale=scale, causal=True), exact_flops, io_bytes),
+        Case(
+            "exact softcap+sinks", True,
+            lambda: exact_attention(q, k, v, scale=scale, causal=True, softcap=50.0, sinks=sinks),
+            exact_flops, io_bytes,
+        ),
         Case(
             f"agent n={N_AGENTS}", False,
             lambda: agent_attention(q, k, v, agents, scale=scale, agent_scale=scale),
@@ -141,9 +148,12 @@ def check() -> bool:
         q, k, v = (torch.randn(1, 2, 37, 32).to(dtype) for _ in range(3))
         agents, mask = torch.randn(1, 2, 5, 32).to(dtype), torch.rand(1, 1, 37, 37) > 0.2
         mask[..., 0] = True
+        sinks = torch.randn(1, 2, 1, 1).to(dtype)
         calls = {
             "exact + bool mask": (exact_attention, exact_attention_reference, (q, k, v, mask), dict(scale=0.2)),
             "exact causal": (exact_attention, exact_attention_reference, (q, k, v), dict(scale=0.2, causal=True)),
+            "exact causal softcap+sinks": (exact_attention, exact_attention_reference, (q, k, v, mask),
+                                           dict(scale=0.2, causal=True, softcap=5.0, sinks=sinks)),
             "agent": (agent_attention, agent_attention_reference, (q, k, v, agents), dict(scale=0.2, agent_scale=0.3)),
             "linear focused/sum": (linear_attention, linear_attention_reference, (q, k, v), dict(feature_map="focused")),
             "linear causal inline": (linear_attention, linear_attention_reference, (q, k, v), dict(causal=True, normalization="inline")),

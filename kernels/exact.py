@@ -2,8 +2,9 @@
 
 Paths, in this order:
 - Triton: CUDA tensors (or CPU ones with config.force_triton under TRITON_INTERPRET=1) run the
-  generated FlashAttention-2 style Triton kernel (see _kernel_computes). On CUDA the Triton kernel
-  stays the choice even where torch's SDPA could compute the same function: it is already fused,
+  generated FlashAttention-2 style Triton kernel (see _kernel_computes), logit softcapping and
+  attention sinks included. On CUDA the Triton kernel stays the choice even where torch's SDPA
+  could compute the same function: it is already fused,
   it models every masking option (fills, the mask's dtype, NaN rows) in one kernel, and CUDA
   SDPA's flash/efficient backends round the probabilities to half before P·V and pick their
   backend by rules this op would have to mirror per torch version.
@@ -13,8 +14,8 @@ Paths, in this order:
   probabilities SDPA rounds to the input dtype before P·V), several times faster and without
   the N×M score matrix.
 - Reference: everything else (dropout, finite fills, half scores rounding a float mask, logit
-  softcapping, attention sinks, ...). Softcap and sinks never take the Triton or SDPA path:
-  neither computes them (the Triton template could; it does not yet).
+  softcapping or attention sinks on CPU, ...). Softcap and sinks never take the SDPA path (SDPA
+  computes neither); the Triton kernel computes both.
 
 Backward is autograd through the reference whatever the forward ran (see autograd_reference),
 twice differentiable. The op takes fill_mask and sinks as its fifth and sixth positional arguments
@@ -57,9 +58,10 @@ def _check_exact_inputs(q, k, v, mask, fill_mask, score_dtype, sinks=None, softc
 
 def _kernel_computes(q, mask, score_dtype, dropout_p, sinks=None, softcap=None) -> bool:
     """Whether the Triton kernel gives the reference's result: not with dropout (the reference
-    keeps torch's RNG stream), nor for a float mask added in fp64 (the kernel's softmax is fp32),
-    nor with logit softcapping or attention sinks (the template has neither yet)."""
-    if sinks is not None or softcap is not None:
+    keeps torch's RNG stream), nor for a float mask added in fp64, nor for fp64 sinks (the
+    reference's softmax then runs in fp64, the kernel's is fp32). Logit softcapping and sinks of
+    a kernel dtype it computes."""
+    if sinks is not None and sinks.dtype == torch.float64:
         return False
     return dropout_p == 0 and mask_sum_dtype(q.dtype, mask, score_dtype) != torch.float64 and config.use_triton(q)
 
@@ -182,7 +184,8 @@ def _exact_attention_op(
     if _kernel_computes(q, mask, score_dtype, dropout_p, sinks, softcap):
         from .exact_triton import exact_attention_triton  # launchers load on first use, not at import
 
-        return exact_attention_triton(q, k, v, mask, scale=scale, causal=causal, **masking)
+        return exact_attention_triton(q, k, v, mask, scale=scale, causal=causal, softcap=softcap, sinks=sinks,
+                                      **masking)
     # contiguous, as the fake impl promises (Inductor calls the op as an extern kernel and checks
     # its strides; CPU SDPA follows the inputs' layout)
     if _sdpa_computes(q, k, v, mask, fill_mask, masking["fill_value"], score_dtype, dropout_p, scale, sinks, softcap):
@@ -277,7 +280,8 @@ def exact_attention(
     broadcastable to (B, H, N, 1), usually one learned logit per head (1, H, 1, 1), differentiable):
     the softmax runs over [masked scores, sink] and the sink's column is dropped, so rows weigh
     less than 1 in total and a row whose every key is masked gives 0 (the sink takes all the weight;
-    NaN only if that row's sink is -inf too, or 0 with zero_empty_rows). Both run the reference. dropout_p > 0 applies
+    NaN only if that row's sink is -inf too, or 0 with zero_empty_rows). On CUDA both run in the
+    Triton kernel (fp64 sinks: the reference); on CPU the reference (SDPA computes neither). dropout_p > 0 applies
     F.dropout(probs, dropout_p, training=True), consuming the RNG exactly like a hand-written
     dropout(softmax(...)) of the same shape; that path always runs (and differentiates) the
     reference, never the Triton kernel or SDPA. On CPU the call runs torch's fused

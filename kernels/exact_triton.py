@@ -44,12 +44,17 @@ def exact_attention_triton(
     fill_value: float = float("-inf"),
     score_dtype: torch.dtype | None = None,
     zero_empty_rows: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(where(fill_mask, fill_value, q kᵀ·scale) + mask) v through the generated
-    FlashAttention-2 style kernel; a float mask must be added in at most fp32 (see mask_sum_dtype)."""
+    """softmax(where(fill_mask, fill_value, cap(q kᵀ·scale)) + mask) v through the generated
+    FlashAttention-2 style kernel, with sinks (broadcastable to (B, H, N, 1), at most fp32: the
+    kernel's softmax is fp32) in the normaliser; a float mask must be added in at most fp32 (see
+    mask_sum_dtype). cap(s) = softcap·tanh(s / softcap), the identity for softcap None."""
     tiles = attention_tiles(q.device, q.shape[3])
     mask_kind, broadcast, mask_tensor, mask_strides = mask_layout(mask)
     _, fill_broadcast, fill_tensor, fill_strides = mask_layout(fill_mask)
+    _, sinks_broadcast, sinks_tensor, sinks_strides = mask_layout(sinks)
     sum_dtype = mask_sum_dtype(q.dtype, mask, score_dtype)
     config = ExactKernelConfig(
         head_dim=q.shape[3],
@@ -64,14 +69,20 @@ def exact_attention_triton(
         fill_broadcast=fill_broadcast,
         mask_sum_dtype="float32" if sum_dtype in (None, torch.float32) else dtype_name(sum_dtype),
         zero_empty_rows=zero_empty_rows,
+        softcap=softcap is not None,
+        sinks=sinks is not None,
+        sinks_broadcast=sinks_broadcast if sinks is not None else (False, False, False, True),
     )
     kernel = kernel_module("exact_attention", config).exact_attention_kernel
     batch, n_heads, n_queries = q.shape[:3]
     out = q.new_empty(batch, n_heads, n_queries, v.shape[3])
     fill_args = [] if fill_mask is None else [fill_tensor, *fill_strides, fill_value]
+    softcap_args = [] if softcap is None else [float(softcap)]
+    sink_args = [] if sinks is None else [sinks_tensor, *sinks_strides[:3]]  # the last dim is 1
     grid = (triton.cdiv(n_queries, tiles.block_m), batch * n_heads)
     torch.library.wrap_triton(kernel)[grid](
-        *softmax_kernel_args(q, k.to(q.dtype), v.to(q.dtype), out, mask_tensor, mask_strides, scale), *fill_args,
+        *softmax_kernel_args(q, k.to(q.dtype), v.to(q.dtype), out, mask_tensor, mask_strides, scale),
+        *fill_args, *softcap_args, *sink_args,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -12,7 +12,10 @@ adds a float mask or fills scores: those values may lie near the fp32 range (fin
 natural units and exp2 takes (score − max)·log2(e), which cannot overflow to a wrong value.
 The exact kernel can also replace scores by a fill value where a bool fill mask is set, round
 scores and mask sum to the dtype the original added them in, and give 0 for rows with no
-visible key.
+visible key; and it computes the two score transforms of exact_attention_reference: logit
+softcapping (softcap·tanh(s / softcap) on the scaled scores, before fills and masks; tanh from
+tl.exp, see softcap_tanh) and attention sinks (one logit per row folded into the running max and
+sum after the key loop, so it weighs in the normaliser and not in the accumulator).
 
 Agent attention is two such kernels in one module. Stage 1 (agents over keys, per-key mask) has
 few query rows and many keys, so it also splits the keys across programs (split-K, as in
@@ -49,6 +52,9 @@ class SoftmaxKernelSpec:
     fill_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, False)
     mask_sum_dtype: str = "float32"
     zero_empty_rows: bool = False
+    softcap: bool = False
+    sinks: bool = False
+    sinks_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, True)
 
     @property
     def natural_units(self) -> bool:
@@ -70,7 +76,7 @@ def $name(
     stride_vb, stride_vh, stride_vn, stride_ve,
     stride_ob, stride_oh, stride_on, stride_oe,
     stride_mb, stride_mh, stride_mn, stride_mk,
-    n_heads, kv_group, n_queries, n_keys, scale,$fill_params$split_params
+    n_heads, kv_group, n_queries, n_keys, scale,$fill_params$softcap_params$sink_params$split_params
 ):
     """$summary"""
     query_block = tl.program_id(0)
@@ -90,7 +96,7 @@ def $name(
     acc = tl.zeros([$block_m, $e_pad], tl.float32)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
-    score_scale = scale$to_log2
+$score_scale
 $mask_setup$fill_setup$key_range
     for start_n in range(key_start, key_limit, $block_n):
         offs_n = start_n + tl.arange(0, $block_n)
@@ -100,7 +106,7 @@ $mask_setup$fill_setup$key_range
             mask=key_ok[:, None]$d_load_mask, other=0.0,
         )
         scores = tl.dot(q, tl.trans(k)$precision) * score_scale
-        visible = query_ok[:, None] & key_ok[None, :]$causal_visible
+$apply_softcap        visible = query_ok[:, None] & key_ok[None, :]$causal_visible
 $apply_fill$apply_mask        scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # rows with no visible key yet keep max -inf; shift by 0 so exp2 gives 0, not NaN
@@ -116,7 +122,7 @@ $apply_fill$apply_mask        scores = tl.where(visible, scores, float("-inf"))
         row_max = new_max
 $finish''')
 
-_FINISH = '''$empty_rows
+_FINISH = '''$sink_fold$empty_rows
     tl.store(
         Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_e[None, :] * stride_oe,
         out.to(Out.dtype.element_ty),
@@ -127,8 +133,8 @@ _FINISH = '''$empty_rows
 # a row whose keys are all masked has a running sum of 0
 _EMPTY_ROWS_NAN = """    # 0 / 0 where every key is masked: NaN, as torch.softmax gives
     out = acc / row_sum[:, None]"""
-_EMPTY_ROWS_ZERO = """    # 0 where every key is masked, as SDPA gives
-    out = tl.where(row_sum[:, None] > 0, acc / row_sum[:, None], 0.0)"""
+_EMPTY_ROWS_ZERO = """    # 0 where every key is masked, as SDPA gives (a NaN sum: NaN or +inf scores or sink, stays NaN)
+    out = tl.where(row_sum[:, None] == 0, 0.0, acc / row_sum[:, None])"""
 
 # split-K: keep this split's accumulator, max (in the kernel's units) and sum for the launcher to merge
 _FINISH_SPLIT = '''    split_row = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * n_queries + offs_m
@@ -143,6 +149,47 @@ _FINISH_SPLIT = '''    split_row = (tl.program_id(2) * tl.num_programs(1) + tl.p
 '''
 
 _LOG2_E = "1.4426950408889634"
+_LN_2 = "0.6931471805599453"
+
+# The attention sink (one logit per row, natural units) folded into the finished online softmax:
+# it joins the running max and adds exp(sink - max) to the sum, nothing to the accumulator.
+# Done in natural units (the row max converted down, not the sink up: ×log2(e) could overflow a
+# finite sink); a row whose keys are all masked has max -inf, sum 0, accumulator 0, so it ends
+# with sum 1 (output 0) for a finite sink, sum 0 for a -inf sink (NaN, or 0 with empty rows as 0)
+# and a NaN sum for a +inf or NaN sink (NaN), as torch.softmax over [scores, sink] gives.
+_SINK_FOLD = """    # attention sink: in the normaliser only
+$sink_setup    sink = tl.load(sink_base + sink_rows, mask=query_ok, other=float("-inf")).to(tl.float32)
+    kept_max = row_max$to_natural
+    final_max = tl.maximum(kept_max, sink)
+    final_shift = tl.where(final_max == float("-inf"), 0.0, final_max)
+    kept_scale = tl.exp2((kept_max - final_shift) * $log2_e)
+    row_sum = row_sum * kept_scale + tl.exp2((sink - final_shift) * $log2_e)
+    acc = acc * kept_scale[:, None]
+"""
+
+# tanh for logit softcapping, from tl.exp and arithmetic only: libdevice's tanh is an extern
+# call, which Triton's interpreter cannot run. Below 0.55, x·P(x²) with P a relative-error
+# minimax fit of tanh(x)/x on [0, 0.55] (degree 5 in x²); above, 1 − 2/(e^{2|x|} + 1), which
+# has no cancellation there and saturates to ±1 (e^{2|x|} = inf gives exactly 1). Measured in
+# fp32 with a correctly rounded exp (numpy's, as the interpreter uses) against fp64 tanh on
+# 2.2M points of [−12, 12] and [1e-30, 20]: within 1.2 ulp below 0.55, 1.8 ulp above; NaN
+# stays NaN. On NVIDIA GPUs tl.exp is ex2.approx (about 2 ulp), which adds up to about 1.5 ulp
+# near 0.55 and less above (libdevice's tanhf is documented to 2 ulp).
+_SOFTCAP_TANH = '''
+@triton.jit
+def softcap_tanh(x):
+    """tanh(x) in fp32 to about 2 ulp (see attnopt.kernels.softmax_template)."""
+    magnitude = tl.abs(x)
+    x2 = x * x
+    poly = -0.006235731299966574
+    poly = poly * x2 + 0.021039819344878197
+    poly = poly * x2 - 0.05384274944663048
+    poly = poly * x2 + 0.13332460820674896
+    poly = poly * x2 - 0.3333331048488617
+    poly = poly * x2 + 1.0
+    saturating = 1.0 - 2.0 / (tl.exp(2.0 * magnitude) + 1.0)
+    return tl.where(magnitude < 0.55, x * poly, tl.where(x < 0, -saturating, saturating))
+'''
 
 
 def _tile_setup(pointer: str, prefix: str, stride: str, broadcast: tuple[bool, ...], block_m: int) -> str:
@@ -215,13 +262,36 @@ def _exponent(difference: str, spec: SoftmaxKernelSpec) -> str:
     return f"({difference}) * {_LOG2_E}" if spec.natural_units else difference
 
 
+def _score_scale(spec: SoftmaxKernelSpec) -> str:
+    """Factor of q kᵀ giving the scores in the kernel's units; with softcapping, the argument of
+    tanh (scale / softcap), and the factor `cap` of tanh's result (softcap, in the kernel's units)."""
+    to_log2 = "" if spec.natural_units else f" * {_LOG2_E}"
+    if not spec.softcap:
+        return f"    score_scale = scale{to_log2}"
+    return (
+        "    # logit softcapping: softcap·tanh(scale·q kᵀ / softcap)\n"
+        f"    score_scale = scale / softcap\n    cap = softcap{to_log2}"
+    )
+
+
+def _sink_fold(spec: SoftmaxKernelSpec) -> str:
+    """After the key loop: fold the row's attention sink into max and sum (see _SINK_FOLD)."""
+    if not spec.sinks:
+        return ""
+    return Template(_SINK_FOLD).substitute(
+        sink_setup=_tile_setup("Sinks", "sink", "stride_s", spec.sinks_broadcast, spec.block_m),
+        to_natural="" if spec.natural_units else f" * {_LN_2}",
+        log2_e=_LOG2_E,
+    )
+
+
 def render_softmax_kernel(spec: SoftmaxKernelSpec, summary: str) -> str:
     """Text of one @triton.jit softmax-attention kernel specialised on `spec`."""
     check_choice("mask", spec.mask, MASK_KINDS)
     d_pad, e_pad = block_width(spec.head_dim), block_width(spec.value_dim)
     check_choice("mask_sum_dtype", spec.mask_sum_dtype, DTYPES)
-    if spec.split_keys and (spec.causal or spec.zero_empty_rows):
-        raise ValueError("split_keys kernels are not causal and leave empty rows to the merge")
+    if spec.split_keys and (spec.causal or spec.zero_empty_rows or spec.sinks):
+        raise ValueError("split_keys kernels are not causal and leave empty rows and sinks to the merge")
     if spec.split_keys:
         key_range = (
             "    key_start = tl.program_id(2) * keys_per_split\n"
@@ -244,10 +314,15 @@ def render_softmax_kernel(spec: SoftmaxKernelSpec, summary: str) -> str:
         key_range=key_range,
         split_params="\n    RowMax, RowSum, stride_os, keys_per_split," if spec.split_keys else "",
         fill_params="\n    FillMask, stride_fb, stride_fh, stride_fn, stride_fk, fill_value," if spec.fill else "",
+        softcap_params="\n    softcap," if spec.softcap else "",
+        sink_params="\n    Sinks, stride_sb, stride_sh, stride_sn," if spec.sinks else "",
         finish=Template(_FINISH_SPLIT if spec.split_keys else _FINISH).substitute(
-            e_load_mask=e_load_mask, empty_rows=_EMPTY_ROWS_ZERO if spec.zero_empty_rows else _EMPTY_ROWS_NAN
+            e_load_mask=e_load_mask,
+            empty_rows=_EMPTY_ROWS_ZERO if spec.zero_empty_rows else _EMPTY_ROWS_NAN,
+            sink_fold=_sink_fold(spec),
         ),
-        to_log2="" if spec.natural_units else f" * {_LOG2_E}",
+        score_scale=_score_scale(spec),
+        apply_softcap="        scores = softcap_tanh(scores) * cap\n" if spec.softcap else "",
         rescale_exponent=_exponent("row_max - shift", spec),
         probs_exponent=_exponent("scores - shift[:, None]", spec),
         causal_visible=" & (offs_n[None, :] <= offs_m[:, None])" if spec.causal else "",
@@ -267,7 +342,11 @@ class ExactKernelConfig:
     fill: scores where a bool fill mask (broadcast dims `fill_broadcast`) is set are replaced by
     the kernel's fill_value argument. mask_sum_dtype: the dtype an additive mask is added in
     ("float16"/"bfloat16" round scores and sum to it, "float32" does not). zero_empty_rows: rows
-    with no visible key give 0 instead of NaN.
+    with no visible key give 0 instead of NaN. softcap: the scaled scores are capped to
+    softcap·tanh(s / softcap) (before fills and masks), softcap being the kernel's `softcap`
+    argument (one kernel for every value). sinks: the kernel's `Sinks` tensor, broadcast from
+    (B|1, H|1, N|1, 1) (broadcast dims `sinks_broadcast`), holds one logit per row that joins the
+    softmax's normaliser only (attention sinks).
     """
 
     head_dim: int
@@ -282,6 +361,9 @@ class ExactKernelConfig:
     fill_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, False)
     mask_sum_dtype: str = "float32"
     zero_empty_rows: bool = False
+    softcap: bool = False
+    sinks: bool = False
+    sinks_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, True)
 
 
 def render_exact_module(config: ExactKernelConfig) -> str:
@@ -301,11 +383,17 @@ def render_exact_module(config: ExactKernelConfig) -> str:
         fill_broadcast=tuple(config.fill_broadcast),
         mask_sum_dtype=config.mask_sum_dtype,
         zero_empty_rows=config.zero_empty_rows,
+        softcap=config.softcap,
+        sinks=config.sinks,
+        sinks_broadcast=tuple(config.sinks_broadcast),
     )
-    fill = "where(fill_mask, fill_value, q kᵀ·scale)" if config.fill else "q kᵀ·scale"
-    summary = f"softmax({fill} + mask) v for BLOCK_M queries of one (batch, head)."
+    scores = "cap(q kᵀ·scale)" if config.softcap else "q kᵀ·scale"
+    fill = f"where(fill_mask, fill_value, {scores})" if config.fill else scores
+    sink = ", a sink logit per row in the normaliser," if config.sinks else ""
+    summary = f"softmax({fill} + mask){sink} v for BLOCK_M queries of one (batch, head)."
     rounding = _ROUND_TO_SUM_DTYPE.get(config.mask_sum_dtype, "") if config.mask == "additive" else ""
-    return MODULE_HEADER + rounding + render_softmax_kernel(spec, summary)
+    tanh = _SOFTCAP_TANH if config.softcap else ""
+    return MODULE_HEADER + rounding + tanh + render_softmax_kernel(spec, summary)
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ def _cost_params(config: ExactConfig, site_info: SiteInfo) -> dict:
     hand-written half-precision site whose scores round before a float mask also runs the
     reference, which this formula prices as fused: the kernel count measured on the built module
     corrects its per-call term)."""
-    # softcap and sinks run the reference on every device
-    return {"fused": not site_info.score_transforms and (site_info.device == "cuda" or site_info.dropout == 0)}
+    # softcap and sinks: the Triton kernel computes them on CUDA; on CPU they run the reference (SDPA computes neither)
+    return {"fused": site_info.device == "cuda" or (site_info.dropout == 0 and not site_info.score_transforms)}
 
 
 register_variant(VariantSpec(

@@ -60,7 +60,7 @@ def test_scores_stay_in_natural_units_only_where_masks_or_fills_may_reach_the_fp
 
 def test_exact_masking_flags_each_write_only_their_own_code():
     plain = source("exact_attention", head_dim=32, value_dim=32, mask="additive")
-    assert "FillMask" not in plain and "round_to_sum_dtype" not in plain and "row_sum[:, None] > 0" not in plain
+    assert "FillMask" not in plain and "round_to_sum_dtype" not in plain and "row_sum[:, None] == 0" not in plain
     filled = source("exact_attention", head_dim=32, value_dim=32, fill=True, fill_broadcast=(False, True, True, False))
     assert "tl.where(filled != 0, fill_value, scores)" in filled and "batch * stride_fb" in filled
     assert "head * stride_fh" not in filled and "offs_m * stride_fn" not in filled
@@ -68,7 +68,7 @@ def test_exact_masking_flags_each_write_only_their_own_code():
         rounded = source("exact_attention", head_dim=32, value_dim=32, mask="additive", mask_sum_dtype=dtype)
         assert rounding in rounded and "round_to_sum_dtype(round_to_sum_dtype(scores) + bias" in rounded
     assert "round_to_sum_dtype" not in source("exact_attention", head_dim=32, value_dim=32, mask="bool", mask_sum_dtype="float16")
-    assert "tl.where(row_sum[:, None] > 0, acc / row_sum[:, None], 0.0)" in source(
+    assert "tl.where(row_sum[:, None] == 0, 0.0, acc / row_sum[:, None])" in source(
         "exact_attention", head_dim=32, value_dim=32, zero_empty_rows=True
     )
 

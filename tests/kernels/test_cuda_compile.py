@@ -19,7 +19,7 @@ from attnopt.kernels.codegen import GENERATORS
 from attnopt.kernels.linear_template import LinearKernelConfig
 from attnopt.kernels.softmax_template import AgentKernelConfig, ExactKernelConfig
 
-pytestmark = pytest.mark.slow  # compiles six kernels in a subprocess
+pytestmark = pytest.mark.slow  # compiles eight kernels in a subprocess
 
 BF16, FP16, FP32, U8 = "*bf16", "*fp16", "*fp32", "*u8"
 CASES = [
@@ -41,6 +41,21 @@ CASES = [
         ExactKernelConfig(head_dim=64, value_dim=64, dtype="bfloat16", mask="additive", block_m=128, block_n=64, mask_sum_dtype="bfloat16"),
         "exact_attention_kernel",
         dict(Q=BF16, K=BF16, V=BF16, Out=BF16, Mask=BF16),
+    ),
+    (  # logit softcapping and per-head attention sinks, scores in log2 units
+        "exact_attention",
+        ExactKernelConfig(head_dim=64, value_dim=64, dtype="bfloat16", causal=True, mask="bool", block_m=128, block_n=64,
+                          softcap=True, sinks=True, sinks_broadcast=(True, False, True, True)),
+        "exact_attention_kernel",
+        dict(Q=BF16, K=BF16, V=BF16, Out=BF16, Mask=U8, Sinks=BF16),
+    ),
+    (  # the same in natural units (a float mask and a fill), per-row fp32 sinks, empty rows as 0
+        "exact_attention",
+        ExactKernelConfig(head_dim=128, value_dim=128, dtype="float16", mask="additive", block_m=128, block_n=64,
+                          fill=True, zero_empty_rows=True, softcap=True, sinks=True,
+                          sinks_broadcast=(False, False, False, True)),
+        "exact_attention_kernel",
+        dict(Q=FP16, K=FP16, V=FP16, Out=FP16, Mask=FP32, FillMask=U8, Sinks=FP32),
     ),
     (
         "agent_attention",
@@ -71,7 +86,7 @@ def compile_cases() -> None:
 
     for op, config, kernel_name, pointers in CASES:
         kernel = getattr(kernel_cache.load_module(GENERATORS[op][1](config)), kernel_name)
-        signature = {name: pointers.get(name, "fp32" if name in ("scale", "eps", "fill_value") else "i32") for name in kernel.arg_names}
+        signature = {name: pointers.get(name, "fp32" if name in ("scale", "eps", "fill_value", "softcap") else "i32") for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
         assert compiled.asm["cubin"], f"{op}.{kernel_name} produced no cubin"
         print(f"{op}.{kernel_name} compiled")

@@ -2,9 +2,9 @@
 
 The reference is checked against the formula as the models write it, in fp64: scores·scale,
 capped to c·tanh(s / c), then masks, then `softmax(cat([scores, sink], -1))[..., :-1] @ v`.
-The op equals the reference (it runs it: SDPA and the Triton kernel compute neither), its
-gradients reach the sinks, it differentiates twice, traces under fake tensors and counts the
-same FLOPs as without them.
+On CPU the op equals the reference (it runs it: SDPA computes neither), its gradients reach the
+sinks, it differentiates twice, traces under fake tensors and counts the same FLOPs as without
+them. The Triton kernel computes both (test_triton_softcap_sinks.py holds it to the reference).
 """
 
 from __future__ import annotations
@@ -102,13 +102,18 @@ def test_op_on_cpu_runs_the_reference_in_every_dtype(dtype):
                                                options.get("sinks"), options.get("softcap"))
 
 
-def test_forced_triton_path_falls_back_to_the_reference(monkeypatch):
+def test_forced_triton_path_computes_them_except_fp64_sinks(monkeypatch):
+    """The kernel computes softcap and sinks; fp64 sinks (an fp64 softmax in the reference) and
+    dropout still run the reference, exactly."""
     q, k, v, sinks = inputs(dtype=torch.float32)
     monkeypatch.setattr(config, "force_triton", True)
-    assert not exact_module._kernel_computes(q, None, None, 0.0, sinks, None)
-    assert not exact_module._kernel_computes(q, None, None, 0.0, None, 30.0)
-    expected = exact_attention_reference(q, k, v, scale=0.3, softcap=3.0, sinks=sinks)
-    torch.testing.assert_close(exact_attention(q, k, v, scale=0.3, softcap=3.0, sinks=sinks), expected, atol=0, rtol=0)
+    assert exact_module._kernel_computes(q, None, None, 0.0, sinks, None)
+    assert exact_module._kernel_computes(q, None, None, 0.0, None, 30.0)
+    assert not exact_module._kernel_computes(q, None, None, 0.0, sinks.double(), 30.0)
+    assert not exact_module._kernel_computes(q, None, None, 0.5, sinks, 30.0)
+    expected = exact_attention_reference(q, k, v, scale=0.3, softcap=3.0, sinks=sinks.double())
+    torch.testing.assert_close(exact_attention(q, k, v, scale=0.3, softcap=3.0, sinks=sinks.double()), expected,
+                               atol=0, rtol=0)
 
 
 def test_dropout_with_sinks_draws_the_mask_of_the_weights_without_the_sink_column():
