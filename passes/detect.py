@@ -1,18 +1,20 @@
 """Find softmax attention in a canonicalized FX graph, by meaning.
 
-Four kinds of site, each found by its own matcher (the table `MATCHERS`):
+Five kinds of site, each found by its own matcher (the table `MATCHERS`):
 
 * `matmul` — softmax(Q Kᵀ·scale + masks) V written with matmuls (passes/match_matmul.py; masks,
   fills, constants and causality in passes/mask_terms.py; the ops a walk passes in passes/walk.py);
 * `sdpa`, `mha`, `encoder-layer` — `F.scaled_dot_product_attention`, `F.multi_head_attention_forward`
-  and the fused `torch._transformer_encoder_layer_fwd` (passes/match_library.py).
+  and the fused `torch._transformer_encoder_layer_fwd` (passes/match_library.py);
+* `flex` — the `flex_attention` higher-order op, its score_mod / mask_mod read (passes/match_flex.py).
 
 Every match is a `SiteMatch` (passes/site_ir.py); those that are not safely rewritable carry a
 one-sentence `reason` instead of being dropped silently — an in-place write to anything the site
 reads, while it reads it, is one such reason (checked here for every kind of site).
 
 `detect(gm, subgraphs=True)` also searches the bodies of torch.utils.checkpoint regions (the
-higher-order ops in fx_utils.SEARCHED_HIGHER_ORDER_OPS); `unsearched_regions` lists the others.
+higher-order ops in fx_utils.SEARCHED_HIGHER_ORDER_OPS); `unsearched_regions` lists the others
+but flex attention, which is a site (fx_utils.MATCHED_HIGHER_ORDER_OPS).
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .fx_utils import alias_root, body_module, higher_order_name, mutated_by, op_name, searched_body, to_networkx
+from .fx_utils import (
+    MATCHED_HIGHER_ORDER_OPS,
+    alias_root,
+    body_module,
+    higher_order_name,
+    mutated_by,
+    op_name,
+    searched_body,
+    to_networkx,
+)
+from .match_flex import match_flex
 from .match_library import match_encoder_layer, match_mha, match_sdpa
 from .match_matmul import match_softmax, match_unstable_softmax
 from .site_ir import SiteMatch
@@ -34,6 +46,7 @@ MATCHERS: dict[str, Callable[[fx.Node, nx.DiGraph], SiteMatch | None]] = {
     "multi_head_attention_forward": match_mha,
     "eager_multi_head_attention_forward": match_mha,
     "_transformer_encoder_layer_fwd": match_encoder_layer,
+    "flex_attention": match_flex,
 }
 """Op name → the matcher that reads a site from such a call (canonicalize spells every softmax
 `torch.softmax`; an unstable hand-written one is marked on its division)."""
@@ -88,12 +101,13 @@ def _write_inside(match: SiteMatch, writes: list[tuple[int, fx.Node, Any]], posi
 
 def unsearched_regions(gm: fx.GraphModule, subgraphs: bool = False) -> list[fx.Node]:
     """The higher-order-op calls whose subgraphs `detect(gm, subgraphs)` does not search (all of
-    them without `subgraphs`), including those nested in searched bodies, in graph order."""
+    them without `subgraphs`), including those nested in searched bodies, in graph order. Flex
+    attention is not among them: it is a site, rewritten or refused with its reason."""
     regions = []
     for node in gm.graph.nodes:
         body = searched_body(node) if subgraphs else None
         if body is not None:
             regions += unsearched_regions(body_module(gm, body), subgraphs=True)
-        elif higher_order_name(node) is not None:
+        elif higher_order_name(node) not in (None, *MATCHED_HIGHER_ORDER_OPS):
             regions.append(node)
     return regions

@@ -142,10 +142,17 @@ def module_path(node: fx.Node) -> str:
     return path.strip(".")
 
 
+_WRAPPER_FILES = ("torch/nn/attention/flex_attention.py",)
+"""torch functions that only wrap the op a site is found at (flex_attention calls its higher-order
+op): a site's source is the line that called them."""
+
+
 def source_line(node: fx.Node) -> str:
-    """`file:line` of the user code that produced the node (the innermost frame)."""
+    """`file:line` of the user code that produced the node (the innermost frame, wrappers in
+    `_WRAPPER_FILES` skipped)."""
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    frames = [f for f in frames if not f[0].replace("\\", "/").endswith(_WRAPPER_FILES)] or frames
     if not frames:
         return ""
     file, line = frames[-1]
@@ -162,9 +169,13 @@ def copy_meta(source: fx.Node, target: fx.Node) -> None:
 # Higher-order ops whose first argument is a subgraph that they call once, on the remaining
 # positional arguments, with nothing changed around it (torch.utils.checkpoint, dynamo's `wrap`).
 # Their bodies are canonicalized, searched and rewritten like the graph around them. The bodies
-# of other higher-order ops (cond, while_loop, map, flex attention's score_mod, autocast or
-# grad-mode wrappers, ...) are left alone.
+# of other higher-order ops (cond, while_loop, map, autocast or grad-mode wrappers, ...) are left
+# alone.
 SEARCHED_HIGHER_ORDER_OPS = frozenset({"tag_activation_checkpoint", "wrap"})
+
+# Higher-order ops that are attention themselves: a matcher reads the call as a site, its
+# subgraphs (flex attention's score_mod and mask_mod) as parts of it (passes/match_flex.py).
+MATCHED_HIGHER_ORDER_OPS = frozenset({"flex_attention"})
 
 
 def higher_order_name(node: fx.Node) -> str | None:

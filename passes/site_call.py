@@ -22,7 +22,7 @@ from torch import nn
 
 from .masking import Masking, run_attention
 from .mha import encoder_layer_forward, multi_head_attention_forward
-from .site_ir import Input, LibraryRecipe, MatmulRecipe, Recipe, SdpaRecipe, TermSpec, resolve
+from .site_ir import FlexRecipe, Input, LibraryRecipe, MatmulRecipe, Recipe, SdpaRecipe, TermSpec, resolve
 
 
 def call_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -220,6 +220,71 @@ class LibrarySiteCall(SiteCall):
         return self._functions[recipe.function](self.attention, **arguments)
 
 
+def _on_index_grid(fn: Any, sizes: tuple[int, int, int, int], arguments: list, device: torch.device) -> Any:
+    """`fn(b, h, q_idx, kv_idx, *arguments)` at every index of (B, H, N, M), as torch's
+    flex_attention reference evaluates score_mods and mask_mods: vmapped over torch.arange grids,
+    tensors indexed by index tensors read as `aten.index`."""
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+    from torch.nn.attention.flex_attention import _vmap_for_bhqkv
+
+    grids = [torch.arange(n, device=device) for n in sizes]
+    mapped = _vmap_for_bhqkv(fn, prefix=(), suffix=(None,) * len(arguments))
+    with TransformGetItemToIndex():
+        return mapped(*grids, *arguments)
+
+
+def flex_masking(recipe: FlexRecipe, tensors: tuple) -> Masking:
+    """The masking of a flex_attention site for its inputs `tensors` (q, k, v, buffers): the
+    mask_mod and the score_mod's keep conditions evaluated into one bool keep-mask, its added
+    terms into one float mask (-inf where not kept) in the scores' working precision (fp32, fp64
+    for fp64 inputs, as torch's reference), fully masked rows giving 0."""
+    q, k = tensors[0], tensors[1]
+    sizes = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    working = torch.float64 if q.dtype == torch.float64 else torch.float32
+    keep = additive = None
+    if recipe.mask_mod is not None:
+        keep = _on_index_grid(recipe.mask_mod, sizes, [resolve(b, tensors) for b in recipe.mask_buffers], q.device)
+    score = torch.zeros((), dtype=working, device=q.device)  # the terms do not read it
+    buffers = [resolve(b, tensors) for b in recipe.score_buffers]
+    if recipe.terms is not None:
+        values = _on_index_grid(lambda *indices_and_buffers: recipe.terms(score, *indices_and_buffers), sizes,
+                                buffers, q.device)
+        for value, sign in zip(values, recipe.term_signs, strict=True):
+            value = value.to(working)  # what `score + term` promotes it to
+            value = -value if sign < 0 else value
+            additive = value if additive is None else additive + value
+    if recipe.keeps is not None:
+        values = _on_index_grid(lambda *indices_and_buffers: recipe.keeps(score, *indices_and_buffers), sizes,
+                                buffers, q.device)
+        for condition, negated in zip(values, recipe.keep_negated, strict=True):
+            condition = ~condition if negated else condition
+            keep = condition if keep is None else keep & condition
+    if recipe.has_number_terms:
+        offset = torch.tensor(recipe.term_offset, dtype=working, device=q.device)
+        additive = offset if additive is None else additive + offset
+    if additive is not None and keep is not None:
+        additive = torch.where(keep, additive, torch.tensor(-math.inf, dtype=working, device=q.device))
+    if keep is not None and keep.dtype != torch.bool:
+        raise TypeError(f"flex_attention's mask_mod returned {keep.dtype}, not bool")
+    return Masking(mask=keep if additive is None else additive, score_dtype=working, zero_empty_rows=True,
+                   softcap=recipe.softcap)
+
+
+class FlexSiteCall(SiteCall):
+    """Replaces `flex_attention` (torch.nn.attention.flex_attention) whose score_mod and mask_mod
+    attnopt computes (passes/match_flex.py): one exact call with the masking `flex_masking` builds."""
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        recipe: FlexRecipe = self.recipe
+        q, k, v = tensors[:3]
+        if k.shape[0] != q.shape[0]:  # flex_attention broadcasts a key/value batch of 1
+            k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
+        out = call_attention(self.attention, q, k, v, flex_masking(recipe, tensors),
+                             scale=float(resolve(recipe.scale, tensors)),
+                             causal=False, dropout_p=0.0, grouped=True)
+        return _in_layout(_in_dtype(out, recipe.out_dtype), recipe.out_order)
+
+
 def _in_layout(out: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
     """`out` laid out in memory as the original output was (site_ir.memory_order; None:
     contiguous), copied only where it is not: a variant's kernel may return another layout (torch's
@@ -240,7 +305,8 @@ def _in_dtype(out: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return out.to(dtype) if dtype is not None and out.dtype != dtype else out
 
 
-_SITE_CALLS = {MatmulRecipe: MatmulSiteCall, SdpaRecipe: SdpaSiteCall, LibraryRecipe: LibrarySiteCall}
+_SITE_CALLS = {MatmulRecipe: MatmulSiteCall, SdpaRecipe: SdpaSiteCall, LibraryRecipe: LibrarySiteCall,
+               FlexRecipe: FlexSiteCall}
 
 
 def site_call(attention: nn.Module, recipe: Recipe, site_id: int) -> SiteCall:

@@ -7,7 +7,8 @@ compute the site from its inputs, with no graph in sight:
 * `MatmulRecipe` — softmax(Q Kᵀ·scale + masks) V written with matmuls; its mask terms are
   `TermSpec`s, in order from the QK matmul to the softmax;
 * `SdpaRecipe` — `F.scaled_dot_product_attention`;
-* `LibraryRecipe` — `F.multi_head_attention_forward` or the fused encoder layer, argument by name.
+* `LibraryRecipe` — `F.multi_head_attention_forward` or the fused encoder layer, argument by name;
+* `FlexRecipe` — `flex_attention` (passes/match_flex.py), its score_mod / mask_mod read as terms.
 
 An operand the recipe reads from the site's inputs is an `Input` (its position); anything else
 in a recipe is a constant.
@@ -119,7 +120,36 @@ class LibraryRecipe:
         return {name: resolve(operand, tensors) for name, operand in self.arguments}
 
 
-Recipe = Union[MatmulRecipe, SdpaRecipe, LibraryRecipe]
+@dataclasses.dataclass(frozen=True)
+class FlexRecipe:
+    """`flex_attention(q, k, v, score_mod, block_mask, scale)` whose score_mod is
+    `where(keeps, cap(s) + Σ terms, -inf)` (passes/match_flex.py); operands among all site inputs
+    (q, k, v first).
+
+    terms: a GraphModule of the score_mod's signature (score, b, h, q_idx, kv_idx, *score
+    buffers) returning the tensor terms added to the score (signs `term_signs`); keeps: one
+    returning the conditions where the score is kept (negated where `keep_negated`); None when
+    there are none. term_offset: the numbers added (`has_number_terms`: any). mask_mod: the block mask's mask_mod (b, h, q_idx, kv_idx, *mask
+    buffers), None for flex's no-op mask. score_buffers / mask_buffers: `Input`s or constants,
+    passed after the indices. softcap: c of a `c·tanh(s / c)` applied to the score, or None.
+    scale: a number, or the `Input` of one the graph computes from symbolic sizes (read per call)."""
+
+    scale: Any
+    softcap: float | None = None
+    terms: Any = None
+    term_signs: tuple[int, ...] = ()
+    term_offset: float = 0.0
+    has_number_terms: bool = False
+    keeps: Any = None
+    keep_negated: tuple[bool, ...] = ()
+    mask_mod: Any = None
+    score_buffers: tuple[Any, ...] = ()
+    mask_buffers: tuple[Any, ...] = ()
+    out_dtype: torch.dtype | None = None
+    out_order: tuple[int, ...] | None = None
+
+
+Recipe = Union[MatmulRecipe, SdpaRecipe, LibraryRecipe, FlexRecipe]
 
 
 def memory_order(node: Any) -> tuple[int, ...] | None:
@@ -147,7 +177,7 @@ class SiteMatch:
     binds (`inputs`, in the order the recipe's `Input` indices count them), the nodes it replaces
     (`internal`), its typed `recipe`, and what the report shows (or why it is refused)."""
 
-    kind: str  # "matmul", "sdpa", "mha" or "encoder-layer"
+    kind: str  # "matmul", "sdpa", "mha", "encoder-layer" or "flex"
     anchor: fx.Node
     output: fx.Node
     form: str
@@ -163,8 +193,9 @@ class SiteMatch:
     # Inputs that hold masks (bool, or float 0/-inf/large negative); verification draws such
     # values for them, whole rows masked included.
     mask_inputs: list[fx.Node] = dataclasses.field(default_factory=list)
-    # Nodes the site reads whose value is a constant the recipe holds (fills): verification feeds
-    # them their value; the rewrite does not read them.
+    # Nodes the site reads whose value is a constant the recipe holds (fills), or that do not
+    # change what it computes (a flex block mask's block tensors): verification feeds them this
+    # value; the rewrite does not read them.
     constants: dict[fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property

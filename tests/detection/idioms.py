@@ -1113,6 +1113,40 @@ def sdpa_dropout_training(m, q, k, v):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if m.training else 0.0)
 
 
+# --- flex_attention (torch.nn.attention.flex_attention) ------------------------------------------
+
+
+def _flex_alibi_causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functional("flex-plain", bhsd, ref_bhsd(), {"flex"}, form="flex")
+def flex_plain(m, q, k, v):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v)
+
+
+def _flex_alibi_reference(m, args, kwargs):
+    q = args[0]
+    n = q.shape[-2]
+    positions = torch.arange(n)
+    slopes = torch.tensor([2.0 ** -(h + 1) for h in range(GQA_HEADS)]).view(GQA_HEADS, 1, 1)
+    bias = slopes * (positions[None, :] - positions[:, None]).double()
+    return reference_attention(*args[:3], mask=bias.masked_fill(~causal_keep(n, n), -math.inf))
+
+
+@functional("flex-block-mask-alibi-gqa", gqa_inputs, _flex_alibi_reference, {"flex", "flex-block-mask", "flex-score-mod"},
+            form="flex", causal=True, masked=True, shape=GQA_SHAPE)
+def flex_block_mask_alibi(m, q, k, v):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    slopes = torch.tensor([2.0 ** -(h + 1) for h in range(q.shape[1])])
+    block_mask = create_block_mask(_flex_alibi_causal, None, None, q.shape[-2], k.shape[-2], device=q.device)
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: s + slopes[h] * (kv_idx - q_idx),
+                          block_mask=block_mask, enable_gqa=True)
+
+
 # --- torch.nn modules -----------------------------------------------------------------------------
 
 

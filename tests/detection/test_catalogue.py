@@ -47,7 +47,8 @@ REQUIRED_TAGS = {
     # library calls
     "manual-softmax", "sdpa", "sdpa-mask", "sdpa-causal", "sdpa-scale", "sdpa-gqa",
     "mha", "mha-need-weights", "mha-no-weights", "mha-key-padding", "mha-attn-mask",
-    "encoder-layer", "encoder-layer-fastpath", "keyword-input", "checkpoint",
+    "encoder-layer", "encoder-layer-fastpath", "keyword-input", "checkpoint", "flex", "flex-block-mask",
+    "flex-score-mod",
 }
 
 GRADIENT_IDIOMS = [
