@@ -87,6 +87,17 @@ def run_graph(gm: fx.GraphModule, args: tuple[Any, ...], mutated: set[int]) -> A
         return gm(*inputs)
 
 
+def flat_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a graph's output (nested tuples, lists and dicts), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in flat_tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in flat_tensors(item)]
+    return []
+
+
 def facts_of(site: Site, capture: SiteCapture) -> SiteInfo:
     """The site's facts, computed once from its match (form) and the tensors it really received.
 
@@ -105,11 +116,13 @@ def facts_of(site: Site, capture: SiteCapture) -> SiteInfo:
 
 @dataclasses.dataclass
 class Analysis:
-    """One analysing run of a graph: per-site captures, the facts computed from them, the graph's FLOPs."""
+    """One analysing run of a graph: per-site captures, the facts computed from them, the graph's
+    FLOPs and its outputs (what attnopt.sensitivity measures a perturbed run against)."""
 
     captures: dict[int, SiteCapture]
     facts: dict[int, SiteInfo]
     total_flops: int
+    outputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 def analyse(canonical: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],
@@ -119,7 +132,7 @@ def analyse(canonical: fx.GraphModule, args: tuple[Any, ...], mutated: set[int],
     work = rewritten_copy(canonical, [(match, site_call(recorders[site.id], match.recipe, site.id),
                                        site.id) for site, match in sites])
     with FlopCounterMode(display=False) as counter:
-        run_graph(work, args, mutated)
+        outputs = flat_tensors(run_graph(work, args, mutated))
     captures = {site_id: recorder.capture for site_id, recorder in recorders.items() if recorder.capture is not None}
     facts = {site.id: facts_of(site, captures[site.id]) for site, _ in sites if site.id in captures}
-    return Analysis(captures, facts, counter.get_total_flops())
+    return Analysis(captures, facts, counter.get_total_flops(), [o.detach() for o in outputs])

@@ -53,7 +53,7 @@ from attnopt.passes.rewrite import rewritten_copy
 from attnopt.passes.site_call import site_call
 from attnopt.passes.verify import verify
 
-from .analysis import run_graph
+from .analysis import flat_tensors, run_graph
 from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
 from .policies import Choice, Choices, GraphRequest, Policy
 from .report import GraphPlan, Report, Site
@@ -132,16 +132,6 @@ def _written_inputs(gm: fx.GraphModule) -> set[int]:
     return written
 
 
-def _flat_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _flat_tensors(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _flat_tensors(item)]
-    return []
-
-
 def _inductor_check(graph: Callable, compiled: Callable, args: tuple[Any, ...],
                     cloned: set[int]) -> tuple[str | None, dict[int, tuple]]:
     """Run the graph and Inductor's compile of it on `args` once each: why the compile is not
@@ -155,7 +145,7 @@ def _inductor_check(graph: Callable, compiled: Callable, args: tuple[Any, ...],
         strides = {i: e.stride() for i, (e, a) in enumerate(zip(want, got))
                    if isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor) and e.shape == a.shape
                    and e.stride() != a.stride() and torch._prims_common.is_non_overlapping_and_dense(e)}
-    want, got = _flat_tensors(want), _flat_tensors(got)
+    want, got = flat_tensors(want), flat_tensors(got)
     if len(want) != len(got):
         return "Inductor's compile returns a different structure", strides
     for e, a in zip(want, got):
@@ -520,7 +510,7 @@ def compare_outputs(original: fx.GraphModule, rewritten: fx.GraphModule, args: t
                     exact: bool) -> tuple[str | None, float]:
     """Run both graphs on `args`: why the rewrite must be dropped (None if it may stay) and the
     largest relative error over the floating outputs (see AttnoptBackend._end_to_end)."""
-    expected, actual = _flat_tensors(run_graph(original, args, mutated)), _flat_tensors(run_graph(rewritten, args, mutated))
+    expected, actual = flat_tensors(run_graph(original, args, mutated)), flat_tensors(run_graph(rewritten, args, mutated))
     if len(expected) != len(actual):
         return "end-to-end check failed: the rewritten graph returns a different structure.", math.inf
     errors = []

@@ -6,8 +6,10 @@ against brute force.
 
 Rules
 - `Budget(time=0.5)`: the predicted whole-forward time (rest of the model + every site) is at most
-  0.5 × the original's; among the plans that meet it, the least total error (the sum of the
-  sites' measured errors) wins. `flops=` is the same with FLOPs; both may be given.
+  0.5 × the original's; among the plans that meet it, the least total error wins: the sum of the
+  sites' measured errors, each weighed by its candidate's `objective` where given (the policy
+  sets it to the error times the site's measured output gain, attnopt.sensitivity, so the sum
+  estimates the error of the graph's output). `flops=` is the same with FLOPs; both may be given.
 - `max_error` alone: the fastest plan whose every chosen candidate has error ≤ max_error; with time
   or flops, candidates above max_error are simply left out.
 - A candidate predicted slower than its site's baseline is never chosen; nor is one predicted as
@@ -91,12 +93,22 @@ class Candidate:
     est_seconds: float
     flops: float
     error: float
+    objective: float | None = None
+    """What the plan minimises the sum of, when not the error itself: the error weighed by how much
+    it moves the graph's output (attnopt.sensitivity). max_error still caps `error`."""
 
     def __post_init__(self) -> None:
         for name in ("est_seconds", "flops", "error"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"Candidate {self.variant}: {name} must be finite and ≥ 0, got {value!r}")
+        if self.objective is not None and not (self.objective >= 0 and math.isfinite(self.objective)):
+            raise ValueError(f"Candidate {self.variant}: objective must be finite and ≥ 0, got {self.objective!r}")
+
+    @property
+    def weighed_error(self) -> float:
+        """The error the plan minimises: `objective` where given, else `error`."""
+        return self.error if self.objective is None else self.objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +120,7 @@ class SiteCandidates:
     alternatives: Sequence[Candidate] = ()
 
     def __post_init__(self) -> None:
-        if self.baseline.error != 0:
+        if self.baseline.error != 0 or self.baseline.weighed_error != 0:
             raise ValueError(f"site {self.site_id!r}: the baseline's error must be 0, got {self.baseline.error}")
 
 
@@ -125,6 +137,8 @@ class Plan:
     flops_after: float
     total_error: float
     """Sum of the chosen candidates' measured errors."""
+    weighed_error: float = 0.0
+    """Sum of the chosen candidates' `weighed_error`: what the plan minimised."""
 
 
 AXES = {"time": "est_seconds", "flops": "flops"}
@@ -203,7 +217,7 @@ def _least_error_plan(
     """
     caps_array = np.array(caps)
     site_costs = [np.array([[getattr(c, field) for field in fields] for c in candidates]) for candidates in options]
-    site_errors = [np.array([c.error for c in candidates]) for candidates in options]
+    site_errors = [np.array([c.weighed_error for c in candidates]) for candidates in options]
     cheapest_rest = np.zeros((len(options) + 1, len(fields)))
     for index in reversed(range(len(options))):
         cheapest_rest[index] = cheapest_rest[index + 1] + site_costs[index].min(axis=0)
@@ -286,6 +300,7 @@ def plan(
         flops_before=flops_before,
         flops_after=sum((candidate.flops for candidate in chosen), other_flops),
         total_error=sum(candidate.error for candidate in chosen),
+        weighed_error=sum(candidate.weighed_error for candidate in chosen),
     )
     if not budget_met:
         message = (

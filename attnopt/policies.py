@@ -19,6 +19,7 @@ graph breaks each graph meets the budget on its own, so the whole model meets it
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ from .candidates import (
     evaluate_site,
 )
 from .planner import Budget, SiteCandidates, plan
+from .sensitivity import output_gains
 from .report import Decision, GraphPlan, Site
 from .variants import ExactConfig, SiteInfo, build_site_module
 
@@ -210,6 +212,7 @@ class BudgetPolicy:
                 base, alternatives = evaluate_site(analysis.facts[site.id], capture, self.candidates, profile,
                                                    calibration.pop(site.id, None))
                 evaluations[site.id] = (base, alternatives)
+        gains = self._weigh(request, analysis, evaluations)
         # FlopCounterMode counted each site as the exact op, whose FLOPs the baseline's formula equals
         other_flops = max(0, analysis.total_flops - sum(base.candidate.flops for base, _ in evaluations.values()))
         other_seconds = costmodel.roofline_seconds(other_flops, device=profile)
@@ -228,11 +231,51 @@ class BudgetPolicy:
             reason = ("the least-error plan meeting the budget" if result.budget_met
                       else "the fastest plan (the budget cannot be met)")
             choices[site_id] = Choice(_decision(evaluated, base, rows, reason), evaluated.module)
+        for site_id, gain in gains.items():
+            choices[site_id].decision.output_gain = gain
         return Choices(choices, GraphPlan(
             request.graph, request.signature, self.name, _describe(self.budget), result.budget_met,
             seconds_before=result.seconds_before, seconds_after=result.seconds_after,
-            flops_before=result.flops_before, flops_after=result.flops_after, total_error=result.total_error),
+            flops_before=result.flops_before, flops_after=result.flops_after, total_error=result.total_error,
+            predicted_output_error=result.weighed_error if gains else None),
             analysis.facts)
+
+    def _weigh(self, request: GraphRequest, analysis: Analysis,
+               evaluations: dict[int, tuple[Evaluated, list[Evaluated]]]) -> dict[int, float]:
+        """Weigh each candidate's error by its site's output gain (attnopt.sensitivity), so the plan
+        minimises the estimated error of the graph's output; site id → gain.
+
+        The probe at a site is its least-error candidate predicted faster than softmax. Not measured
+        when it cannot change the plan: fewer than two sites with such a candidate, or a budget
+        with neither time nor flops (the fastest plan within max_error is taken). A site whose
+        probe makes the graph's output non-finite keeps softmax: its alternatives are dropped."""
+        probes: dict[int, Evaluated] = {}
+        for site_id, (base, alternatives) in evaluations.items():
+            faster = [ev for ev in alternatives if ev.candidate is not None and ev.module is not None
+                      and ev.candidate.est_seconds < base.candidate.est_seconds]
+            if faster:
+                probes[site_id] = min(faster, key=lambda ev: ev.candidate.error)
+        if len(probes) < 2 or (self.budget.time is None and self.budget.flops is None):
+            return {}
+        outputs = {}
+        for site_id, probe in probes.items():
+            capture = analysis.captures[site_id]
+            with torch.no_grad():
+                outputs[site_id] = probe.module(capture.q, capture.k, capture.v, mask=capture.mask,
+                                                scale=capture.scale, causal=capture.causal,
+                                                dropout_p=capture.dropout_p)
+        gains = output_gains(request, analysis, outputs)
+        for site_id, gain in gains.items():
+            for ev in evaluations[site_id][1]:
+                if ev.candidate is None:
+                    continue
+                if math.isfinite(gain):
+                    ev.candidate = dataclasses.replace(ev.candidate, objective=gain * ev.candidate.error)
+                else:
+                    ev.candidate = None
+                    ev.row["refused"] = ("rewriting this site by its best candidate made the graph's output "
+                                         "non-finite (attnopt.sensitivity).")
+        return gains
 
     def _kept_reason(self, base: Evaluated, alternatives: list[Evaluated], budget_met: bool) -> str:
         faster = [ev for ev in alternatives

@@ -39,6 +39,10 @@ class Decision:
     (`pays_off_from_N`), or why it was `refused`."""
     reason: str | None = None
     """Why this variant (e.g. why softmax was kept)."""
+    output_gain: float | None = None
+    """How far an error here moves the graph's output: its relative error over the site's, measured
+    with the site's best candidate (attnopt.sensitivity); the plan weighed this site's errors by
+    it. None when not measured (one site to plan, or no candidate)."""
     loaded_from: str | None = None
     """The file this decision was loaded from (`attnopt.load`), or None when it was made in this
     process. A loaded decision was not re-planned: its error and costs are those measured when
@@ -69,6 +73,9 @@ class GraphPlan:
     flops_before: float | None = None
     flops_after: float | None = None
     total_error: float | None = None
+    predicted_output_error: float | None = None
+    """Σ output gain × error over the chosen candidates: the plan's first-order estimate of
+    `output_error`, which it minimised (None when the sites were not weighed)."""
     output_error: float | None = None
     planning_seconds: float | None = None
     """Wall-clock seconds spent deciding this graph (recording run, candidates built and measured,
@@ -184,7 +191,10 @@ class Report:
                 if site.decision.params.get("exact_heads"):
                     decision += f" (heads {site.decision.params['exact_heads']} exact)"
                 if site.decision.error is not None:
-                    decision += f" (err {site.decision.error:.2e})"
+                    decision += f" (err {site.decision.error:.2e}"
+                    if site.decision.output_gain is not None:
+                        decision += f", output gain {site.decision.output_gain:.2g}"
+                    decision += ")"
                 before, after = site.decision.est_seconds_before, site.decision.est_seconds_after
                 if before and after and not site.decision.kept:
                     decision += f", {before / after:.1f}x est."
@@ -241,6 +251,8 @@ class Report:
                 line += f", predicted {plan.predicted_speedup:.2f}x faster"
             if plan.output_error is not None:
                 line += f", output error {plan.output_error:.2e}"
+            if plan.predicted_output_error is not None:
+                line += f" (predicted {plan.predicted_output_error:.2e})"
             if plan.loaded_from is not None:
                 line += f", loaded from {plan.loaded_from}"
             elif plan.planning_seconds is not None:

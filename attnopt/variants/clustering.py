@@ -89,91 +89,105 @@ def run_blocks(n_tokens: int, n_groups: int, device: torch.device | None = None)
     return torch.where(real, index, n_tokens), real
 
 
-def _band_sum(partial: torch.Tensor, front: int) -> torch.Tensor:
-    """Per centroid c, Σ_j partial[g, j] over the blocks g whose candidate j is c (= g − front + j).
-
-    partial (…, n, W, D) → (…, n, D): the W axis reversed and the blocks padded make candidate j
-    of block c + front − j sit at [c + j', j'] (j' = W − 1 − j), a diagonal that unfold reads.
-    """
-    n_blocks, window = partial.shape[-3], partial.shape[-2]
-    padded = F.pad(partial.flip(-2), (0, 0, 0, 0, window - 1 - front, front))
-    return padded.unfold(-3, window, 1).diagonal(dim1=-3, dim2=-1).sum(-1)[..., :n_blocks, :]
-
-
 def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, window: int | None,
                              n_outliers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """kmeans from the run_groups of all-valid x (…, N, d), then split_outliers: agents and sizes.
 
-    Tokens are laid out in their initial runs as blocks (…, n, L, d) (a reshape when n divides N),
-    so a run's tokens share their candidate centroids: the `window` runs around their own (local
-    k-means, a band: run g may join runs g − ⌊(W−1)/2⌋ … g + ⌈(W−1)/2⌉ that exist), or all n when
-    window is None. Each of the fixed `iterations` is two batched matmuls over the blocks — the
-    scores x·cᵀ − ‖c‖²/2 against the W candidates (N·W·d multiply-adds) and the members' sums
-    one-hotᵀ·x (N·W·d) — and a band-diagonal sum of the (n, W, d) partial sums; no scatter or
-    gather over (…, N, d) and no loop over tokens or groups. Then the n_outliers tokens farthest
-    from their final centroid leave their group and become agents of their own.
+    Tokens are laid out in their initial runs as blocks (n, L, d) per row of x (a reshape when n
+    divides N, else one row gather in which a shorter run's padding slot repeats a token and is
+    kept out of every sum, count and distance), so a run's tokens share their candidate
+    centroids: the `window` runs around their own (local k-means, a band: run g may join runs
+    g − ⌊(W−1)/2⌋ … g + ⌈(W−1)/2⌉ that exist), or all n when window is None. The centroids of
+    all rows of x sit in one table; a run's W candidates are W consecutive table rows (a strided
+    view, no copy), the rows of other runs of x and of empty centroids barred by a −inf bias.
+    Each of the fixed `iterations` is one batched matmul (the scores x·cᵀ − ‖c‖²/2 of each run's
+    tokens against its candidates, N·W·d multiply-adds, the bias added inside it), an argmax,
+    and one index_add_ of the tokens into their new centroids' sums (N·d adds) with a bincount
+    for the sizes: no (N, W) one-hot, no gather or scatter over (…, N, d), no loop over tokens
+    or groups. Then the n_outliers tokens farthest from their final centroid leave their group
+    and become agents of their own.
     A centroid that loses all its tokens keeps its place with size 0 (it may win tokens back).
     """
     lead, (n_tokens, dim) = x.shape[:-2], x.shape[-2:]
+    n_rows = math.prod(lead)
+    n_cells = n_rows * n_groups  # centroids of every row of x, one table
     blocks, real = run_blocks(n_tokens, n_groups, x.device)
     length = blocks.shape[-1]
-    if n_tokens % n_groups == 0:
-        xb = x.reshape(*lead, n_groups, length, dim)
-    else:  # one copy of x into the padded blocks; the padding is a zero row
-        xb = F.pad(x, (0, 0, 0, 1)).index_select(-2, blocks.reshape(-1)).reshape(*lead, n_groups, length, dim)
-    real_weight = real.to(x.dtype)
-    sums = xb.sum(-2)
-    sizes = real_weight.sum(-1).expand(*lead, n_groups)
-    centroids = sums / sizes.unsqueeze(-1)
-    block_index = torch.arange(n_groups, device=x.device)
-    groups = block_index[:, None].expand(*lead, n_groups, length)
-    if window is None or window >= 2 * n_groups - 1:
-        window, front = n_groups, None  # every centroid: no band
+    rows = x.reshape(n_rows * n_tokens, dim)
+    padded = n_tokens % n_groups != 0
+    if padded:  # the padding slot of a shorter run reads some token; `real` keeps it out below
+        source = blocks.clamp_max(n_tokens - 1).reshape(1, -1)
+        source = source + torch.arange(0, n_rows * n_tokens, n_tokens, device=x.device).unsqueeze(-1)
+        slots = rows.index_select(0, source.reshape(-1))
     else:
+        slots = rows
+    band = window is not None and window < 2 * n_groups - 1
+    # a unit is what shares candidates: a run (band) or a whole row (every centroid of it)
+    n_units = n_cells if band else n_rows
+    tokens = slots.view(n_units, -1, dim)
+    cell = torch.arange(n_cells, device=x.device)
+    own_cell = cell.unsqueeze(-1).expand(n_cells, length).reshape(n_units, -1)  # each slot's initial run
+    real_slots = real.reshape(1, -1).expand(n_rows, -1).reshape(n_units, -1) if padded else None
+
+    def centroid_sums(slot_cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums (n_cells, d) and sizes (n_cells,) of the slots' cells; padding slots go to a discarded row."""
+        if padded:
+            slot_cells = torch.where(real_slots, slot_cells, n_cells)
+        index = slot_cells.reshape(-1)
+        sums = x.new_zeros(n_cells + 1, dim).index_add_(0, index, slots)
+        sizes = torch.bincount(index, minlength=n_cells + 1)[:n_cells].to(x.dtype)
+        return sums[:n_cells], sizes
+
+    sums, sizes = centroid_sums(own_cell)
+    centroids = sums / sizes.unsqueeze(-1)
+    groups = own_cell
+    if band:
         front = (window - 1) // 2
-    offsets = torch.arange(window, device=x.device)
+        local = cell.remainder(n_groups).unsqueeze(-1) - front + torch.arange(window, device=x.device)
+        in_range = (local >= 0) & (local < n_groups)  # (n_cells, W): candidate j of run g is run g − front + j
+        first = cell - front  # the cell of each run's candidate 0
+        padding = (front, window - 1 - front)
+    else:
+        first = torch.arange(0, n_cells, n_groups, device=x.device)
     for _ in range(iterations):
-        if front is None:
-            candidates = centroids.transpose(-1, -2).unsqueeze(-3)  # (…, 1, d, n)
-            bias = -0.5 * centroids.square().sum(-1).unsqueeze(-2)
-            empty = (sizes <= 0).unsqueeze(-2)
-        else:  # (…, n, d, W): candidate j of block g is centroid g − front + j (zero outside)
-            padding = (front, window - 1 - front)
-            padded = F.pad(centroids, (0, 0, *padding))
-            candidates = padded.unfold(-2, window, 1)
-            bias = -0.5 * padded.square().sum(-1).unfold(-1, window, 1)
-            empty = F.pad(sizes, padding).unfold(-1, window, 1) <= 0
-        scores = xb @ candidates + bias.masked_fill(empty, float("-inf")).unsqueeze(-2)
-        chosen = scores.argmax(-1)  # (…, n, L)
-        one_hot = (chosen.unsqueeze(-1) == offsets).to(x.dtype) * real_weight.unsqueeze(-1)
-        partial = one_hot.transpose(-1, -2) @ xb  # (…, n, W, d)
-        counts = one_hot.sum(-2)  # (…, n, W)
-        if front is None:
-            new_sums, sizes = partial.sum(-3), counts.sum(-2)
-            groups = chosen
+        if band:  # run g's candidates: rows g … g + W − 1 of the padded table, (n_cells, d, W) views
+            table = F.pad(centroids, (0, 0, *padding))
+            candidates = table.unfold(0, window, 1)
+            norms = table.square().sum(-1).unfold(0, window, 1)
+            usable = in_range & (F.pad(sizes, padding).unfold(0, window, 1) > 0)
         else:
-            combined = _band_sum(torch.cat([partial, counts.unsqueeze(-1)], dim=-1), front)
-            new_sums, sizes = combined[..., :dim], combined[..., dim]
-            groups = chosen + (block_index[:, None] - front)
-        sums = new_sums
+            candidates = centroids.view(n_rows, n_groups, dim).transpose(-1, -2)
+            norms = centroids.square().sum(-1).view(n_rows, n_groups)
+            usable = (sizes > 0).view(n_rows, n_groups)
+        bias = (-0.5 * norms).masked_fill(~usable, float("-inf"))
+        chosen = torch.baddbmm(bias.unsqueeze(-2), tokens, candidates).argmax(-1)  # (units, slots)
+        groups = chosen.add_(first.unsqueeze(-1))
+        if band:  # only a NaN score could pick a candidate outside the table
+            groups.clamp_(0, n_cells - 1)
+        sums, sizes = centroid_sums(groups)
         centroids = torch.where((sizes > 0).unsqueeze(-1), sums / sizes.clamp_min(1).unsqueeze(-1), centroids)
     if n_outliers == 0:
-        return centroids, sizes
-    flat_x = xb.reshape(*lead, n_groups * length, dim)
-    flat_groups = groups.reshape(*lead, n_groups * length)
+        return centroids.view(*lead, n_groups, dim), sizes.view(*lead, n_groups)
     with torch.no_grad():  # the distances only pick the outliers
-        own = centroids.gather(-2, flat_groups.unsqueeze(-1).expand(*flat_groups.shape, dim))
-        distance = own.sub_(flat_x).square_().sum(-1).masked_fill(~real.reshape(-1), -1.0)  # in place: one buffer
-        outliers = distance.topk(n_outliers, dim=-1).indices
-    outlier_tokens = flat_x.gather(-2, outliers.unsqueeze(-1).expand(*outliers.shape, dim))
-    outlier_groups = flat_groups.gather(-1, outliers)
-    is_real = real.reshape(-1)[outliers].to(x.dtype)  # fewer real tokens than outliers: size 0
-    removed = torch.zeros_like(sums).scatter_add_(-2, outlier_groups.unsqueeze(-1).expand_as(outlier_tokens),
-                                                  outlier_tokens * is_real.unsqueeze(-1))
-    remaining = sizes - torch.zeros_like(sizes).scatter_add_(-1, outlier_groups, is_real)
+        own = centroids.index_select(0, groups.reshape(-1))
+        distance = own.sub_(slots).square_().sum(-1).view(n_rows, n_groups * length)  # in place: one buffer
+        if padded:
+            distance.masked_fill_(~real.reshape(-1), -1.0)
+        outliers = distance.topk(n_outliers, dim=-1).indices  # (rows, k) slots
+    slot = (outliers + torch.arange(0, n_rows * n_groups * length, n_groups * length,
+                                    device=x.device).unsqueeze(-1)).reshape(-1)
+    outlier_tokens = slots.index_select(0, slot)
+    outlier_groups = groups.reshape(-1).index_select(0, slot)
+    is_real = real.reshape(-1)[outliers.reshape(-1)].to(x.dtype)  # fewer real tokens than outliers: size 0
+    if padded:
+        outlier_tokens = outlier_tokens * is_real.unsqueeze(-1)
+    removed = torch.zeros_like(sums).index_add_(0, outlier_groups, outlier_tokens)
+    remaining = sizes - torch.zeros_like(sizes).index_add_(0, outlier_groups, is_real)
     means = (sums - removed) / remaining.clamp_min(1).unsqueeze(-1)
     means = torch.where((remaining > 0).unsqueeze(-1), means, centroids)
-    return torch.cat([means, outlier_tokens], dim=-2), torch.cat([remaining, is_real], dim=-1)
+    agents = torch.cat([means.view(n_rows, n_groups, dim), outlier_tokens.view(n_rows, n_outliers, dim)], dim=-2)
+    agent_sizes = torch.cat([remaining.view(n_rows, n_groups), is_real.view(n_rows, n_outliers)], dim=-1)
+    return agents.view(*lead, n_groups + n_outliers, dim), agent_sizes.view(*lead, n_groups + n_outliers)
 
 
 def grid_groups(valid: torch.Tensor, height: int, width: int, rows: int, cols: int) -> torch.Tensor:
