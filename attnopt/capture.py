@@ -42,17 +42,22 @@ from .backend import AttnoptBackend, AttnoptError, signature_of
 _LIMIT = 4096
 
 
-@contextlib.contextmanager
-def strict_dynamo() -> Iterator[None]:
+_STRICT_DYNAMO = torch._dynamo.config.patch(recompile_limit=_LIMIT, accumulated_recompile_limit=_LIMIT,
+                                            fail_on_recompile_limit_hit=True, suppress_errors=False,
+                                            specialize_float=True)
+
+
+def strict_dynamo() -> contextlib.AbstractContextManager:
     """dynamo settings under which a fallback to eager is an error, for the duration of a call.
 
     Python floats stay constants (`specialize_float`): dynamo would otherwise turn a float that
     differs between compiles of the same code (another instance's mask fill or scale) into a
-    tensor input, and a fill held in a tensor is data, which detection must refuse."""
-    with torch._dynamo.config.patch(recompile_limit=_LIMIT, accumulated_recompile_limit=_LIMIT,
-                                    fail_on_recompile_limit_hit=True, suppress_errors=False,
-                                    specialize_float=True):
-        yield
+    tensor input, and a fill held in a tensor is data, which detection must refuse.
+
+    One patch object serves every call (torch's config patches keep their saved values on a
+    per-context stack, so nested and concurrent uses restore correctly): building a patch
+    defines a class, which cost a visible share of a decode step when done per call."""
+    return _STRICT_DYNAMO
 
 
 def check_inputs(args: Any, kwargs: Any) -> None:
@@ -193,10 +198,11 @@ class CompiledCall:
     def __call__(self, model: Callable, *args: Any, **kwargs: Any) -> Any:
         key = signature_of(tuple(args) + tuple(kwargs.values()))
         runs_before = self._graph_runs[0]
-        breaks_before = _graph_break_reasons()
+        new = key not in self.seen
+        breaks_before = _graph_break_reasons() if new else None
         with strict_dynamo():
             out = self.compiled(model, *args, **kwargs)
-        if key not in self.seen:
+        if new:
             self.seen.add(key)
             if self._graph_runs[0] == runs_before:
                 raise AttnoptError(

@@ -30,6 +30,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from . import config
@@ -294,6 +295,35 @@ def exact_attention(
         return exact_attention_reference(
             q, k, v, mask, scale=scale, causal=causal, dropout_p=dropout_p, fill_mask=fill_mask, sinks=sinks, **masking
         )
+    if _plain_eager_inference((q, k, v, mask, fill_mask, sinks)):
+        return _exact_attention_op._init_fn(q, k, v, mask, fill_mask, sinks, scale=scale, causal=causal,
+                                            dropout_p=dropout_p, **masking)
     return torch.ops.attnopt.exact_attention(
         q, k, v, mask, fill_mask, sinks, scale=scale, causal=causal, dropout_p=dropout_p, **masking
     )
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager_inference(tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether a call may run the op's implementation directly instead of through the dispatcher.
+
+    The dispatcher's route (autograd wrapper, alias checks, dynamo's disable frame, the Triton
+    op's backend lookup) costs tens of microseconds per call: a visible share of a decode step.
+    It is only needed for what it does, so it is skipped exactly when none of that applies:
+    nothing is being traced or compiled, no dispatch or torch-function mode is active (fake
+    tensors, FlopCounterMode, attnopt's kernel counter, profilers' op recording — these must
+    see the op), no functorch transform (vmap, grad) is running, every tensor is a plain tensor
+    (no subclass), and no gradient is needed. The implementation is the very function the op
+    dispatches to, so the result is the same.
+    """
+    if (torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()
+            or torch._C._len_torch_function_stack() > 0
+            or _get_current_dispatch_mode() is not None or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    grad = torch.is_grad_enabled()
+    for tensor in tensors:
+        if tensor is not None and (type(tensor) not in _PLAIN_TENSOR_TYPES or (grad and tensor.requires_grad)):
+            return False
+    return True

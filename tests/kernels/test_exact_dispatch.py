@@ -298,3 +298,54 @@ def test_sdpa_path_runs_on_fake_tensors():
         assert exact_module._sdpa_computes(q, k, v, mask, fill, -math.inf, None, 0.0, 0.3)
         out = exact_module._sdpa_attention(q, k, v, mask, fill, scale=0.3, causal=True, zero_empty_rows=False)
         assert out.shape == (2, 4, 6, 5) and out.is_contiguous()
+
+
+class _OpsSeen(TorchDispatchMode):
+    """Records every op that reaches the dispatcher (attnopt's own included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_eager_inference_skips_the_dispatcher_and_computes_the_same():
+    """Inference outside any mode, trace or transform runs the op's implementation directly
+    (the dispatcher's route costs tens of microseconds a call); everything else still sees the op."""
+    from attnopt.kernels import exact as exact_module
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 8, 16).unbind(0)
+    mask = torch.rand(2, 1, 8, 8) > 0.3
+    call = dict(scale=0.25)
+    with torch.no_grad():
+        direct = exact_attention(q, k, v, mask, **call)
+        assert exact_module._plain_eager_inference((q, k, v, mask, None, None))
+        through_op = torch.ops.attnopt.exact_attention(q, k, v, mask, None, None, **call)
+    torch.testing.assert_close(direct, through_op, rtol=0, atol=0)
+    torch.testing.assert_close(direct, exact_attention_reference(q, k, v, mask, **call), **TOLERANCE[torch.float32])
+
+    # a dispatch mode (FlopCounterMode, attnopt's kernel counter, fake tensors) sees the op
+    with torch.no_grad(), _OpsSeen() as recorder:
+        exact_attention(q, k, v, mask, **call)
+    assert "attnopt.exact_attention" in recorder.seen
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        exact_attention(q, k, v, mask, **call)
+    assert counter.get_total_flops() == 2 * 2 * 4 * 8 * 8 * (16 + 16)
+
+    # a gradient needed: through the op and its autograd formula
+    leaf = q.clone().requires_grad_()
+    assert not exact_module._plain_eager_inference((leaf, k, v, mask, None, None))
+    exact_attention(leaf, k, v, mask, **call).sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert exact_module._plain_eager_inference((leaf, k, v, mask, None, None))
+
+    # under vmap, and in a torch.compile trace, the op (with its batching and fake rules) runs
+    batched = torch.vmap(lambda q1: exact_attention(q1, k, v, mask, **call))(q.unsqueeze(0).expand(3, -1, -1, -1, -1))
+    torch.testing.assert_close(batched[1], direct, **TOLERANCE[torch.float32])
+    compiled = torch.compile(lambda q1: exact_attention(q1, k, v, mask, **call), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q), direct, **TOLERANCE[torch.float32])
