@@ -319,7 +319,8 @@ def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: 
 def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs: dict | None = None, *,
              candidates: Sequence[Any] | None = None, strict: bool = False, device: Any = None,
              timestep_arg: str | None = "timestep", calibration: Any = None,
-             inner: str = "eager", loop: Callable[[nn.Module], Any] | None = None) -> AttnoptModule:
+             inner: str = "eager", loop: Callable[[nn.Module], Any] | None = None,
+             output_gains: bool = False) -> AttnoptModule:
     """Rewrite `model`'s attention so its whole forward meets `budget` at the least measured error.
 
     budget: a fraction of the original's predicted forward time (0.5 = twice as fast), or an
@@ -337,6 +338,11 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
         error of that output against the original's is measured, and sites are held to tighter
         per-call errors, planning again, until it is within `loop_error` (attnopt.loops); the report's
         `loop` shows it beside the per-call errors.
+    output_gains: measure how far each site's error moves the model's output (one more run of the
+        graph per site; attnopt.sensitivity) and plan the least estimated output error instead of
+        the least sum of site errors. Worth it where blocks reach the output with very different
+        weights (gated blocks, e.g. DiT's adaLN); the report then shows each site's gain and the
+        plan's predicted output error beside the measured one.
 
     Each new input signature is planned on its first call, on that call's inputs: their q, k, v
     at every site measure each candidate's error. The report (`report_of`) lists every decision
@@ -347,7 +353,8 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
     budget, calibrator = _budget(budget), calibrator_for(model, calibration)
 
     def build(per_call: Budget, strict: bool = strict) -> AttnoptModule:
-        policy = _ModelBudgetPolicy(per_call, candidates, strict=strict, device=device, calibration=calibrator)
+        policy = _ModelBudgetPolicy(per_call, candidates, strict=strict, device=device, calibration=calibrator,
+                                    output_gains=output_gains)
         return _wrap(model, policy, args, kwargs, timestep_arg, inner)
 
     if loop is not None:
@@ -414,7 +421,7 @@ def _is_attnopt(wrapper: Any) -> bool:
 
 def _policy_from_options(options: dict[str, Any]) -> Policy:
     """A policy from torch.compile options: {"budget": 0.5, "candidates": [...], "strict": True,
-    "device": ...} plans; {"variant": "agent", **params} rewrites one variant; {} is exact."""
+    "device": ..., "output_gains": True} plans; {"variant": "agent", **params} rewrites one variant; {} is exact."""
     options = dict(options)
     if "budget" in options:
         if "variant" in options:
@@ -423,7 +430,7 @@ def _policy_from_options(options: dict[str, Any]) -> Policy:
         if budget.loop_error is not None:
             raise AttnoptError("Budget.loop_error needs the loop it bounds: use attnopt.optimize(model, budget, "
                                "loop=run); torch.compile's options cannot take one.")
-        known = {"candidates", "strict", "device"}
+        known = {"candidates", "strict", "device", "output_gains"}
         if set(options) - known:
             raise AttnoptError(f"unknown attnopt options {sorted(set(options) - known)}; with a budget: {sorted(known)}.")
         return _ModelBudgetPolicy(budget, **options)
@@ -454,7 +461,7 @@ def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options
                     mode: str | None = None, _backend: weakref.ref[AttnoptBackend] | None = None) -> Callable:
     """`torch.compile(model, backend="attnopt", options={...})`: exact rewrite by default.
 
-    Options: {"budget": 0.5 or attnopt.Budget(...), "candidates", "strict", "device"} plans under
+    Options: {"budget": 0.5 or attnopt.Budget(...), "candidates", "strict", "device", "output_gains"} plans under
     a budget; {"variant": "agent", **params} rewrites into one variant; any of them may add
     {"inner": "inductor"} to compile the rewritten graphs with Inductor (everything around
     attention fused as under a plain torch.compile; an Inductor failure runs the graph eagerly,

@@ -214,7 +214,7 @@ def _policy_record(policy: Policy | None) -> dict[str, Any]:
         return {"kind": "budget", "budget": _encode(policy.budget),
                 "candidates": None if policy.candidates is None else _encode(list(policy.candidates)),
                 "strict": policy.strict, "device": _encode(policy.device),
-                "calibrated": policy.calibration is not None}
+                "calibrated": policy.calibration is not None, "output_gains": policy.output_gains}
     raise AttnoptError(f"attnopt.save cannot write the decisions of a {type(policy).__name__} policy.")
 
 
@@ -229,7 +229,8 @@ def _policy_from(record: dict[str, Any], model: nn.Module, calibration: Any) -> 
     if kind == "budget":
         candidates = record["candidates"]
         return _ModelBudgetPolicy(_decode(record["budget"]), None if candidates is None else _decode(candidates),
-                                  strict=record["strict"], device=_decode(record["device"]), calibration=calibrator)
+                                  strict=record["strict"], device=_decode(record["device"]), calibration=calibrator,
+                                  output_gains=record.get("output_gains", False))
     raise AttnoptError(f"the file's policy is of unknown kind {kind!r}; save it again with this attnopt.")
 
 

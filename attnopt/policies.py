@@ -191,12 +191,13 @@ class BudgetPolicy:
     per_instance = True
 
     def __init__(self, budget: Budget | float, candidates: Sequence[Any] | None = None, *, strict: bool = False,
-                 device: Any = None, calibration: Calibrator | None = None):
+                 device: Any = None, calibration: Calibrator | None = None, output_gains: bool = False):
         self.budget = Budget.of(budget)
         self.candidates = candidates
         self.strict = strict
         self.device = device
         self.calibration = calibration
+        self.output_gains = output_gains
 
     def choose(self, request: GraphRequest) -> Choices:
         analysis = request.analyse()
@@ -246,9 +247,13 @@ class BudgetPolicy:
         minimises the estimated error of the graph's output; site id → gain.
 
         The probe at a site is its least-error candidate predicted faster than softmax. Not measured
-        when it cannot change the plan: fewer than two sites with such a candidate, or a budget
-        with neither time nor flops (the fastest plan within max_error is taken). A site whose
+        when not asked for (`output_gains`: one more run of the graph per site, ~10 forwards of
+        all-MiniLM-L6-v2's planning for a plan no better there: bench/RESULTS.md) or when it cannot
+        change the plan: fewer than two sites with such a candidate, or a budget with neither time
+        nor flops (the fastest plan within max_error is taken). A site whose
         probe makes the graph's output non-finite keeps softmax: its alternatives are dropped."""
+        if not self.output_gains:
+            return {}
         probes: dict[int, Evaluated] = {}
         for site_id, (base, alternatives) in evaluations.items():
             faster = [ev for ev in alternatives if ev.candidate is not None and ev.module is not None

@@ -144,6 +144,7 @@ class Stages:
             (backend, "verify", self.timed("verification (random inputs, per site)", backend.verify)),
             (policies.GraphRequest, "analyse", self.timed("recording run (analysis)", policies.GraphRequest.analyse)),
             (policies, "plan", self.timed("knapsack", policies.plan)),
+            (policies, "output_gains", self.timed("output gains (one perturbed run per site)", policies.output_gains)),
             (candidates, "evaluate", evaluate_and_label),
             (backend.AttnoptBackend, "_end_to_end",
              self.timed("end-to-end check", backend.AttnoptBackend._end_to_end)),

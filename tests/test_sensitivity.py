@@ -56,7 +56,8 @@ def planned():
     torch.manual_seed(0)
     model, x = TwoBlocks().eval(), torch.randn(2, 512, 32)
     # the budget: FLOPs of one site rewritten, not both (each site is most of the model's FLOPs)
-    fast = attnopt.optimize(model, attnopt.Budget(flops=0.75), args=(x,), candidates=ONE, device=PROFILE)
+    fast = attnopt.optimize(model, attnopt.Budget(flops=0.75), args=(x,), candidates=ONE, device=PROFILE,
+                            output_gains=True)
     return model, x, fast, attnopt.report_of(fast)
 
 
@@ -103,16 +104,40 @@ def test_without_weighing_the_plan_would_rewrite_the_visible_site():
     assert unweighed.choices["direct"].variant == "agent" and unweighed.choices["damped"].variant == "softmax"
 
 
-def test_a_single_site_or_a_max_error_budget_is_not_weighed():
+def test_gains_are_measured_only_when_asked_and_where_they_can_change_the_plan():
     torch.manual_seed(0)
     x = torch.randn(2, 512, 32)
+    two = TwoBlocks().eval()
+    report = attnopt.report_of(attnopt.optimize(two, attnopt.Budget(flops=0.75), args=(x,), candidates=ONE,
+                                                device=PROFILE))
+    assert all(site.decision.output_gain is None for site in report.sites)  # not asked: the plain sum
+    assert report.plans[0].predicted_output_error is None
     one = nn.Sequential(Block(32, 2, 1.0, 1.0)).eval()
     report = attnopt.report_of(attnopt.optimize(one, attnopt.Budget(flops=0.75), args=(x,), candidates=ONE,
-                                                device=PROFILE))
+                                                device=PROFILE, output_gains=True))
     assert report.sites[0].decision.output_gain is None and report.plans[0].predicted_output_error is None
-    report = attnopt.report_of(attnopt.optimize(TwoBlocks().eval(), attnopt.Budget(max_error=0.9), args=(x,),
-                                                candidates=ONE, device=PROFILE))
+    report = attnopt.report_of(attnopt.optimize(two, attnopt.Budget(max_error=0.9), args=(x,),
+                                                candidates=ONE, device=PROFILE, output_gains=True))
     assert all(site.decision.output_gain is None for site in report.sites)
+
+
+def test_torch_compile_options_and_saved_files_carry_the_setting(planned):
+    model, x, fast, report = planned
+    compiled = torch.compile(model, backend="attnopt", options={"budget": attnopt.Budget(flops=0.75),
+                                                                "candidates": ONE, "device": PROFILE,
+                                                                "output_gains": True})
+    with torch.no_grad():
+        compiled(x)
+    assert all(site.decision.output_gain is not None for site in attnopt.report_of(compiled).sites)
+    from attnopt import persist
+    from attnopt.policies import BudgetPolicy
+
+    for asked in (True, False):
+        saved = BudgetPolicy(attnopt.Budget(flops=0.75), ONE, output_gains=asked)
+        assert persist._policy_from(persist._policy_record(saved), model, None).output_gains is asked
+    record = persist._policy_record(BudgetPolicy(0.5))
+    del record["output_gains"]  # a file written before the setting existed
+    assert persist._policy_from(record, model, None).output_gains is False
 
 
 def test_a_perturbed_site_adds_exactly_its_error_and_outputs_compare_like_the_end_to_end_check():
