@@ -40,7 +40,9 @@ Two spellings of it:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -62,30 +64,111 @@ def window_size(window: int, n_tokens: int, grid: Grid | None = None) -> tuple[i
     return rows, min(window // rows, width)
 
 
-def window_indices(n_tokens: int, window: int, *, causal: bool, grid: Grid | None,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each windowed query's window: key indices (R, w) and whether each slot is a real key (R, w).
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """The windowed queries cut into tiles, and the one band of keys that holds each tile's windows.
 
-    R is N, or the patches of a grid with a class token (its row 0 is global). Causal windows
-    before the sequence's start hold slots < 0; they are clamped to 0 and marked out.
+    The queries lie on a height × width grid (1-D: 1 × N) and a window is rows × cols of it. A
+    tile is tile_rows × tile_cols queries, the last tile of each axis padded with repeats of the
+    axis's last query. Along an axis a window starts at most one cell after the one before it
+    (shifted ends included), so the windows of t consecutive cells lie within t + rows − 1 cells:
+    each tile reads one band_rows × band_cols block of keys (causal, 1-D: the t + cols − 1 keys
+    ending at its last query), computed as one dense (tile × band) block of scores.
+    """
+
+    height: int
+    width: int
+    rows: int
+    cols: int
+    tile_rows: int
+    tile_cols: int
+    causal: bool
+
+    @property
+    def band_rows(self) -> int:
+        return min(self.tile_rows + self.rows - 1, self.height)
+
+    @property
+    def band_cols(self) -> int:
+        return min(self.tile_cols + self.cols - 1, self.width)
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.height // self.tile_rows) * -(-self.width // self.tile_cols)
+
+    @property
+    def tile_size(self) -> int:
+        return self.tile_rows * self.tile_cols
+
+    @property
+    def band_size(self) -> int:
+        return self.band_rows * self.band_cols
+
+    @property
+    def in_order(self) -> bool:
+        """Whether the tiles, one after another, hold the queries in order (any padding at the end)."""
+        return self.tile_cols == self.width or (self.tile_rows == 1 and (self.height == 1
+                                                                         or self.width % self.tile_cols == 0))
+
+
+def tiling(n_tokens: int, window: int, grid: Grid | None = None, causal: bool = False) -> Tiling:
+    """How a call's windowed queries are tiled (grid: as `_check` returns it, None for 1-D windows).
+
+    1-D: tiles of T = min(TILE, the window) queries, so that each query's scores cover T + w − 1
+    keys (at most 2w − 1; causal prefix chunks are the tiles, and must not be longer than the
+    window). A grid: TILE_ROWS × TILE_COLS patches (within the grid).
     """
     rows, cols = window_size(window, n_tokens, grid)
     if grid is None:
-        position = torch.arange(n_tokens, device=device)[:, None]
-        offsets = torch.arange(cols, device=device)
-        if causal:
-            index = position - (cols - 1) + offsets
-            return index.clamp_min(0), index >= 0
-        start = (position - cols // 2).clamp(0, n_tokens - cols)
-        index = start + offsets
-        return index, torch.ones_like(index, dtype=torch.bool)
-    height, width, has_class_token = grid
-    patch = torch.arange(height * width, device=device)
-    row0 = (patch // width - rows // 2).clamp(0, height - rows)[:, None, None]
-    col0 = (patch % width - cols // 2).clamp(0, width - cols)[:, None, None]
-    index = (row0 + torch.arange(rows, device=device)[:, None]) * width + col0 + torch.arange(cols, device=device)
-    index = index.reshape(height * width, rows * cols) + int(has_class_token)
-    return index, torch.ones_like(index, dtype=torch.bool)
+        return Tiling(1, n_tokens, 1, cols, 1, min(TILE, cols) if causal else min(TILE, n_tokens), causal)
+    height, width, _ = grid
+    return Tiling(height, width, rows, cols, min(TILE_ROWS, height), min(TILE_COLS, width), causal)
+
+
+TILE = 32
+TILE_ROWS, TILE_COLS = 4, 8
+
+
+class _TileIndex(NamedTuple):
+    """Index tensors of a tiling: which query fills each tile slot (n_tiles, T) and which key each band
+    slot holds (n_tiles, L); whether a slot's key is in a slot's window (n_tiles, T, L), sink keys out; causal:
+    each tile's first query (its prefix sums hold the keys before it) and each slot's query position."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    window: torch.Tensor
+    first: torch.Tensor | None
+    positions: torch.Tensor | None
+
+
+def _axis(n: int, window: int, tile: int, band: int, causal: bool,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One axis of a tiling: each tile's cells (tiles, tile), its band's cells (tiles, band), and whether
+    each band cell is in each cell's window (tiles, tile, band)."""
+    first = torch.arange(0, n, tile, device=device)
+    cells = (first[:, None] + torch.arange(tile, device=device)).clamp_max(n - 1)
+    if causal:  # the window cells ending at the cell
+        start = cells - (window - 1)
+        band_start = (first - (window - 1)).clamp(0, n - band)
+    else:  # the window cells around the cell, shifted at the ends
+        start = (cells - window // 2).clamp(0, n - window)
+        band_start = (first - window // 2).clamp(0, n - band)
+    band_cells = band_start[:, None] + torch.arange(band, device=device)
+    inside = (band_cells[:, None, :] >= start[:, :, None]) & (band_cells[:, None, :] < start[:, :, None] + window)
+    return cells, band_cells, inside
+
+
+def _tile_index(plan: Tiling, n_global: int, n_sinks: int, device: torch.device) -> _TileIndex:
+    rows, row_band, row_inside = _axis(plan.height, plan.rows, plan.tile_rows, plan.band_rows, plan.causal, device)
+    cols, col_band, col_inside = _axis(plan.width, plan.cols, plan.tile_cols, plan.band_cols, plan.causal, device)
+    queries = (rows[:, None, :, None] * plan.width + cols[None, :, None, :]).reshape(plan.n_tiles, plan.tile_size)
+    keys = (row_band[:, None, :, None] * plan.width + col_band[None, :, None, :]).reshape(
+        plan.n_tiles, plan.band_size) + n_global
+    window = (row_inside[:, None, :, None, :, None] & col_inside[None, :, None, :, None, :]).reshape(
+        plan.n_tiles, plan.tile_size, plan.band_size) & (keys >= n_sinks)[:, None, :]
+    if not plan.causal:
+        return _TileIndex(queries, keys, window, None, None)
+    return _TileIndex(queries, keys, window, queries[:, 0], queries)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: int, window: int, grid: Grid | None,
@@ -122,125 +205,143 @@ def hybrid_attention_reference(
 
     key_mask: bool (B, N), True where the key may be attended. grid applies when its token count
     is N and the call is not causal (else the window is 1-D). Computes in fp32 for half inputs
-    and returns q's dtype. See the module docstring for the math and the stabilisation.
+    and returns q's dtype. See the module docstring for the math, the tiles and the stabilisation.
     """
     grid = _check(q, k, v, sinks, window, grid, causal)
     out_dtype, dtype = q.dtype, accumulation_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    batch, n_heads, n_tokens, _ = q.shape
+    batch, n_heads, n_tokens, d = q.shape
     n_kv_heads, group, e = k.shape[1], n_heads // k.shape[1], v.shape[3]
     n_global = int(grid is not None and grid[2])  # a class token reads every key exactly
     n_rows = n_tokens - n_global
     n_sinks = min(sinks, n_tokens)
     valid = None if key_mask is None else key_mask.reshape(batch, n_tokens).to(torch.bool)
-    root = math.sqrt(scale)
+    plan = tiling(n_tokens, window, grid, causal)
+    index = _tile_index(plan, n_global, n_sinks, q.device)
+    n_tiles, tile, band = plan.n_tiles, plan.tile_size, plan.band_size
+    padded = not plan.in_order or n_tiles * tile != n_rows
 
+    def tiled(x: torch.Tensor) -> torch.Tensor:  # (B, H, R, ·) → (B, Hkv, tiles, G·T, ·); head h reads kv head h // G
+        x = x.reshape(batch, n_kv_heads, group, n_rows, x.shape[-1])
+        if padded:
+            x = x.index_select(3, index.queries.flatten())
+        x = x.reshape(batch, n_kv_heads, group, n_tiles, tile, x.shape[-1]).transpose(2, 3)
+        return x.reshape(batch, n_kv_heads, n_tiles, group * tile, x.shape[-1])
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, tiles, G·T, ·) → (B, Hkv, tiles, G, T, ·)
+        return x.view(batch, n_kv_heads, n_tiles, group, tile, x.shape[-1])
+
+    def rows_of(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, tiles, G·T, ·) → (B, Hkv, tiles·G·T, ·)
+        return x.reshape(batch, n_kv_heads, n_tiles * group * tile, x.shape[-1])
+
+    def banded(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, N, ·) → each tile's band of keys (B, Hkv, tiles, L, ·)
+        return x.index_select(2, index.keys.flatten()).view(batch, n_kv_heads, n_tiles, band, x.shape[-1])
+
+    def per_slot(x: torch.Tensor) -> torch.Tensor:  # (B or 1, tiles, T, ·) → broadcastable to (B, Hkv, tiles, G, T, ·)
+        return x.reshape(x.shape[0], 1, n_tiles, 1, tile, x.shape[-1])
+
+    root = math.sqrt(scale)
     key_features = apply_feature_map(k, feature_map, power, root)
     if valid is not None:  # where, not ·: a masked key's inf or NaN features stay out
         key_features = torch.where(valid[:, None, :, None], key_features, 0)
-    rows_q = q[:, :, n_global:]
-    query_features = apply_feature_map(rows_q, feature_map, power, root)
+    queries = tiled(q[:, :, n_global:])
+    query_features = apply_feature_map(queries, feature_map, power, root)
+    queries = queries * scale
 
-    def grouped(x: torch.Tensor) -> torch.Tensor:  # (B, H, R, ·) → (B, Hkv, G·R, ·): head h reads kv head h // G
-        return x.reshape(batch, n_kv_heads, group * n_rows, x.shape[-1])
-
-    def split_groups(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, G·R, ·) → (B, Hkv, G, R, ·)
-        return x.reshape(batch, n_kv_heads, group, n_rows, x.shape[-1])
-
-    position = torch.arange(n_global, n_tokens, device=q.device)  # each windowed query's position
-    index, inside = window_indices(n_tokens, window, causal=causal, grid=grid, device=q.device)
-    chunk = index.shape[1]  # causal prefix chunks are window-long (see the module docstring)
-
-    # the linear part over every key the sums hold: all valid keys, or causal those before the query's chunk
+    # the linear part over every key the sums hold: all valid keys, or causal the keys before the query's tile
     if causal:
-        numerator_all, denominator_all = _causal_prefix(query_features, key_features, v, chunk, grouped, split_groups)
-        summed_before = (position // chunk) * chunk  # query i's sums hold the keys j < summed_before[i]
+        numerator_all, denominator_all = _causal_prefix(query_features, key_features, v, tile)
         if valid is None:
-            n_summed = summed_before.to(dtype).reshape(1, 1, 1, n_rows, 1)
+            n_summed = index.first.to(dtype).reshape(1, 1, n_tiles, 1, 1, 1)
         else:
             counts = torch.nn.functional.pad(valid.to(dtype).cumsum(-1), (1, 0))  # valid keys before each index
-            n_summed = counts[:, summed_before].reshape(batch, 1, 1, n_rows, 1)
+            n_summed = counts[:, index.first].reshape(batch, 1, n_tiles, 1, 1, 1)
     else:
-        state, key_sum = key_features.mT @ v, key_features.sum(-2, keepdim=True)
-        numerator_all = split_groups(grouped(query_features) @ state)
-        denominator_all = split_groups(grouped(query_features) @ key_sum.mT)
-        summed_before = None
-        n_summed = (torch.full((1, 1, 1, 1, 1), float(n_tokens), device=q.device) if valid is None
-                    else valid.to(dtype).sum(-1).reshape(batch, 1, 1, 1, 1))
+        state, key_sum = key_features.mT @ v, key_features.sum(-2, keepdim=True).mT
+        numerator_all = blocks((rows_of(query_features) @ state).view(batch, n_kv_heads, n_tiles, group * tile, e))
+        denominator_all = blocks((rows_of(query_features) @ key_sum).view(batch, n_kv_heads, n_tiles, group * tile, 1))
+        n_summed = (torch.full((1, 1, 1, 1, 1, 1), float(n_tokens), device=q.device) if valid is None
+                    else valid.to(dtype).sum(-1).reshape(batch, 1, 1, 1, 1, 1))
 
-    # the exact keys of each query: sinks, then its window (sink keys taken out of it)
-    rows_q5, features5 = split_groups(grouped(rows_q)), split_groups(grouped(query_features))
-    sink_keys = torch.arange(n_sinks, device=q.device)
-    member = torch.cat([sink_keys.expand(n_rows, n_sinks) <= position[:, None] if causal else
-                        torch.ones(n_rows, n_sinks, dtype=torch.bool, device=q.device),
-                        inside & (index >= n_sinks)], dim=-1)  # (R, s + w)
-    keys = torch.cat([sink_keys.expand(n_rows, n_sinks), index], dim=-1)
-    if valid is not None:
-        member = member & valid[:, keys]  # (B, R, s + w)
-    summed = member if summed_before is None else member & (keys < summed_before[:, None])
-    member, summed = (x.reshape(-1, 1, 1, n_rows, n_sinks + chunk) for x in (member, summed))
-
-    window_k, window_features, window_v = k[:, :, index], key_features[:, :, index], v[:, :, index]  # (B, Hkv, R, w, ·)
-    scores = torch.cat([split_groups(grouped(rows_q) @ k[:, :, :n_sinks].mT),
-                        torch.einsum("bkgrd,bkrwd->bkgrw", rows_q5, window_k)], dim=-1) * scale
-    linear = torch.cat([split_groups(grouped(query_features) @ key_features[:, :, :n_sinks].mT),
-                        torch.einsum("bkgrd,bkrwd->bkgrw", features5, window_features)], dim=-1)
-    scores = scores.masked_fill(~member, -math.inf)
-    linear = torch.where(summed, linear, 0)
+    # the exact keys of each query: its window within its tile's band (sink keys taken out of it), then the sinks
+    member = index.window if valid is None else index.window & valid[:, index.keys][:, :, None, :]
+    summed = member if not causal else member & (index.keys < index.first[:, None])[:, None, :]
+    member, summed = per_slot(member.reshape(-1, n_tiles, tile, band)), per_slot(summed.reshape(-1, n_tiles, tile, band))
+    scores = blocks(queries @ banded(k).mT).masked_fill_(~member, -math.inf)  # in place: matmul keeps no output
+    linear = blocks(query_features @ banded(key_features).mT).masked_fill_(~summed, 0)
+    row_max, linear_sum, n_exact_summed = scores.amax(-1, keepdim=True), linear.sum(-1, keepdim=True), summed.sum(-1, keepdim=True)
+    if n_sinks:
+        sink_keys = torch.arange(n_sinks, device=q.device)
+        sink_member = (torch.ones(1, n_tiles, tile, n_sinks, dtype=torch.bool, device=q.device) if not causal
+                       else (sink_keys <= index.positions[:, :, None])[None])
+        if valid is not None:
+            sink_member = sink_member & valid[:, None, None, :n_sinks]
+        sink_summed = sink_member if not causal else sink_member & (sink_keys < index.first[:, None, None])
+        sink_member, sink_summed = per_slot(sink_member), per_slot(sink_summed)
+        sink_scores = blocks((rows_of(queries) @ k[:, :, :n_sinks].mT).view(
+            batch, n_kv_heads, n_tiles, group * tile, n_sinks)).masked_fill_(~sink_member, -math.inf)
+        sink_linear = blocks((rows_of(query_features) @ key_features[:, :, :n_sinks].mT).view(
+            batch, n_kv_heads, n_tiles, group * tile, n_sinks)).masked_fill_(~sink_summed, 0)
+        row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
+        linear_sum = linear_sum + sink_linear.sum(-1, keepdim=True)
+        n_exact_summed = n_exact_summed + sink_summed.sum(-1, keepdim=True)
 
     # one normaliser: shift by c = max(m, log(α·Σ_L φ·φ)), the linear terms scaled by α·e^{-c}
-    n_linear = n_summed - summed.sum(-1, keepdim=True)  # keys in the linear part, counted exactly
-    linear_denominator = (denominator_all - linear.sum(-1, keepdim=True)).clamp_min(0)
+    n_linear = n_summed - n_exact_summed  # keys in the linear part, counted exactly
+    linear_denominator = (denominator_all - linear_sum).clamp_min(0)
     has_linear = (n_linear > 0) & (linear_denominator >= torch.finfo(dtype).tiny) & (mix > 0)
     linear_denominator = torch.where(has_linear, linear_denominator, 0)
-    shift = torch.maximum(scores.amax(-1, keepdim=True), (mix * linear_denominator).log())
+    shift = torch.maximum(row_max, (mix * linear_denominator).log())
     shift = torch.where(shift.isfinite(), shift, 0)  # a row with nothing visible: 0 / 0 below, set to 0
-    exact = (scores - shift).exp()
     linear_scale = torch.where(has_linear, mix * (-shift).exp(), 0)
-    weights = exact - linear_scale * linear  # the exact terms, less the linear terms the sums hold of them
-    numerator = (linear_scale * numerator_all
-                 + split_groups(weights[..., :n_sinks].reshape(batch, n_kv_heads, group * n_rows, n_sinks)
-                                @ v[:, :, :n_sinks])
-                 + torch.einsum("bkgrw,bkrwe->bkgre", weights[..., n_sinks:], window_v))
+    exact = (scores - shift).exp()
+    weights = torch.addcmul(exact, linear, linear_scale, value=-1)  # less the linear terms the sums hold of them
+    numerator = linear_scale * numerator_all + blocks(
+        weights.view(batch, n_kv_heads, n_tiles, group * tile, band) @ banded(v))
     denominator = exact.sum(-1, keepdim=True) + linear_scale * linear_denominator
+    if n_sinks:
+        sink_exact = (sink_scores - shift).exp()
+        sink_weights = torch.addcmul(sink_exact, sink_linear, linear_scale, value=-1)
+        numerator = numerator + blocks((rows_of(sink_weights.reshape(
+            batch, n_kv_heads, n_tiles, group * tile, n_sinks)) @ v[:, :, :n_sinks]).view(
+            batch, n_kv_heads, n_tiles, group * tile, e))
+        denominator = denominator + sink_exact.sum(-1, keepdim=True)
     out = torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(dtype).tiny), 0)
 
+    out = out.transpose(2, 3).reshape(batch, n_kv_heads, group, n_tiles * tile, e)  # back in query order
+    out = out[:, :, :, :n_rows] if plan.in_order else out.index_select(3, _slots(plan, q.device))
     if n_global:
         out = torch.cat([_global_rows(q[:, :, :n_global], k, v, valid, scale).reshape(
             batch, n_kv_heads, group, n_global, e), out], dim=3)
     return out.reshape(batch, n_heads, n_tokens, e).to(out_dtype)
 
 
-def _causal_prefix(query_features, key_features, v, chunk, grouped, split_groups):
-    """Σ_{j < ⌊i/T⌋·T} φ(q_i)·φ(k_j) v_j and the same without v_j, T = chunk: exclusive prefix states of
-    the chunks before each query's own, (B, Hkv, G, N, e) and (B, Hkv, G, N, 1).
+def _causal_prefix(query_features: torch.Tensor, key_features: torch.Tensor, v: torch.Tensor,
+                   tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_{j < first} φ(q_i)·φ(k_j) v_j and the same without v_j, `first` the first query of i's tile: (B, Hkv,
+    tiles, G, T, e) and (B, Hkv, tiles, G, T, 1) from query features (B, Hkv, tiles, G·T, d).
 
-    The full chunks run batched and the last N mod T keys as one more (shorter) chunk, so the
-    states cost exactly N·d·e multiply-adds, and nothing is padded.
+    The state before tile t sums the key chunks of the tiles before it (exclusive prefix sums),
+    so the states cost (tiles − 1)·T·d·e multiply-adds: the last tile's keys are never summed.
     """
-    n_tokens = key_features.shape[2]
-    n_full = n_tokens // chunk
-    split = n_full * chunk
+    batch, n_kv_heads, n_tiles, rows, d = query_features.shape
+    e, summed = v.shape[-1], (n_tiles - 1) * tile
+    chunks = key_features[:, :, :summed].reshape(batch, n_kv_heads, n_tiles - 1, tile, d)
+    states = chunks.mT @ v[:, :, :summed].reshape(batch, n_kv_heads, n_tiles - 1, tile, e)  # (B, Hkv, tiles−1, d, e)
+    sums = chunks.sum(-2).unsqueeze(-1)  # (B, Hkv, tiles − 1, d, 1)
+    before = torch.cat([states.new_zeros(batch, n_kv_heads, 1, d, e), states.cumsum(2)], dim=2)
+    sums_before = torch.cat([sums.new_zeros(batch, n_kv_heads, 1, d, 1), sums.cumsum(2)], dim=2)
+    shape = (batch, n_kv_heads, n_tiles, rows // tile, tile)
+    return (query_features @ before).view(*shape, e), (query_features @ sums_before).view(*shape, 1)
 
-    def chunked(x: torch.Tensor) -> torch.Tensor:  # (…, split, ·) → (…, chunks, T, ·)
-        return x[..., :split, :].reshape(*x.shape[:-2], n_full, chunk, x.shape[-1])
 
-    states = [chunked(key_features).mT @ chunked(v)]  # (B, Hkv, chunks, d, e)
-    sums = [chunked(key_features).sum(-2, keepdim=True)]  # (B, Hkv, chunks, 1, d)
-    if split < n_tokens:
-        states.append((key_features[..., split:, :].mT @ v[..., split:, :]).unsqueeze(2))
-        sums.append(key_features[..., split:, :].sum(-2, keepdim=True).unsqueeze(2))
-    states, sums = torch.cat(states, dim=2), torch.cat(sums, dim=2)
-    before = torch.cat([torch.zeros_like(states[:, :, :1]), states[:, :, :-1].cumsum(2)], dim=2)[:, :, None]
-    sums_before = torch.cat([torch.zeros_like(sums[:, :, :1]), sums[:, :, :-1].cumsum(2)], dim=2)[:, :, None]
-
-    features = split_groups(grouped(query_features))  # (B, Hkv, G, N, d)
-    numerators = [(chunked(features) @ before[:, :, :, :n_full]).flatten(3, 4)]
-    denominators = [(chunked(features) @ sums_before[:, :, :, :n_full].mT).flatten(3, 4)]
-    if split < n_tokens:
-        numerators.append(features[..., split:, :] @ before[:, :, :, n_full])
-        denominators.append(features[..., split:, :] @ sums_before[:, :, :, n_full].mT)
-    return torch.cat(numerators, dim=3), torch.cat(denominators, dim=3)
+def _slots(plan: Tiling, device: torch.device) -> torch.Tensor:
+    """Where each query (in its order) sits in the tiles laid end to end (within one head's G·… rows: T per tile)."""
+    position = torch.arange(plan.height * plan.width, device=device)
+    row, col = position // plan.width, position % plan.width
+    tiles_across = -(-plan.width // plan.tile_cols)
+    tile = (row // plan.tile_rows) * tiles_across + col // plan.tile_cols
+    return tile * plan.tile_size + (row % plan.tile_rows) * plan.tile_cols + col % plan.tile_cols
 
 
 def _global_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,

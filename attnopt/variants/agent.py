@@ -133,19 +133,24 @@ def run_kmeans_cost(n_pooled: int, run_length: int, iterations: int, window: int
     """clustering.run_kmeans_with_outliers' Lloyd iterations over n runs of L queries (padded to n·L).
 
     Per iteration, per (batch, head): the scores of each run's queries against its W candidate
-    centroids (W = window, or n when global) and the one-hotᵀ·x member sums are two batched
-    matmuls of n·L·W·d multiply-adds each; the argmax, one-hot and band sums are element-wise.
+    centroids (W = window, or n when global) are one batched matmul of n·L·W·d multiply-adds
+    (the bias added in it); four element-wise passes over them pick each query's centroid
+    (clustering.first_max); an index_add_ of the queries (n·L·d adds) and one of ones give the
+    new sums and sizes; the rest works on the (n, W) candidates and (n, d) centroids. Before them,
+    the runs' first sums are a batched product of each run with its 0/1 weights (2·n·L·d FLOPs,
+    its pass over the queries priced by the pooling the selection adds).
     """
     candidates = n_pooled if window is None or window >= 2 * n_pooled - 1 else window
     per_row = n_pooled * run_length * candidates
+    slots = n_pooled * run_length
     per_iteration = costmodel.CostFormula(
-        flops=4 * B * H * per_row * d,
-        elementwise_ops=B * H * (4 * per_row + 2 * n_pooled * candidates * (d + 1)),
-        bytes_moved=dtype_bytes * B * H * (2 * n_pooled * run_length * d + 3 * per_row
-                                           + 4 * n_pooled * candidates * (d + 1)),
-        kernel_calls=12,
+        flops=2 * B * H * per_row * d,
+        elementwise_ops=B * H * (5 * per_row + slots * (d + 1) + 4 * n_pooled * candidates + 4 * n_pooled * d),
+        bytes_moved=dtype_bytes * B * H * (2 * slots * d + 7 * per_row + 6 * slots + 4 * n_pooled * (d + candidates)),
+        kernel_calls=24,
     )
-    return costmodel.CostFormula(*(iterations * term for term in dataclasses.astuple(per_iteration)))
+    first_sums = costmodel.CostFormula(flops=2 * B * H * slots * d, elementwise_ops=0, bytes_moved=0, kernel_calls=1)
+    return first_sums + costmodel.CostFormula(*(iterations * term for term in dataclasses.astuple(per_iteration)))
 
 
 @dataclasses.dataclass(frozen=True)

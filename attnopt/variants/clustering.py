@@ -89,100 +89,146 @@ def run_blocks(n_tokens: int, n_groups: int, device: torch.device | None = None)
     return torch.where(real, index, n_tokens), real
 
 
+def index_add_rows(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """target.index_add_(0, index, source): the rows of source added into target's rows `index`.
+
+    With an int64 index, CPU index_add_ takes a scatter path that radix-sorts the index, fast on
+    one thread but synchronising the threads several times (on a loaded machine, each sync can
+    wait milliseconds for a descheduled thread); with more than one thread an int32 index takes
+    the serial loop instead. Both add each target row's source rows in index order.
+    """
+    if index.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() > 1:
+        index = index.int()
+    return target.index_add_(0, index, source)
+
+
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+
+
+def first_max(scores: torch.Tensor, rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K − j for j the argmax over dim −2 of scores (U, K, T) (the first j where equal), (U, T),
+    and where it is meaningless: the columns whose max is not finite (a NaN or an inf in them).
+
+    scores are overwritten. An argmax over a short dim is slow on CPU (~2.5 ns an element); this
+    is four vectorised passes: the max m, s + (−m) (+0 exactly at a maximum — −m's zero is made
+    +0, so that −0 and +0 scores tie as in argmax — and negative elsewhere, so its same-width
+    integer view is 0 or negative), that view OR (K − j), and its max: K − j of the first
+    maximum. rank: `first_max_rank(K, scores.dtype, device)` where the caller has it.
+    """
+    negated_top = scores.amax(-2, keepdim=True).neg_().add_(0.0)
+    bits = scores.add_(negated_top).view(_SAME_WIDTH_INT[scores.dtype])
+    if rank is None:
+        rank = first_max_rank(scores.shape[-2], scores.dtype, scores.device)
+    return bits.bitwise_or_(rank).amax(-2), ~negated_top.squeeze(-2).isfinite()
+
+
+def first_max_rank(n_candidates: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(K, 1): K − j, in the integer type as wide as `dtype`, for `first_max`."""
+    return torch.arange(n_candidates, 0, -1, dtype=_SAME_WIDTH_INT[dtype], device=device).unsqueeze(-1)
+
+
 def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, window: int | None,
                              n_outliers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """kmeans from the run_groups of all-valid x (…, N, d), then split_outliers: agents and sizes.
 
-    Tokens are laid out in their initial runs as blocks (n, L, d) per row of x (a reshape when n
-    divides N, else one row gather in which a shorter run's padding slot repeats a token and is
-    kept out of every sum, count and distance), so a run's tokens share their candidate
-    centroids: the `window` runs around their own (local k-means, a band: run g may join runs
-    g − ⌊(W−1)/2⌋ … g + ⌈(W−1)/2⌉ that exist), or all n when window is None. The centroids of
-    all rows of x sit in one table; a run's W candidates are W consecutive table rows (a strided
-    view, no copy), the rows of other runs of x and of empty centroids barred by a −inf bias.
-    Each of the fixed `iterations` is one batched matmul (the scores x·cᵀ − ‖c‖²/2 of each run's
-    tokens against its candidates, N·W·d multiply-adds, the bias added inside it), an argmax,
-    and one index_add_ of the tokens into their new centroids' sums (N·d adds) with a bincount
-    for the sizes: no (N, W) one-hot, no gather or scatter over (…, N, d), no loop over tokens
-    or groups. Then the n_outliers tokens farthest from their final centroid leave their group
-    and become agents of their own.
+    Tokens are laid out in their initial runs as blocks of L slots (a view when n divides N;
+    else one row gather, a shorter run's padding slot repeating a token that is kept out of every
+    sum, count and distance), so a run's tokens share their candidate centroids: the `window`
+    runs around their own (local k-means, a band: run g may join runs g − ⌊(W−1)/2⌋ …
+    g + ⌈(W−1)/2⌉ that exist), or all n when window is None. The centroids of every row of x
+    sit in one table, where a run's W candidates are W consecutive rows (a strided view, no
+    copy); a candidate in another row of x, outside the runs or empty gets the bias −inf.
+    Each of the fixed `iterations` is one batched matmul — the scores x·cᵀ − ‖c‖²/2 of each
+    run's tokens against its candidates (N·W·d multiply-adds, the bias added inside it) —, an
+    argmax in four vectorised passes over the scores (`first_max`), and one index_add_ of the
+    tokens into their new centroids' sums (N·d adds, `index_add_rows`) with one of ones for the
+    sizes: no (N, W) one-hot, no gather or scatter over (…, N, d), no loop over tokens or
+    groups. Then the n_outliers tokens farthest from their final centroid leave their group and
+    become agents of their own.
     A centroid that loses all its tokens keeps its place with size 0 (it may win tokens back).
+    A token whose scores are not all finite (a NaN or an inf in x) stays in its initial run, and
+    such a centroid is zero where it is another row's candidate, so rows of x never mix.
     """
     lead, (n_tokens, dim) = x.shape[:-2], x.shape[-2:]
     n_rows = math.prod(lead)
-    n_cells = n_rows * n_groups  # centroids of every row of x, one table
+    n_cells = n_rows * n_groups  # the centroids of every row of x
     blocks, real = run_blocks(n_tokens, n_groups, x.device)
     length = blocks.shape[-1]
     rows = x.reshape(n_rows * n_tokens, dim)
     padded = n_tokens % n_groups != 0
-    if padded:  # the padding slot of a shorter run reads some token; `real` keeps it out below
-        source = blocks.clamp_max(n_tokens - 1).reshape(1, -1)
-        source = source + torch.arange(0, n_rows * n_tokens, n_tokens, device=x.device).unsqueeze(-1)
-        slots = rows.index_select(0, source.reshape(-1))
+    if padded:  # a run's padding slot (its last) repeats the run's last token, then goes nowhere
+        source = torch.where(real, blocks, blocks.roll(1, -1)).reshape(1, -1)
+        starts = torch.arange(0, n_rows * n_tokens, n_tokens, device=x.device).unsqueeze(-1)
+        slots = rows.index_select(0, (source + starts).reshape(-1))
     else:
         slots = rows
     band = window is not None and window < 2 * n_groups - 1
-    # a unit is what shares candidates: a run (band) or a whole row (every centroid of it)
-    n_units = n_cells if band else n_rows
+    if band:  # a unit (the slots sharing candidates) is a run; its candidate j is table row unit + j
+        front = (window - 1) // 2
+        n_units, n_candidates, offset = n_cells, window, front  # cell c at table row c + front
+        unit_rows = torch.arange(n_cells, device=x.device)
+        padding = (front, window - 1 - front)
+    else:  # a unit is a row of x; its candidate j is table row (its first cell) + j
+        n_units, n_candidates, offset = n_rows, n_groups, 0
+        unit_rows = torch.arange(0, n_cells, n_groups, device=x.device)
+    n_table = n_cells + n_candidates  # the table's last row takes the padding slots, discarded
     tokens = slots.view(n_units, -1, dim)
-    cell = torch.arange(n_cells, device=x.device)
-    own_cell = cell.unsqueeze(-1).expand(n_cells, length).reshape(n_units, -1)  # each slot's initial run
     real_slots = real.reshape(1, -1).expand(n_rows, -1).reshape(n_units, -1) if padded else None
 
-    def centroid_sums(slot_cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums (n_cells, d) and sizes (n_cells,) of the slots' cells; padding slots go to a discarded row."""
+    def centroid_sums(slot_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums (n_cells, d) and sizes (n_cells,) of the cells at the slots' table rows."""
         if padded:
-            slot_cells = torch.where(real_slots, slot_cells, n_cells)
-        index = slot_cells.reshape(-1)
-        sums = x.new_zeros(n_cells + 1, dim).index_add_(0, index, slots)
-        sizes = torch.bincount(index, minlength=n_cells + 1)[:n_cells].to(x.dtype)
-        return sums[:n_cells], sizes
+            slot_rows = torch.where(real_slots, slot_rows, n_table - 1)
+        index = slot_rows.reshape(-1)
+        sums = index_add_rows(x.new_zeros(n_table, dim), index, slots)
+        sizes = x.new_zeros(n_table).index_add_(0, index, x.new_ones(1).expand(index.shape[0]))  # a serial loop
+        return sums[offset:offset + n_cells], sizes[offset:offset + n_cells]
 
-    sums, sizes = centroid_sums(own_cell)
+    # the runs' sums: one batched product of each run's slots with its 0/1 weights
+    real_weight = real.to(x.dtype)
+    sums = torch.bmm(real_weight.unsqueeze(0).expand(n_rows, -1, -1).reshape(n_cells, 1, length),
+                     slots.view(n_cells, length, dim)).view(n_cells, dim)
+    sizes = real_weight.sum(-1).repeat(n_rows)
     centroids = sums / sizes.unsqueeze(-1)
-    groups = own_cell
-    if band:
-        front = (window - 1) // 2
-        local = cell.remainder(n_groups).unsqueeze(-1) - front + torch.arange(window, device=x.device)
-        in_range = (local >= 0) & (local < n_groups)  # (n_cells, W): candidate j of run g is run g − front + j
-        first = cell - front  # the cell of each run's candidate 0
-        padding = (front, window - 1 - front)
-    else:
-        first = torch.arange(0, n_cells, n_groups, device=x.device)
+    initial_rows = torch.arange(offset, offset + n_cells, device=x.device).repeat_interleave(length)
+    slot_rows = initial_rows = initial_rows.view(n_units, -1)  # each slot's table row
+    last_row = (unit_rows + n_candidates).unsqueeze(-1)  # a unit's row of candidate j: last_row − (K − j)
+    rank = first_max_rank(n_candidates, x.dtype, x.device)
     for _ in range(iterations):
-        if band:  # run g's candidates: rows g … g + W − 1 of the padded table, (n_cells, d, W) views
-            table = F.pad(centroids, (0, 0, *padding))
-            candidates = table.unfold(0, window, 1)
-            norms = table.square().sum(-1).unfold(0, window, 1)
-            usable = in_range & (F.pad(sizes, padding).unfold(0, window, 1) > 0)
-        else:
-            candidates = centroids.view(n_rows, n_groups, dim).transpose(-1, -2)
-            norms = centroids.square().sum(-1).view(n_rows, n_groups)
-            usable = (sizes > 0).view(n_rows, n_groups)
-        bias = (-0.5 * norms).masked_fill(~usable, float("-inf"))
-        chosen = torch.baddbmm(bias.unsqueeze(-2), tokens, candidates).argmax(-1)  # (units, slots)
-        groups = chosen.add_(first.unsqueeze(-1))
-        if band:  # only a NaN score could pick a candidate outside the table
-            groups.clamp_(0, n_cells - 1)
-        sums, sizes = centroid_sums(groups)
+        with torch.no_grad():  # the scores only pick each slot's centroid
+            if band:  # the other rows' cells and the padding are barred by a size 0 (and made finite)
+                table = F.pad(centroids, (0, 0, *padding)).nan_to_num_(0.0, 0.0, 0.0)
+                candidates = table.unfold(0, window, 1).transpose(-1, -2)  # (n_cells, W, d), a view
+                norms = table.square().sum(-1).unfold(0, window, 1).view(n_rows, n_groups, window)
+                weight = F.pad(sizes.view(n_rows, n_groups), padding).unfold(-1, window, 1)
+            else:
+                candidates = centroids.view(n_rows, n_groups, dim)
+                norms = centroids.square().sum(-1).view(n_rows, n_groups)
+                weight = sizes.view(n_rows, n_groups)
+            norms = norms.masked_fill(weight <= 0, float("inf")).view(n_units, n_candidates, 1)  # barred: −inf
+            scores = torch.baddbmm(norms, candidates, tokens.transpose(-1, -2), beta=-0.5)  # (U, K, T): x·c − ‖c‖²/2
+            key, not_finite = first_max(scores, rank)
+            slot_rows = torch.where(not_finite, initial_rows, last_row - key)
+        sums, sizes = centroid_sums(slot_rows)
         centroids = torch.where((sizes > 0).unsqueeze(-1), sums / sizes.clamp_min(1).unsqueeze(-1), centroids)
     if n_outliers == 0:
         return centroids.view(*lead, n_groups, dim), sizes.view(*lead, n_groups)
     with torch.no_grad():  # the distances only pick the outliers
-        own = centroids.index_select(0, groups.reshape(-1))
+        table = F.pad(centroids, (0, 0, *padding)) if band else centroids
+        own = table.index_select(0, slot_rows.reshape(-1))
         distance = own.sub_(slots).square_().sum(-1).view(n_rows, n_groups * length)  # in place: one buffer
         if padded:
             distance.masked_fill_(~real.reshape(-1), -1.0)
-        outliers = distance.topk(n_outliers, dim=-1).indices  # (rows, k) slots
-    slot = (outliers + torch.arange(0, n_rows * n_groups * length, n_groups * length,
-                                    device=x.device).unsqueeze(-1)).reshape(-1)
+        outliers = distance.topk(n_outliers, dim=-1).indices  # (rows, k) slots of each row
+    slot = (outliers + torch.arange(0, slots.shape[0], n_groups * length, device=x.device).unsqueeze(-1)).reshape(-1)
     outlier_tokens = slots.index_select(0, slot)
-    outlier_groups = groups.reshape(-1).index_select(0, slot)
+    outlier_cells = slot_rows.reshape(-1).index_select(0, slot).sub_(offset)
     is_real = real.reshape(-1)[outliers.reshape(-1)].to(x.dtype)  # fewer real tokens than outliers: size 0
     if padded:
         outlier_tokens = outlier_tokens * is_real.unsqueeze(-1)
-    removed = torch.zeros_like(sums).index_add_(0, outlier_groups, outlier_tokens)
-    remaining = sizes - torch.zeros_like(sizes).index_add_(0, outlier_groups, is_real)
+    removed = index_add_rows(torch.zeros_like(sums), outlier_cells, outlier_tokens)
+    remaining = sizes - index_add_rows(torch.zeros_like(sizes), outlier_cells, is_real)
     means = (sums - removed) / remaining.clamp_min(1).unsqueeze(-1)
     means = torch.where((remaining > 0).unsqueeze(-1), means, centroids)
     agents = torch.cat([means.view(n_rows, n_groups, dim), outlier_tokens.view(n_rows, n_outliers, dim)], dim=-2)
@@ -209,7 +255,7 @@ def group_means(x: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tuple[t
     n_rows = math.prod(lead)
     row_offsets = torch.arange(n_rows, device=x.device).view(*lead, 1) * (n_groups + 1)
     flat_index = (index + row_offsets).reshape(-1)
-    sums = x.new_zeros(n_rows * (n_groups + 1), dim).index_add_(0, flat_index, x.reshape(-1, dim))
+    sums = index_add_rows(x.new_zeros(n_rows * (n_groups + 1), dim), flat_index, x.reshape(-1, dim))
     sizes = torch.bincount(flat_index, minlength=n_rows * (n_groups + 1)).to(x.dtype)
     sums = sums.view(*lead, n_groups + 1, dim)[..., :n_groups, :]
     sizes = sizes.view(*lead, n_groups + 1)[..., :n_groups]

@@ -8,9 +8,9 @@ import torch
 from attnopt import costmodel
 from attnopt.variants import AgentConfig, TokenGrid, build_site_module, refusal, relative_error, spec_for
 from attnopt.variants.agent import AgentAttention, AgentLayout, stage_temperatures_cost
-from attnopt.variants.clustering import (bipartite_merge, group_means, kmeans, pooled_groups,
-                                         pooled_runs_with_outliers, run_kmeans_with_outliers, run_sums,
-                                         split_outliers)
+from attnopt.variants.clustering import (bipartite_merge, first_max, group_means, index_add_rows, kmeans,
+                                         pooled_groups, pooled_runs_with_outliers, run_kmeans_with_outliers,
+                                         run_sums, split_outliers)
 from attnopt.variants.shortcut import ValueShortcut, shifted_values
 from attnopt.variants.two_stage import agent_bias, two_stage_attention
 
@@ -335,6 +335,57 @@ def test_run_kmeans_equals_kmeans_on_pooled_groups_with_a_band_of_candidates(n_t
     agents, sizes = run_kmeans_with_outliers(x, n_groups, iterations, window, n_outliers)
     torch.testing.assert_close(agents, expected_agents)
     torch.testing.assert_close(sizes, expected_sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_first_max_is_the_first_argmax_and_flags_non_finite_columns(dtype):
+    """Ties (repeated candidates, rounded scores, −0 and +0) go to the first; −inf never wins."""
+    generator = torch.Generator().manual_seed(6)
+    scores = torch.randn(5, 7, 40, generator=generator).to(dtype)
+    scores[:, 3] = scores[:, 1]  # exact ties: candidate 1 wins
+    scores[:, :, :10] = scores[:, :, :10].round()  # many ties
+    scores[0, :2] = float("-inf")
+    scores[1, :, 5] = float("-inf")
+    scores[2, 4, 7], scores[3, 0, 9] = float("nan"), float("inf")
+    scores[4, :, 11] = torch.tensor([-1.0, -0.0, 0.0, -0.0, -2.0, 0.0, -3.0])  # −0 and +0 tie: candidate 1
+    expected = scores.float().argmax(-2)
+    assert expected[4, 11] == 1
+    key, not_finite = first_max(scores.clone())
+    finite = torch.ones(5, 40, dtype=torch.bool)
+    finite[1, 5] = finite[2, 7] = finite[3, 9] = False
+    assert torch.equal(not_finite, ~finite)
+    assert torch.equal((7 - key.long())[finite], expected[finite])
+
+
+def test_index_add_rows_sums_as_index_add_with_more_threads(monkeypatch):
+    """With more than one thread an int32 index takes index_add_'s serial loop: the same sums."""
+    generator = torch.Generator().manual_seed(7)
+    source, index = torch.randn(300, 5, generator=generator), torch.randint(0, 20, (300,), generator=generator)
+    expected = torch.zeros(20, 5).index_add_(0, index, source)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    torch.testing.assert_close(index_add_rows(torch.zeros(20, 5), index, source), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_tokens, window", [(100, 5), (96, 5), (100, None)])
+def test_run_kmeans_agents_do_not_depend_on_the_thread_count(monkeypatch, n_tokens, window):
+    x = torch.randn(2, 3, n_tokens, 8, generator=torch.Generator().manual_seed(8))
+    one_thread = run_kmeans_with_outliers(x, 12, 3, window, 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for expected, actual in zip(one_thread, run_kmeans_with_outliers(x, 12, 3, window, 4)):
+        assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("position", [0, 50, 99])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("window", [5, None])
+def test_run_kmeans_keeps_rows_apart_when_a_query_is_not_finite(position, value, window):
+    """A NaN or inf query spoils its own row's agents only (rows of x share one centroid table)."""
+    x = torch.randn(2, 3, 100, 8, generator=torch.Generator().manual_seed(9))
+    x[0, 1, position] = value
+    agents, sizes = run_kmeans_with_outliers(x, 12, 3, window, 4)
+    for rows in ((0, [0, 2]), (1, slice(None))):
+        alone, alone_sizes = run_kmeans_with_outliers(x[rows], 12, 3, window, 4)
+        assert torch.equal(agents[rows], alone) and torch.equal(sizes[rows], alone_sizes)
 
 
 def test_default_agent_count_is_fixed_and_selection_work_linear_in_n():
