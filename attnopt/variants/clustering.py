@@ -108,19 +108,18 @@ _SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch
 
 def first_max(scores: torch.Tensor, rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K − j for j the argmax over dim −2 of scores (U, K, T) (the first j where equal), (U, T),
-    and where it is meaningless: the columns whose max is not finite (a NaN or an inf in them).
+    and the max (U, 1, T). scores must hold no −0 (it would lose a tie with +0); they are overwritten.
 
-    scores are overwritten. An argmax over a short dim is slow on CPU (~2.5 ns an element); this
-    is four vectorised passes: the max m, s + (−m) (+0 exactly at a maximum — −m's zero is made
-    +0, so that −0 and +0 scores tie as in argmax — and negative elsewhere, so its same-width
+    An argmax over a short dim is slow on CPU (~2.5 ns an element); this is four vectorised
+    passes: the max m, s − m (+0 exactly at a maximum, negative elsewhere, so its same-width
     integer view is 0 or negative), that view OR (K − j), and its max: K − j of the first
-    maximum. rank: `first_max_rank(K, scores.dtype, device)` where the caller has it.
+    maximum (meaningless where m is not finite). rank: `first_max_rank(K, scores.dtype, device)`.
     """
-    negated_top = scores.amax(-2, keepdim=True).neg_().add_(0.0)
-    bits = scores.add_(negated_top).view(_SAME_WIDTH_INT[scores.dtype])
+    top = scores.amax(-2, keepdim=True)
+    bits = scores.sub_(top).view(_SAME_WIDTH_INT[scores.dtype])
     if rank is None:
         rank = first_max_rank(scores.shape[-2], scores.dtype, scores.device)
-    return bits.bitwise_or_(rank).amax(-2), ~negated_top.squeeze(-2).isfinite()
+    return bits.bitwise_or_(rank).amax(-2), top
 
 
 def first_max_rank(n_candidates: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -133,9 +132,9 @@ def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, wi
     """kmeans from the run_groups of all-valid x (…, N, d), then split_outliers: agents and sizes.
 
     Tokens are laid out in their initial runs as blocks of L slots (a view when n divides N;
-    else one row gather, a shorter run's padding slot repeating a token that is kept out of every
-    sum, count and distance), so a run's tokens share their candidate centroids: the `window`
-    runs around their own (local k-means, a band: run g may join runs g − ⌊(W−1)/2⌋ …
+    else one row gather, a shorter run's padding slot repeating its last token, kept out of
+    every sum, count and distance), so a run's tokens share their candidate centroids: the
+    `window` runs around their own (local k-means, a band: run g may join runs g − ⌊(W−1)/2⌋ …
     g + ⌈(W−1)/2⌉ that exist), or all n when window is None. The centroids of every row of x
     sit in one table, where a run's W candidates are W consecutive rows (a strided view, no
     copy); a candidate in another row of x, outside the runs or empty gets the bias −inf.
@@ -147,8 +146,8 @@ def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, wi
     groups. Then the n_outliers tokens farthest from their final centroid leave their group and
     become agents of their own.
     A centroid that loses all its tokens keeps its place with size 0 (it may win tokens back).
-    A token whose scores are not all finite (a NaN or an inf in x) stays in its initial run, and
-    such a centroid is zero where it is another row's candidate, so rows of x never mix.
+    A token whose first scores are not finite (a NaN or an inf in it) stays in its initial run;
+    a centroid that is not finite is a zero candidate, so the rows of x never mix.
     """
     lead, (n_tokens, dim) = x.shape[:-2], x.shape[-2:]
     n_rows = math.prod(lead)
@@ -157,7 +156,7 @@ def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, wi
     length = blocks.shape[-1]
     rows = x.reshape(n_rows * n_tokens, dim)
     padded = n_tokens % n_groups != 0
-    if padded:  # a run's padding slot (its last) repeats the run's last token, then goes nowhere
+    if padded:  # a run's padding slot (its last) repeats the run's last token
         source = torch.where(real, blocks, blocks.roll(1, -1)).reshape(1, -1)
         starts = torch.arange(0, n_rows * n_tokens, n_tokens, device=x.device).unsqueeze(-1)
         slots = rows.index_select(0, (source + starts).reshape(-1))
@@ -172,14 +171,20 @@ def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, wi
     else:  # a unit is a row of x; its candidate j is table row (its first cell) + j
         n_units, n_candidates, offset = n_rows, n_groups, 0
         unit_rows = torch.arange(0, n_cells, n_groups, device=x.device)
-    n_table = n_cells + n_candidates  # the table's last row takes the padding slots, discarded
+    n_table = n_cells + n_candidates  # rows past the cells: padding, and last the padding slots' sink
     tokens = slots.view(n_units, -1, dim)
-    real_slots = real.reshape(1, -1).expand(n_rows, -1).reshape(n_units, -1) if padded else None
+    # each slot's table row while in its initial run, and where it goes when it does not move
+    initial_rows = torch.arange(offset, offset + n_cells, device=x.device).repeat_interleave(length)
+    slot_rows = initial_rows = initial_rows.view(n_units, -1)
+    if padded:
+        real_slots = real.reshape(1, -1).expand(n_rows, -1).reshape(n_units, -1)
+        fixed_rows = torch.where(real_slots, initial_rows, n_table - 1)
+    else:
+        real_slots, fixed_rows = None, initial_rows
+    moves = real_slots  # the slots that may change run (None: all)
 
     def centroid_sums(slot_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sums (n_cells, d) and sizes (n_cells,) of the cells at the slots' table rows."""
-        if padded:
-            slot_rows = torch.where(real_slots, slot_rows, n_table - 1)
         index = slot_rows.reshape(-1)
         sums = index_add_rows(x.new_zeros(n_table, dim), index, slots)
         sizes = x.new_zeros(n_table).index_add_(0, index, x.new_ones(1).expand(index.shape[0]))  # a serial loop
@@ -191,31 +196,34 @@ def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, wi
                      slots.view(n_cells, length, dim)).view(n_cells, dim)
     sizes = real_weight.sum(-1).repeat(n_rows)
     centroids = sums / sizes.unsqueeze(-1)
-    initial_rows = torch.arange(offset, offset + n_cells, device=x.device).repeat_interleave(length)
-    slot_rows = initial_rows = initial_rows.view(n_units, -1)  # each slot's table row
     last_row = (unit_rows + n_candidates).unsqueeze(-1)  # a unit's row of candidate j: last_row − (K − j)
     rank = first_max_rank(n_candidates, x.dtype, x.device)
-    for _ in range(iterations):
+    for iteration in range(iterations):
         with torch.no_grad():  # the scores only pick each slot's centroid
-            if band:  # the other rows' cells and the padding are barred by a size 0 (and made finite)
+            if band:  # the other rows' cells and the padding are barred by a size 0
                 table = F.pad(centroids, (0, 0, *padding)).nan_to_num_(0.0, 0.0, 0.0)
                 candidates = table.unfold(0, window, 1).transpose(-1, -2)  # (n_cells, W, d), a view
-                norms = table.square().sum(-1).unfold(0, window, 1).view(n_rows, n_groups, window)
+                norms = table.square().sum(-1).unfold(0, window, 1)
                 weight = F.pad(sizes.view(n_rows, n_groups), padding).unfold(-1, window, 1)
             else:
                 candidates = centroids.view(n_rows, n_groups, dim)
-                norms = centroids.square().sum(-1).view(n_rows, n_groups)
+                norms = centroids.square().sum(-1)
                 weight = sizes.view(n_rows, n_groups)
-            norms = norms.masked_fill(weight <= 0, float("inf")).view(n_units, n_candidates, 1)  # barred: −inf
-            scores = torch.baddbmm(norms, candidates, tokens.transpose(-1, -2), beta=-0.5)  # (U, K, T): x·c − ‖c‖²/2
-            key, not_finite = first_max(scores, rank)
-            slot_rows = torch.where(not_finite, initial_rows, last_row - key)
+            # −‖c‖²/2, its zero +0 (so no score is −0, as first_max needs), −inf where barred
+            bias = norms.mul(-0.5).add_(0.0).view(weight.shape).masked_fill_(weight <= 0, float("-inf"))
+            bias = bias.view(n_units, n_candidates, 1)
+            scores = torch.baddbmm(bias, candidates, tokens.transpose(-1, -2))  # (U, K, T): x·c − ‖c‖²/2
+            key, top = first_max(scores, rank)
+            if iteration == 0:  # a token with a score that is not finite stays where it is
+                finite = torch.eq(top - top, 0).view(n_units, -1)
+                moves = finite if moves is None else finite & moves
+            slot_rows = torch.where(moves, last_row - key, fixed_rows)
         sums, sizes = centroid_sums(slot_rows)
         centroids = torch.where((sizes > 0).unsqueeze(-1), sums / sizes.clamp_min(1).unsqueeze(-1), centroids)
     if n_outliers == 0:
         return centroids.view(*lead, n_groups, dim), sizes.view(*lead, n_groups)
     with torch.no_grad():  # the distances only pick the outliers
-        table = F.pad(centroids, (0, 0, *padding)) if band else centroids
+        table = F.pad(centroids, (0, 0, offset, n_table - offset - n_cells))
         own = table.index_select(0, slot_rows.reshape(-1))
         distance = own.sub_(slots).square_().sum(-1).view(n_rows, n_groups * length)  # in place: one buffer
         if padded:
@@ -223,7 +231,8 @@ def run_kmeans_with_outliers(x: torch.Tensor, n_groups: int, iterations: int, wi
         outliers = distance.topk(n_outliers, dim=-1).indices  # (rows, k) slots of each row
     slot = (outliers + torch.arange(0, slots.shape[0], n_groups * length, device=x.device).unsqueeze(-1)).reshape(-1)
     outlier_tokens = slots.index_select(0, slot)
-    outlier_cells = slot_rows.reshape(-1).index_select(0, slot).sub_(offset)
+    # a padding slot (only when fewer real tokens than outliers) counts for nothing: any cell
+    outlier_cells = slot_rows.reshape(-1).index_select(0, slot).sub_(offset).clamp_(max=n_cells - 1)
     is_real = real.reshape(-1)[outliers.reshape(-1)].to(x.dtype)  # fewer real tokens than outliers: size 0
     if padded:
         outlier_tokens = outlier_tokens * is_real.unsqueeze(-1)
