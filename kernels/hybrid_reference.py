@@ -29,11 +29,17 @@ A row that sees no key gives 0.
 Two spellings of it:
 - `hybrid_attention_reference`, the state form (the module's CPU path): the linear part is φ(q)
   against the sums Σφ(k)ᵀv and Σφ(k) over all keys, minus the linear terms of the exact keys that
-  the sums hold (subtracted in the same weighted pass as the exact terms, never an N×M matrix);
-  the exact part gathers each query's window (N·w·d). Causal sums are exclusive prefix states of
-  chunks of T = window tokens: query i reads the chunks before its own, all keys j < ⌊i/T⌋·T, and
-  since T ≤ window those keys minus its window are exactly j ≤ i − window. Cost: N·(w+s)·(2d+e)
-  multiply-adds for the exact and subtracted terms, (N+M)·d·e + N·d for the linear part.
+  the sums hold (subtracted in the same weighted pass as the exact terms, never an N×M matrix).
+  The exact part runs in tiles (`Tiling`): T queries at a time against the one band of L keys
+  that holds all their windows, one dense T×L block of scores and one of linear terms per tile
+  from batched matmuls, the keys outside each query's window masked by index arithmetic. 1-D
+  bands (T + w − 1 keys, up to 3w/2 for tiles under w/2 + 1, whose bands hold the windows shifted
+  at the ends) are one strided view of the keys; grid bands (the rows and columns a tile's windows
+  reach) are gathered. Sinks are one dense N×s block. Causal sums are exclusive prefix states of
+  the tiles: query i reads the keys before its tile's first query, and since T ≤ window those
+  keys minus its window are exactly j ≤ i − window. Cost: (L + s)·(2d + e) multiply-adds per
+  windowed query (padded to whole tiles) for the exact and subtracted terms, where the window
+  alone would be (w + s)·(2d + e); d·e + d for the linear part, M·d·e for the states.
 - `hybrid_attention_quadratic`, the test oracle: the full N×M weight matrix (`hybrid_weights`)
   written out from the definitions above, in float64.
 """
@@ -66,14 +72,22 @@ def window_size(window: int, n_tokens: int, grid: Grid | None = None) -> tuple[i
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-    """The windowed queries cut into tiles, and the one band of keys that holds each tile's windows.
+    """The windowed queries cut into tiles, and the band of keys that holds each tile's windows.
 
     The queries lie on a height × width grid (1-D: 1 × N) and a window is rows × cols of it. A
-    tile is tile_rows × tile_cols queries, the last tile of each axis padded with repeats of the
-    axis's last query. Along an axis a window starts at most one cell after the one before it
-    (shifted ends included), so the windows of t consecutive cells lie within t + rows − 1 cells:
-    each tile reads one band_rows × band_cols block of keys (causal, 1-D: the t + cols − 1 keys
-    ending at its last query), computed as one dense (tile × band) block of scores.
+    tile is tile_rows × tile_cols queries (each axis padded to whole tiles; what the padding
+    computes is dropped), its band band_rows × band_cols keys: one dense (tile × band) block of
+    scores. Along an axis a window starts at most one cell after the one before it, so the windows
+    of t consecutive cells lie within t + rows − 1 cells, shifted ends included.
+
+    1-D (offset set): tile b's band is the band_cols keys from b·T − offset on (T = tile_cols),
+    every band as long and T further on, so the bands are one strided view of the keys padded at
+    both ends (the padding, and keys of neighbouring heads, fall outside every window). Causal:
+    the T + w − 1 keys ending at the tile's last query. Not causal, the band also holds the
+    shifted windows at the ends: `late` more keys before it for the last tile's (which start up
+    to ⌈w/2⌉ − (queries in the last tile) keys before b·T − ⌊w/2⌋), `early` more after it for
+    the first tile's (which end at w, up to ⌊w/2⌋ + 1 − T keys after its band's T + w − 1).
+    Grid (offset None): each band clamped inside the grid, and gathered.
     """
 
     height: int
@@ -82,15 +96,10 @@ class Tiling:
     cols: int
     tile_rows: int
     tile_cols: int
+    band_rows: int
+    band_cols: int
     causal: bool
-
-    @property
-    def band_rows(self) -> int:
-        return min(self.tile_rows + self.rows - 1, self.height)
-
-    @property
-    def band_cols(self) -> int:
-        return min(self.tile_cols + self.cols - 1, self.width)
+    offset: int | None
 
     @property
     def n_tiles(self) -> int:
@@ -111,37 +120,67 @@ class Tiling:
                                                                          or self.width % self.tile_cols == 0))
 
 
+TILE_RANGE = (16, 32)
+"""Queries per tile of a 1-D window: w/2 within this range (at most N; causal, at most w). Up to
+w/2 + 1 queries per tile, a band holds 3w/2 keys whatever the tile (the shifted windows at the
+ends need it), so the tile grows to w/2 for larger matmuls; at least 16 keeps them efficient."""
+
+GATHER_WEIGHT = 32
+"""What gathering one key of a grid band costs, in scores: a grid tiling minimises
+tiles · band · (tile + GATHER_WEIGHT), gathered keys against score work (measured on one thread,
+d = e = 64, five to seven tile shapes on a 32×32 grid, window 64, and a 14×14 one, windows 16 and
+64: it put the fastest first each time and ranked the others about as their timings did)."""
+
+
 def tiling(n_tokens: int, window: int, grid: Grid | None = None, causal: bool = False) -> Tiling:
-    """How a call's windowed queries are tiled (grid: as `_check` returns it, None for 1-D windows).
-
-    1-D: tiles of T = min(TILE, the window) queries, so that each query's scores cover T + w − 1
-    keys (at most 2w − 1; causal prefix chunks are the tiles, and must not be longer than the
-    window). A grid: TILE_ROWS × TILE_COLS patches (within the grid).
-    """
+    """How a call's windowed queries are tiled; grid as `_check` returns it (None: a 1-D window)."""
     rows, cols = window_size(window, n_tokens, grid)
-    if grid is None:
-        return Tiling(1, n_tokens, 1, cols, 1, min(TILE, cols) if causal else min(TILE, n_tokens), causal)
-    height, width, _ = grid
-    return Tiling(height, width, rows, cols, min(TILE_ROWS, height), min(TILE_COLS, width), causal)
+    if grid is not None:
+        height, width, _ = grid
+        tile_rows, tile_cols = _grid_tile(height, width, rows, cols)
+        return Tiling(height, width, rows, cols, tile_rows, tile_cols, min(tile_rows + rows - 1, height),
+                      min(tile_cols + cols - 1, width), False, None)
+    tile = min(max(cols // 2, TILE_RANGE[0]), TILE_RANGE[1], cols if causal else n_tokens)
+    if causal:
+        return Tiling(1, n_tokens, 1, cols, 1, tile, 1, tile + cols - 1, True, cols - 1)
+    last = n_tokens - (-(-n_tokens // tile) - 1) * tile  # queries in the last tile
+    late, early = max(0, -(-cols // 2) - last), max(0, cols // 2 + 1 - tile)
+    return Tiling(1, n_tokens, 1, cols, 1, tile, 1, tile + cols - 1 + late + early, False, cols // 2 + late)
 
 
-TILE = 32
-TILE_ROWS, TILE_COLS = 4, 8
+def _grid_tile(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
+    """(tile_rows, tile_cols) for rows × cols windows on a height × width grid: least
+    tiles · band · (tile + GATHER_WEIGHT), ties to the wider, then the lower tile."""
+
+    def cost(tile_rows: int, tile_cols: int) -> tuple[int, int, int]:
+        n_tiles = -(-height // tile_rows) * -(-width // tile_cols)
+        band = min(tile_rows + rows - 1, height) * min(tile_cols + cols - 1, width)
+        return n_tiles * band * (tile_rows * tile_cols + GATHER_WEIGHT), -tile_cols, tile_rows
+
+    def lengths(n: int) -> list[int]:  # the tile lengths that cut n cells into some number of tiles with least padding
+        return sorted({-(-n // parts) for parts in range(1, n + 1)})
+
+    best = None  # loops, not min(key=): torch.compile traces this
+    for tile_rows in lengths(height):
+        for tile_cols in lengths(width):
+            if best is None or cost(tile_rows, tile_cols) < cost(*best):
+                best = tile_rows, tile_cols
+    return best
 
 
 class _TileIndex(NamedTuple):
-    """Index tensors of a tiling: which query fills each tile slot (n_tiles, T) and which key each band
-    slot holds (n_tiles, L); whether a slot's key is in a slot's window (n_tiles, T, L), sink keys out; causal:
-    each tile's first query (its prefix sums hold the keys before it) and each slot's query position."""
+    """Index tensors of a tiling: the query in each tile slot (tiles, T), the key in each band slot
+    (tiles, L; 1-D: outside 0..N−1 where the band passes the ends), whether a slot's key is in a
+    slot's window (tiles, T, L; sink keys out), and each tile's first query (causal: its prefix
+    sums hold the keys before it)."""
 
     queries: torch.Tensor
     keys: torch.Tensor
     window: torch.Tensor
-    first: torch.Tensor | None
-    positions: torch.Tensor | None
+    first: torch.Tensor
 
 
-def _axis(n: int, window: int, tile: int, band: int, causal: bool,
+def _axis(n: int, window: int, tile: int, band: int, causal: bool, offset: int | None,
           device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One axis of a tiling: each tile's cells (tiles, tile), its band's cells (tiles, band), and whether
     each band cell is in each cell's window (tiles, tile, band)."""
@@ -149,26 +188,54 @@ def _axis(n: int, window: int, tile: int, band: int, causal: bool,
     cells = (first[:, None] + torch.arange(tile, device=device)).clamp_max(n - 1)
     if causal:  # the window cells ending at the cell
         start = cells - (window - 1)
-        band_start = (first - (window - 1)).clamp(0, n - band)
     else:  # the window cells around the cell, shifted at the ends
         start = (cells - window // 2).clamp(0, n - window)
-        band_start = (first - window // 2).clamp(0, n - band)
+    band_start = first - offset if offset is not None else (first - window // 2).clamp(0, n - band)
     band_cells = band_start[:, None] + torch.arange(band, device=device)
     inside = (band_cells[:, None, :] >= start[:, :, None]) & (band_cells[:, None, :] < start[:, :, None] + window)
     return cells, band_cells, inside
 
 
 def _tile_index(plan: Tiling, n_global: int, n_sinks: int, device: torch.device) -> _TileIndex:
-    rows, row_band, row_inside = _axis(plan.height, plan.rows, plan.tile_rows, plan.band_rows, plan.causal, device)
-    cols, col_band, col_inside = _axis(plan.width, plan.cols, plan.tile_cols, plan.band_cols, plan.causal, device)
+    """The tiling's index tensors, the grid's two axes combined; keys after `n_global` class tokens."""
+    rows, row_band, row_inside = _axis(plan.height, plan.rows, plan.tile_rows, plan.band_rows, plan.causal,
+                                       None if plan.offset is None else 0, device)
+    cols, col_band, col_inside = _axis(plan.width, plan.cols, plan.tile_cols, plan.band_cols, plan.causal,
+                                       plan.offset, device)
     queries = (rows[:, None, :, None] * plan.width + cols[None, :, None, :]).reshape(plan.n_tiles, plan.tile_size)
     keys = (row_band[:, None, :, None] * plan.width + col_band[None, :, None, :]).reshape(
         plan.n_tiles, plan.band_size) + n_global
     window = (row_inside[:, None, :, None, :, None] & col_inside[None, :, None, :, None, :]).reshape(
         plan.n_tiles, plan.tile_size, plan.band_size) & (keys >= n_sinks)[:, None, :]
-    if not plan.causal:
-        return _TileIndex(queries, keys, window, None, None)
-    return _TileIndex(queries, keys, window, queries[:, 0], queries)
+    return _TileIndex(queries, keys, window, queries[:, 0])
+
+
+def _slots(plan: Tiling, device: torch.device) -> torch.Tensor:
+    """Where each query (in its order) sits in the tiles laid end to end (T slots per tile)."""
+    tiles_down, tiles_across = -(-plan.height // plan.tile_rows), -(-plan.width // plan.tile_cols)
+    slots = torch.arange(plan.n_tiles * plan.tile_size, device=device).view(
+        tiles_down, tiles_across, plan.tile_rows, plan.tile_cols).transpose(1, 2)  # by padded grid row and column
+    slots = slots.reshape(tiles_down * plan.tile_rows, tiles_across * plan.tile_cols)
+    return slots[:plan.height, :plan.width].flatten()
+
+
+def _bands(x: torch.Tensor, plan: Tiling, keys: torch.Tensor) -> torch.Tensor:
+    """Each tile's band of keys, transposed: (B, Hkv, N, c) → (B·Hkv·tiles, c, L).
+
+    1-D: a strided view (no copy of the bands) of the keys laid out T·tiles apart per head, after
+    `offset` zeros; a grid: gathered (keys (tiles, L) in 0..N−1).
+    """
+    batch, heads, n_tokens, width = x.shape
+    n_tiles, tile, band = plan.n_tiles, plan.tile_cols, plan.band_size
+    if plan.offset is None:
+        return x.index_select(2, keys.flatten()).view(batch * heads * n_tiles, band, width).mT
+    period = n_tiles * tile  # (cat, not pad: pad writes its whole output twice, zeros then the copy)
+    if period > n_tokens:
+        x = torch.cat([x, x.new_zeros(batch, heads, period - n_tokens, width)], dim=2)
+    end = batch * heads * period - tile + band  # where the last band ends, after the offset
+    flat = torch.cat([x.new_zeros(plan.offset, width), x.reshape(batch * heads * period, width),
+                      x.new_zeros(max(0, end - plan.offset - batch * heads * period), width)])
+    return flat.unfold(0, band, tile)[:batch * heads * n_tiles]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: int, window: int, grid: Grid | None,
@@ -197,7 +264,7 @@ def hybrid_attention_reference(
     grid: Grid | None = None,
     feature_map: str = "elu1",
     power: float = 3.0,
-    mix: float = 1.0,
+    mix: float | torch.Tensor = 1.0,
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -206,107 +273,125 @@ def hybrid_attention_reference(
     key_mask: bool (B, N), True where the key may be attended. grid applies when its token count
     is N and the call is not causal (else the window is 1-D). Computes in fp32 for half inputs
     and returns q's dtype. See the module docstring for the math, the tiles and the stabilisation.
+    Without autograd (and not traced) the score blocks are reused in place.
     """
     grid = _check(q, k, v, sinks, window, grid, causal)
     out_dtype, dtype = q.dtype, accumulation_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    batch, n_heads, n_tokens, d = q.shape
+    batch, n_heads, n_tokens, _ = q.shape
     n_kv_heads, group, e = k.shape[1], n_heads // k.shape[1], v.shape[3]
     n_global = int(grid is not None and grid[2])  # a class token reads every key exactly
     n_rows = n_tokens - n_global
     n_sinks = min(sinks, n_tokens)
     valid = None if key_mask is None else key_mask.reshape(batch, n_tokens).to(torch.bool)
+    in_place = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, mix)))
     plan = tiling(n_tokens, window, grid, causal)
     index = _tile_index(plan, n_global, n_sinks, q.device)
     n_tiles, tile, band = plan.n_tiles, plan.tile_size, plan.band_size
-    padded = not plan.in_order or n_tiles * tile != n_rows
+    heads, rows = batch * n_kv_heads, group * tile  # per kv head and tile: its G query heads' T queries
 
-    def tiled(x: torch.Tensor) -> torch.Tensor:  # (B, H, R, ·) → (B, Hkv, tiles, G·T, ·); head h reads kv head h // G
+    def tiled(x: torch.Tensor) -> torch.Tensor:  # (B, H, R, d) → (B·Hkv·tiles, G·T, d); head h: kv head h // G
         x = x.reshape(batch, n_kv_heads, group, n_rows, x.shape[-1])
-        if padded:
+        if not plan.in_order:
             x = x.index_select(3, index.queries.flatten())
+        elif n_tiles * tile != n_rows:
+            x = torch.nn.functional.pad(x, (0, 0, 0, n_tiles * tile - n_rows))
         x = x.reshape(batch, n_kv_heads, group, n_tiles, tile, x.shape[-1]).transpose(2, 3)
-        return x.reshape(batch, n_kv_heads, n_tiles, group * tile, x.shape[-1])
+        return x.reshape(heads * n_tiles, rows, x.shape[-1]).contiguous()
 
-    def blocks(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, tiles, G·T, ·) → (B, Hkv, tiles, G, T, ·)
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # (B·Hkv·tiles, G·T, ·) → (B, Hkv, tiles, G, T, ·)
         return x.view(batch, n_kv_heads, n_tiles, group, tile, x.shape[-1])
 
-    def rows_of(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, tiles, G·T, ·) → (B, Hkv, tiles·G·T, ·)
-        return x.reshape(batch, n_kv_heads, n_tiles * group * tile, x.shape[-1])
-
-    def banded(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, N, ·) → each tile's band of keys (B, Hkv, tiles, L, ·)
-        return x.index_select(2, index.keys.flatten()).view(batch, n_kv_heads, n_tiles, band, x.shape[-1])
-
-    def per_slot(x: torch.Tensor) -> torch.Tensor:  # (B or 1, tiles, T, ·) → broadcastable to (B, Hkv, tiles, G, T, ·)
+    def per_slot(x: torch.Tensor) -> torch.Tensor:  # (B or 1, tiles, T, ·) → broadcastable to blocks
         return x.reshape(x.shape[0], 1, n_tiles, 1, tile, x.shape[-1])
 
     root = math.sqrt(scale)
     key_features = apply_feature_map(k, feature_map, power, root)
     if valid is not None:  # where, not ·: a masked key's inf or NaN features stay out
-        key_features = torch.where(valid[:, None, :, None], key_features, 0)
+        key_features = (key_features.masked_fill_(~valid[:, None, :, None], 0) if in_place
+                        else torch.where(valid[:, None, :, None], key_features, 0))
     queries = tiled(q[:, :, n_global:])
     query_features = apply_feature_map(queries, feature_map, power, root)
-    queries = queries * scale
-
-    # the linear part over every key the sums hold: all valid keys, or causal the keys before the query's tile
-    if causal:
-        numerator_all, denominator_all = _causal_prefix(query_features, key_features, v, tile)
-        if valid is None:
-            n_summed = index.first.to(dtype).reshape(1, 1, n_tiles, 1, 1, 1)
-        else:
-            counts = torch.nn.functional.pad(valid.to(dtype).cumsum(-1), (1, 0))  # valid keys before each index
-            n_summed = counts[:, index.first].reshape(batch, 1, n_tiles, 1, 1, 1)
-    else:
-        state, key_sum = key_features.mT @ v, key_features.sum(-2, keepdim=True).mT
-        numerator_all = blocks((rows_of(query_features) @ state).view(batch, n_kv_heads, n_tiles, group * tile, e))
-        denominator_all = blocks((rows_of(query_features) @ key_sum).view(batch, n_kv_heads, n_tiles, group * tile, 1))
-        n_summed = (torch.full((1, 1, 1, 1, 1, 1), float(n_tokens), device=q.device) if valid is None
-                    else valid.to(dtype).sum(-1).reshape(batch, 1, 1, 1, 1, 1))
+    nothing = queries.new_zeros(()).expand(1, 1, 1)  # what the scaled products add to (baddbmm, beta 0)
 
     # the exact keys of each query: its window within its tile's band (sink keys taken out of it), then the sinks
-    member = index.window if valid is None else index.window & valid[:, index.keys][:, :, None, :]
+    member = index.window[None]
+    if valid is not None:
+        member = member & valid[:, index.keys.clamp(0, n_tokens - 1)][:, :, None, :]
     summed = member if not causal else member & (index.keys < index.first[:, None])[:, None, :]
-    member, summed = per_slot(member.reshape(-1, n_tiles, tile, band)), per_slot(summed.reshape(-1, n_tiles, tile, band))
-    scores = blocks(queries @ banded(k).mT).masked_fill_(~member, -math.inf)  # in place: matmul keeps no output
-    linear = blocks(query_features @ banded(key_features).mT).masked_fill_(~summed, 0)
-    row_max, linear_sum, n_exact_summed = scores.amax(-1, keepdim=True), linear.sum(-1, keepdim=True), summed.sum(-1, keepdim=True)
+    scores = blocks(torch.baddbmm(nothing, queries, _bands(k, plan, index.keys), beta=0, alpha=scale)).masked_fill_(
+        per_slot(~member), -math.inf)  # in place: a matmul keeps no output for its backward
+    linear = blocks(torch.bmm(query_features, _bands(key_features, plan, index.keys))).masked_fill_(
+        per_slot(~summed), 0)
+    row_max, linear_sum = scores.amax(-1, keepdim=True), linear.sum(-1, keepdim=True)
+    n_exact_summed = per_slot(summed.sum(-1, keepdim=True))
     if n_sinks:
         sink_keys = torch.arange(n_sinks, device=q.device)
-        sink_member = (torch.ones(1, n_tiles, tile, n_sinks, dtype=torch.bool, device=q.device) if not causal
-                       else (sink_keys <= index.positions[:, :, None])[None])
+        sink_member = (sink_keys <= index.queries[:, :, None])[None] if causal else sink_keys.new_ones(
+            1, n_tiles, tile, n_sinks, dtype=torch.bool)
         if valid is not None:
             sink_member = sink_member & valid[:, None, None, :n_sinks]
         sink_summed = sink_member if not causal else sink_member & (sink_keys < index.first[:, None, None])
-        sink_member, sink_summed = per_slot(sink_member), per_slot(sink_summed)
-        sink_scores = blocks((rows_of(queries) @ k[:, :, :n_sinks].mT).view(
-            batch, n_kv_heads, n_tiles, group * tile, n_sinks)).masked_fill_(~sink_member, -math.inf)
-        sink_linear = blocks((rows_of(query_features) @ key_features[:, :, :n_sinks].mT).view(
-            batch, n_kv_heads, n_tiles, group * tile, n_sinks)).masked_fill_(~sink_summed, 0)
+
+        def per_sink(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, n, d) → (B·Hkv, d, sinks)
+            return x[:, :, :n_sinks].reshape(heads, n_sinks, x.shape[-1]).mT
+
+        sink_scores = blocks(torch.baddbmm(nothing, queries.view(heads, n_tiles * rows, -1), per_sink(k), beta=0,
+                                           alpha=scale).view(
+            heads * n_tiles, rows, n_sinks)).masked_fill_(per_slot(~sink_member), -math.inf)
+        sink_linear = blocks(torch.bmm(query_features.view(heads, n_tiles * rows, -1), per_sink(key_features)).view(
+            heads * n_tiles, rows, n_sinks)).masked_fill_(per_slot(~sink_summed), 0)
         row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
         linear_sum = linear_sum + sink_linear.sum(-1, keepdim=True)
-        n_exact_summed = n_exact_summed + sink_summed.sum(-1, keepdim=True)
+        n_exact_summed = n_exact_summed + per_slot(sink_summed.sum(-1, keepdim=True))
+
+    # the linear part: φ(q) against the sums over every valid key, or causal the keys before the query's tile
+    if causal:
+        state, key_sum = _prefix_states(key_features, v, tile, n_tiles)  # (B·Hkv·tiles, d, e), (…, d, 1)
+        n_summed = (index.first.to(dtype)[None] if valid is None else torch.nn.functional.pad(
+            valid.to(dtype).cumsum(-1), (1, 0))[:, index.first])  # valid keys before each tile
+        by_state = (heads * n_tiles, rows)
+    else:
+        state, key_sum = key_features.mT @ v, key_features.sum(-2, keepdim=True).mT
+        state, key_sum = state.reshape(heads, *state.shape[2:]), key_sum.reshape(heads, *key_sum.shape[2:])
+        n_summed = (torch.full((1, 1), float(n_tokens), device=q.device) if valid is None
+                    else valid.to(dtype).sum(-1, keepdim=True))
+        by_state = (heads, n_tiles * rows)
+    denominator_all = blocks(torch.bmm(query_features.view(*by_state, -1), key_sum).view(heads * n_tiles, rows, 1))
+    n_summed = n_summed.reshape(-1, 1, n_summed.shape[-1], 1, 1, 1)
 
     # one normaliser: shift by c = max(m, log(α·Σ_L φ·φ)), the linear terms scaled by α·e^{-c}
     n_linear = n_summed - n_exact_summed  # keys in the linear part, counted exactly
     linear_denominator = (denominator_all - linear_sum).clamp_min(0)
     has_linear = (n_linear > 0) & (linear_denominator >= torch.finfo(dtype).tiny) & (mix > 0)
     linear_denominator = torch.where(has_linear, linear_denominator, 0)
-    shift = torch.maximum(row_max, (mix * linear_denominator).log())
+    log_linear = torch.where(has_linear, (mix * torch.where(has_linear, linear_denominator, 1)).log(), -math.inf)
+    shift = torch.maximum(row_max, log_linear)  # (no log of 0 in the graph: its gradient would be NaN)
     shift = torch.where(shift.isfinite(), shift, 0)  # a row with nothing visible: 0 / 0 below, set to 0
     linear_scale = torch.where(has_linear, mix * (-shift).exp(), 0)
-    exact = (scores - shift).exp()
-    weights = torch.addcmul(exact, linear, linear_scale, value=-1)  # less the linear terms the sums hold of them
-    numerator = linear_scale * numerator_all + blocks(
-        weights.view(batch, n_kv_heads, n_tiles, group * tile, band) @ banded(v))
+    exact = scores.sub_(shift).exp_() if in_place else (scores - shift).exp()
     denominator = exact.sum(-1, keepdim=True) + linear_scale * linear_denominator
+    # the exact terms, less the linear terms the sums hold of them
+    weights = (exact.addcmul_(linear, linear_scale, value=-1) if in_place
+               else torch.addcmul(exact, linear, linear_scale, value=-1))
+
+    def accumulate(total: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        # total + first @ second, without autograd into total (out=, which FlopCounterMode counts, as not baddbmm_)
+        return torch.baddbmm(total, first, second, out=total if in_place else None)
+
+    numerator = torch.bmm(weights.view(heads * n_tiles, rows, band), _bands(v, plan, index.keys).mT)
+    scaled_features = blocks(query_features).mul_(linear_scale) if in_place else blocks(query_features) * linear_scale
+    numerator = accumulate(numerator.view(*by_state, e), scaled_features.view(*by_state, -1), state)
     if n_sinks:
         sink_exact = (sink_scores - shift).exp()
-        sink_weights = torch.addcmul(sink_exact, sink_linear, linear_scale, value=-1)
-        numerator = numerator + blocks((rows_of(sink_weights.reshape(
-            batch, n_kv_heads, n_tiles, group * tile, n_sinks)) @ v[:, :, :n_sinks]).view(
-            batch, n_kv_heads, n_tiles, group * tile, e))
         denominator = denominator + sink_exact.sum(-1, keepdim=True)
-    out = torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(dtype).tiny), 0)
+        sink_weights = torch.addcmul(sink_exact, sink_linear, linear_scale, value=-1)
+        numerator = accumulate(numerator.view(heads, n_tiles * rows, e), sink_weights.view(
+            heads, n_tiles * rows, n_sinks), v[:, :, :n_sinks].reshape(heads, n_sinks, e))
+    reciprocal = torch.where(denominator > 0, 1 / denominator.clamp_min(torch.finfo(dtype).tiny), 0)
+    out = blocks(numerator.view(heads * n_tiles, rows, e))
+    out = out.mul_(reciprocal) if in_place else out * reciprocal
 
     out = out.transpose(2, 3).reshape(batch, n_kv_heads, group, n_tiles * tile, e)  # back in query order
     out = out[:, :, :, :n_rows] if plan.in_order else out.index_select(3, _slots(plan, q.device))
@@ -316,32 +401,23 @@ def hybrid_attention_reference(
     return out.reshape(batch, n_heads, n_tokens, e).to(out_dtype)
 
 
-def _causal_prefix(query_features: torch.Tensor, key_features: torch.Tensor, v: torch.Tensor,
-                   tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ_{j < first} φ(q_i)·φ(k_j) v_j and the same without v_j, `first` the first query of i's tile: (B, Hkv,
-    tiles, G, T, e) and (B, Hkv, tiles, G, T, 1) from query features (B, Hkv, tiles, G·T, d).
-
-    The state before tile t sums the key chunks of the tiles before it (exclusive prefix sums),
-    so the states cost (tiles − 1)·T·d·e multiply-adds: the last tile's keys are never summed.
-    """
-    batch, n_kv_heads, n_tiles, rows, d = query_features.shape
+def _prefix_states(key_features: torch.Tensor, v: torch.Tensor, tile: int,
+                   n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_{j < first} φ(k_j)ᵀ v_j and Σ_{j < first} φ(k_j) for each tile's first query `first`:
+    (B·Hkv·tiles, d, e) and (B·Hkv·tiles, d, 1), exclusive prefix sums over the key chunks of the
+    tiles before it, so the states cost (tiles − 1)·T·d·e multiply-adds (the last tile's keys are
+    never summed). The sums run over the innermost dim (cumsum over an outer one is several times
+    slower on CPU)."""
+    batch, n_kv_heads, _, d = key_features.shape
     e, summed = v.shape[-1], (n_tiles - 1) * tile
     chunks = key_features[:, :, :summed].reshape(batch, n_kv_heads, n_tiles - 1, tile, d)
     states = chunks.mT @ v[:, :, :summed].reshape(batch, n_kv_heads, n_tiles - 1, tile, e)  # (B, Hkv, tiles−1, d, e)
-    sums = chunks.sum(-2).unsqueeze(-1)  # (B, Hkv, tiles − 1, d, 1)
-    before = torch.cat([states.new_zeros(batch, n_kv_heads, 1, d, e), states.cumsum(2)], dim=2)
-    sums_before = torch.cat([sums.new_zeros(batch, n_kv_heads, 1, d, 1), sums.cumsum(2)], dim=2)
-    shape = (batch, n_kv_heads, n_tiles, rows // tile, tile)
-    return (query_features @ before).view(*shape, e), (query_features @ sums_before).view(*shape, 1)
+    sums = chunks.sum(-2)  # (B, Hkv, tiles − 1, d)
 
+    def before(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, tiles − 1, ·) → (B·Hkv·tiles, ·): 0, running sums
+        return torch.nn.functional.pad(x.mT, (1, 0)).cumsum(-1).mT.reshape(batch * n_kv_heads * n_tiles, -1)
 
-def _slots(plan: Tiling, device: torch.device) -> torch.Tensor:
-    """Where each query (in its order) sits in the tiles laid end to end (within one head's G·… rows: T per tile)."""
-    position = torch.arange(plan.height * plan.width, device=device)
-    row, col = position // plan.width, position % plan.width
-    tiles_across = -(-plan.width // plan.tile_cols)
-    tile = (row // plan.tile_rows) * tiles_across + col // plan.tile_cols
-    return tile * plan.tile_size + (row % plan.tile_rows) * plan.tile_cols + col % plan.tile_cols
+    return before(states.flatten(3)).view(-1, d, e), before(sums).view(-1, d, 1)
 
 
 def _global_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,

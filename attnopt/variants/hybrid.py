@@ -35,7 +35,7 @@ from attnopt.costmodel import (  # the cost formula's shape symbols
     dtype_bytes,
     e,
 )
-from attnopt.kernels.hybrid_reference import hybrid_attention_reference, window_size
+from attnopt.kernels.hybrid_reference import Tiling, hybrid_attention_reference, tiling
 
 from .linear import FEATURE_MAPS as LINEAR_FEATURE_MAPS
 from .masks import as_4d, causal_key_mask, key_validity, per_key_mask
@@ -84,12 +84,11 @@ class HybridConfig:
             return site_info.grid
         return infer_grid(n_tokens) if self.infer_grid else None
 
-    def layout(self, n_tokens: int, site_info: SiteInfo, causal: bool) -> tuple[int, int, int]:
-        """(window keys, sink keys, global rows) of a call with n_tokens tokens: what its work depends on."""
+    def tiling(self, n_tokens: int, site_info: SiteInfo, causal: bool) -> Tiling:
+        """How a call with n_tokens tokens is tiled (kernels/hybrid_reference.py): what its work depends on."""
         grid = self.grid_for(n_tokens, site_info, causal)
-        as_tuple = None if grid is None else (grid.height, grid.width, grid.has_class_token)
-        rows, cols = window_size(self.window, n_tokens, as_tuple)
-        return rows * cols, min(self.sinks, n_tokens), int(grid is not None and grid.has_class_token)
+        return tiling(n_tokens, self.window, None if grid is None else (grid.height, grid.width, grid.has_class_token),
+                      causal)
 
 
 class HybridAttention(nn.Module):
@@ -169,38 +168,60 @@ def _build(config: HybridConfig, site_info: SiteInfo, example: Example | None) -
     return HybridAttention(config, site_info)
 
 
-def hybrid_cost(window: costmodel.Expr = 64, sinks: costmodel.Expr = 1, feature_map: str = "elu1",
-                n_global: int = 0) -> costmodel.CostFormula:
-    """Hybrid attention with `window` + `sinks` exact keys per query and `n_global` rows that read all keys.
+def hybrid_cost(tile: int = 32, band: int = 96, padding: int = 0, sinks: costmodel.Expr = 1,
+                feature_map: str = "elu1", n_global: int = 0, gathered: bool = False,
+                causal: bool = False) -> costmodel.CostFormula:
+    """Hybrid attention computed in tiles of `tile` queries, each scored against a band of `band` keys
+    that holds their windows (attnopt/kernels/hybrid_reference.py, `tiling`): N − n_global windowed
+    queries and `padding` more slots, to whole tiles; `sinks` sink keys for every query; `n_global`
+    rows (a class token) that read all keys; bands `gathered` (a grid) or strided views (1-D).
 
-    Multiply-adds (FLOPs are twice them, as FlopCounterMode counts the module): per windowed query,
-    its w + s exact keys cost (w+s)·(d+e) (scores, weights·V) and (w+s)·d more for their linear
-    terms, subtracted from the sums; the linear part is M·d·e for Σφ(k)ᵀv, N·d·e + N·d for φ(q)
-    against the sums (Σφ(k) itself is a sum, not a contraction); a global row is M·(d+e).
+    Multiply-adds (FLOPs are twice them, as FlopCounterMode counts the module): per tile slot,
+    band + sinks keys cost 2d + e each (scores, linear terms, weights·V). band ≥ window: the tile's
+    windows together (1-D: tile + w − 1 keys, and up to w/2 more where the tile is shorter than
+    w/2 + 1, whose band holds the windows shifted at the ends; a grid: the rows and columns its
+    windows reach). The linear part is d·e + d per slot (φ(q) against the states), M·d·e for
+    Σφ(k)ᵀv (causal: the tiles' prefix states, all keys but the last tile's); a global row is
+    M·(d+e). Bytes: each score block is written by its matmul, then read or rewritten by the
+    passes after it (17 reads and writes in all); the bands of K, φ(K) and V are padded copies
+    (1-D, read as strided bands) or gathered (every band's keys).
     """
     feature_ops, feature_macs = costmodel.lookup(FEATURE_MAPS, feature_map, "feature map")
-    rows, keys, exact = B * H * (N - n_global), B * Hkv * M, window + sinks
+    slots = N - n_global + padding  # per head: the tiles' query slots
+    rows, keys = B * H * slots, B * Hkv * M
+    exact = rows * (band + sinks)  # scores, and as many linear terms
+    summed = B * Hkv * (slots - tile) if causal else keys  # the keys the linear states sum
+    states = B * Hkv * (slots / tile if causal else 1) * d * (e + 1)  # Σφ(k)ᵀv, Σφ(k): causal, per tile
+    band_keys = B * Hkv * (slots / tile * band if gathered else slots)  # gathered, or padded (1-D)
     global_scores = B * H * n_global * M
     return costmodel.CostFormula(
-        flops=2 * (rows * exact * (2 * d + e) + (keys + rows) * d * e + rows * d + global_scores * (d + e)
+        flops=2 * (exact * (2 * d + e) + rows * (d * e + d) + summed * d * e + global_scores * (d + e)
                    + (rows + keys) * d * feature_macs),
         elementwise_ops=(feature_ops * (rows + keys) * d + keys * d  # φ, Σφ(k)
-                         + 8 * rows * exact  # mask, max, shift, exp, subtract, sum, the masks' gathers
-                         + 2 * rows * e + 3 * global_scores),  # scale the linear numerator, divide; global softmax
+                         + 8 * exact  # mask (two), max, shift, exp, sums (two), subtract the linear terms
+                         + rows * (d + e) + (states if causal else 0)  # scale φ(q) and the output; prefix sums
+                         + 3 * global_scores),  # global softmax
         bytes_moved=dtype_bytes * (
-            (rows + B * H * n_global) * (d + e) + keys * (d + e)  # Q, K, V, O
-            + 2 * feature_ops * (rows + keys) * d + B * Hkv * d * (e + 1)  # each pass of φ reads and writes; the sums
-            + 2 * B * Hkv * (N - n_global) * window * (2 * d + e)  # the gathered windows of K, φ(K), V
-            + 6 * rows * exact  # exact scores, linear terms, weights: written and read
+            B * H * N * (d + e) + keys * (d + e)  # Q, K, V, O
+            + 2 * feature_ops * (rows + keys) * d + 2 * states  # each pass of φ reads and writes; the states
+            + 2 * band_keys * (2 * d + e)  # the bands of K, φ(K) and V, written and read
+            + 17 * exact  # score blocks: written, masked, max, shift, exp, summed, weighed, read by the matmul
+            + rows * (2 * d + 5 * e)  # φ(q) scaled in place; the output accumulated, scaled
             + 2 * global_scores
         ),
-        kernel_calls=80,  # gathers, matmuls, masks, the normaliser (about 80 on CPU); the planner counts the real ones
+        kernel_calls=120,  # matmuls, passes, the tiles' index tensors (about 120 on CPU); the planner counts them
     )
 
 
 def _cost_params(config: HybridConfig, site_info: SiteInfo) -> dict:
-    window, sinks, n_global = config.layout(site_info.N, site_info, site_info.causal)
-    return {"window": window, "sinks": sinks, "feature_map": config.feature_map, "n_global": n_global}
+    """The tiles of a call at the site's N (their padding taken as it is there, at any N)."""
+    plan = config.tiling(site_info.N, site_info, site_info.causal)
+    grid = config.grid_for(site_info.N, site_info, site_info.causal)
+    n_global = int(grid is not None and grid.has_class_token)
+    padding = plan.n_tiles * plan.tile_size - (site_info.N - n_global)
+    return {"tile": plan.tile_size, "band": plan.band_size, "padding": padding, "sinks": min(config.sinks, site_info.N),
+            "feature_map": config.feature_map, "n_global": n_global, "gathered": plan.offset is None,
+            "causal": site_info.causal}
 
 
 CANDIDATE_WINDOWS = (16, 64)

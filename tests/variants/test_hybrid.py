@@ -11,10 +11,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from attnopt.kernels import exact_attention
+from attnopt.kernels import exact_attention, hybrid_reference
 from attnopt.kernels.hybrid_reference import (
     hybrid_attention_quadratic,
+    hybrid_attention_reference,
     hybrid_weights,
+    tiling,
 )
 from torch import nn
 
@@ -203,13 +205,110 @@ def test_default_candidates_are_small_windows_of_self_attention_only():
     assert candidates(make_site(N=197, M=100)) == []
 
 
-def test_cost_follows_the_window_actually_used():
+def test_cost_follows_the_tiles_the_call_uses():
+    """Priced as the module computes: the window clipped to N, a grid's patch window (its class token
+    one global row; bands gathered), a causal window looking back (no grid), each in `tiling`'s tiles."""
     spec, config = spec_for(HybridConfig()), HybridConfig(sinks=1, window=10)
-    assert spec.cost_params(config, make_site(N=64, M=64))["window"] == 10
+    one_d = {"sinks": 1, "feature_map": "elu1", "n_global": 0, "gathered": False, "causal": False}
+    assert spec.cost_params(config, make_site(N=64, M=64)) == one_d | {"tile": 16, "band": 25, "padding": 0}
+    assert spec.cost_params(config, make_site(N=70, M=70))["padding"] == 10  # 5 tiles of 16
     grid_site = make_site(N=65, M=65, grid=TokenGrid(8, 8, True))
-    assert spec.cost_params(config, grid_site) == {"window": 9, "sinks": 1, "feature_map": "elu1", "n_global": 1}
-    assert spec.cost_params(config, dataclasses.replace(grid_site, causal=True))["window"] == 10
-    assert spec.cost_params(HybridConfig(window=500), make_site(N=64, M=64))["window"] == 64
+    plan = tiling(65, 10, (8, 8, True))
+    assert (plan.rows, plan.cols) == (3, 3)
+    assert spec.cost_params(config, grid_site) == one_d | {
+        "tile": plan.tile_size, "band": plan.band_size, "padding": plan.n_tiles * plan.tile_size - 64, "n_global": 1,
+        "gathered": True}
+    assert spec.cost_params(config, dataclasses.replace(grid_site, causal=True)) == one_d | {
+        "tile": 10, "band": 19, "padding": 5, "causal": True}
+    # 64 keys per window; tiles of 32 queries, whose band also holds the first tile's windows, shifted
+    assert spec.cost_params(HybridConfig(window=500), make_site(N=64, M=64))["band"] == 32 + 63 + 1
+
+
+def _oracle_case(n_tokens, sinks, window, grid, causal, empty_row=True):
+    """GQA (6 query heads on 2 kv heads), three batch rows: padded, with a hole, and every key masked
+    (or, without empty_row, none)."""
+    generator = torch.Generator().manual_seed(12)
+    q = torch.randn(3, 6, n_tokens, 8, generator=generator)
+    k, v = torch.randn(3, 2, n_tokens, 8, generator=generator), torch.randn(3, 2, n_tokens, 5, generator=generator)
+    key_valid = torch.ones(3, n_tokens, dtype=torch.bool)
+    key_valid[0, n_tokens * 2 // 3:] = False
+    key_valid[1, min(2, n_tokens - 1)] = False
+    key_valid[2] = not empty_row
+    options = {"scale": SCALE, "sinks": sinks, "window": window, "grid": grid, "causal": causal, "key_mask": key_valid,
+               "mix": 0.7}
+    return q, k, v, options
+
+
+@pytest.mark.parametrize("tile", [1, 3, 5, 16])
+@pytest.mark.parametrize("n_tokens, window", [(5, 3), (37, 8), (37, 2), (37, 15), (37, 40), (64, 33), (40, 200)])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_every_1d_tiling_equals_the_dense_oracle(monkeypatch, tile, n_tokens, window, causal):
+    """Tiles shorter and longer than half the window (the bands then hold the windows shifted at
+    both ends), N not a multiple of the tile, N < window; sinks 0, 1 and 4, some inside the window."""
+    monkeypatch.setattr(hybrid_reference, "TILE_RANGE", (tile, tile))
+    for sinks in (0, 1, 4):
+        q, k, v, options = _oracle_case(n_tokens, sinks, window, None, causal)
+        torch.testing.assert_close(hybrid_attention_reference(q, k, v, **options).double(),
+                                   hybrid_attention_quadratic(q, k, v, **options), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(4, 10, False), (10, 4, True), (7, 7, True)], ids=str)
+@pytest.mark.parametrize("tile", [(1, 1), (1, 3), (2, 3), (3, 2), (2, 10), (4, 1), (4, 4)], ids=str)
+def test_every_grid_tiling_equals_the_dense_oracle(monkeypatch, grid, tile):
+    """Tiles of whole rows (queries in order) or not (gathered and put back), padded at the grid's
+    far edges, bands clamped inside it; with and without a class token."""
+    tile = min(tile[0], grid[0]), min(tile[1], grid[1])
+    monkeypatch.setattr(hybrid_reference, "_grid_tile", lambda *shape: tile)
+    n_tokens = grid[0] * grid[1] + int(grid[2])
+    for sinks, window in ((0, 4), (2, 9), (1, 16)):
+        q, k, v, options = _oracle_case(n_tokens, sinks, window, grid, False)
+        torch.testing.assert_close(hybrid_attention_reference(q, k, v, **options).double(),
+                                   hybrid_attention_quadratic(q, k, v, **options), rtol=1e-5, atol=1e-5)
+
+
+def _gradients(attention, q, k, v, options):
+    """Gradients of a weighted sum of the output in q, k, v and log α (α = 0.7·e^{log α}: what
+    calibration fits), in float64."""
+    inputs = [x.double().requires_grad_() for x in (q, k, v)]
+    log_mix = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    out = attention(*inputs, **options | {"mix": 0.7 * log_mix.exp()})
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    (out * weights).sum().backward()
+    return [x.grad for x in (*inputs, log_mix)]
+
+
+@pytest.mark.parametrize("grid, causal", [(None, False), (None, True), ((5, 6, True), False)], ids=str)
+def test_gradients_equal_the_dense_oracles(grid, causal):
+    """Autograd through the tiles (out of place) matches autograd through the dense weights; no
+    gradient is NaN where a row sees no key or has no linear part (causal: its first keys)."""
+    q, k, v, options = _oracle_case(31, 2, 6, grid, causal, empty_row=False)
+    for ours, dense in zip(_gradients(hybrid_attention_reference, q, k, v, options),
+                           _gradients(hybrid_attention_quadratic, q, k, v, options)):
+        torch.testing.assert_close(ours, dense, rtol=1e-9, atol=1e-11)
+    q, k, v, options = _oracle_case(31, 2, 6, grid, causal)
+    assert all(gradient.isfinite().all() for gradient in _gradients(hybrid_attention_reference, q, k, v, options))
+
+
+def test_the_in_place_inference_path_equals_the_autograd_one():
+    """Without autograd the score blocks are reused in place; with it, every step is out of place."""
+    for grid, causal in ((None, False), (None, True), ((5, 6, True), False)):
+        q, k, v, options = _oracle_case(31, 2, 6, grid, causal)
+        with torch.no_grad():
+            expected = hybrid_attention_reference(q, k, v, **options)
+        torch.testing.assert_close(hybrid_attention_reference(q.requires_grad_(), k, v, **options).detach(),
+                                   expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid, causal", [(None, False), (None, True), ((6, 6, True), False)], ids=str)
+def test_the_state_form_compiles_with_inductor(grid, causal):
+    """Traced whole (fullgraph) and compiled by Inductor, gathered grid bands included."""
+    torch._dynamo.reset()
+    q, k, v, options = _oracle_case(37, 2, 4, grid, causal)
+    compiled = torch.compile(hybrid_attention_reference, backend="inductor", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, **options).double(), hybrid_attention_quadratic(q, k, v, **options),
+                               rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 class LocalAttention(nn.Module):

@@ -97,7 +97,9 @@ FLOP_CHECKED = [(config, site) for site in (SELF, CROSS) for config in default_c
         AgentConfig(), AgentConfig(agent_fraction=0.2), AgentConfig(agent_count=7, kmeans_window=None),
         AgentConfig(agent_count=9, kmeans_window=4, kmeans_iterations=2, max_outliers=1))] + [
     (HybridConfig(window=9, sinks=2, feature_map="focused"), SELF), (HybridConfig(window=100), SELF),
-    (HybridConfig(window=9, sinks=2), make_site(B=2, H=4, Hkv=2, N=65, M=65, d=16, e=8, grid=TokenGrid(8, 8, True)))]
+    (HybridConfig(window=9, sinks=2), make_site(B=2, H=4, Hkv=2, N=65, M=65, d=16, e=8, grid=TokenGrid(8, 8, True))),
+    (HybridConfig(window=40, sinks=1), make_site(B=2, H=4, Hkv=2, N=37, M=37, d=16, e=8)),  # 3 tiles of 18, padded
+    (HybridConfig(window=12, sinks=1), make_site(B=2, H=4, Hkv=2, N=37, M=37, d=16, e=8, causal=True))]
 
 
 @pytest.mark.parametrize("config, site", FLOP_CHECKED, ids=lambda value: repr(value)[:60])
@@ -106,7 +108,7 @@ def test_priced_flops_are_what_the_built_module_runs(config, site):
     op: priced as elu+1, it was priced at half its FLOPs."""
     module = build_site_module(config, site, example=(*tensors(site), None))
     with torch.no_grad():
-        counted = costmodel.count_flops(module, *tensors(site, seed=1), scale=0.25)
+        counted = costmodel.count_flops(module, *tensors(site, seed=1), scale=0.25, causal=site.causal)
     assert costmodel.flops(spec_for(config).formula(config, site), site.shape) == counted
 
 
