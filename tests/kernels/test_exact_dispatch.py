@@ -336,6 +336,11 @@ def test_plain_eager_inference_skips_the_dispatcher_and_computes_the_same():
         exact_attention(q, k, v, mask, **call)
     assert counter.get_total_flops() == 2 * 2 * 4 * 8 * 8 * (16 + 16)
 
+    # a profiler's trace names the op
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        exact_attention(q, k, v, mask, **call)
+    assert any(event.name == "attnopt::exact_attention" for event in profile.events())
+
     # a gradient needed: through the op and its autograd formula
     leaf = q.clone().requires_grad_()
     assert not exact_module._plain_eager_inference((leaf, k, v, mask, None, None))
