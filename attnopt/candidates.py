@@ -20,6 +20,8 @@ from torch import nn
 from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnopt.kernels import exact_attention
+
 from . import costmodel
 from .analysis import SiteCapture
 from .numerics import output_error
@@ -120,6 +122,8 @@ class Evaluated:
     module: nn.Module | None
     candidate: Candidate | None
     row: dict[str, Any]
+    kernel_calls: int = 0
+    """Kernels its module launched on the capture (what its price's per-call term counts)."""
 
 
 def _price(cost: costmodel.CostFormula, info: SiteInfo, device: Any) -> tuple[float, int]:
@@ -268,27 +272,34 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any,
     candidate = Candidate(variant=spec.name, params=params, est_seconds=seconds, flops=flops, error=error)
     row = CandidateRow(row, est_seconds=seconds, flops=flops, error=error, refused=None,
                        solve=lambda: costmodel.break_even_length(cost, info.shape, profile, info.dtype))
-    return Evaluated(config, module, candidate, row)
+    return Evaluated(config, module, candidate, row, counter.calls)
 
 
-def head_splits(evaluated: Evaluated, info: SiteInfo, capture: SiteCapture) -> list[HeadSplit]:
+def head_splits(evaluated: Evaluated, info: SiteInfo,
+                capture: SiteCapture) -> tuple[list[HeadSplit], torch.Tensor | None]:
     """Per-head alternatives to a built variant: its worst kv heads (by their share of its measured
-    error on the capture) kept exact — the worst one, a quarter and half of them."""
+    error on the capture) kept exact — the worst one, a quarter and half of them; and the
+    variant's output on the capture they were ranked by."""
     if evaluated.module is None or evaluated.candidate is None or not evaluated.candidate.error or info.Hkv < 2:
-        return []
+        return [], None
     with torch.no_grad():
         output = evaluated.module(capture.q, capture.k, capture.v, mask=capture.mask, scale=capture.scale,
                                   causal=capture.causal, dropout_p=capture.dropout_p)
     shares = per_head_errors(output, capture.output, info.Hkv)
     worst = sorted(range(info.Hkv), key=lambda kv: -shares[kv])
     counts = sorted({1, info.Hkv // 4, info.Hkv // 2} - {0})
-    return [HeadSplit(evaluated.config, tuple(sorted(worst[:count]))) for count in counts if count < info.Hkv]
+    return [HeadSplit(evaluated.config, tuple(sorted(worst[:count]))) for count in counts if count < info.Hkv], output
 
 
 def evaluate_head_split(split: HeadSplit, info: SiteInfo, capture: SiteCapture, device: Any,
-                        calibration: Any = None) -> Evaluated:
+                        calibration: Any = None, full: tuple[Evaluated, torch.Tensor] | None = None) -> Evaluated:
     """The variant of `split` built for the heads it takes, the exact op on the others: error
-    measured on the whole site, priced as the two calls it makes (each at its heads' shape)."""
+    measured on the whole site, priced as the two calls it makes (each at its heads' shape).
+
+    With `full` (the variant built for every head, and its output on the capture) and a variant
+    whose heads are independent (its spec's `heads_independent`), nothing is run: the split's
+    output is the full one with the kept heads' exact output put back, and the variant's kernel
+    count is the full module's; without calibration only (which may fit shared parameters)."""
     spec = spec_for(split.config)
     exact_info, rest_info = split_sites(split, info)
     exact_heads = list(split.query_heads(info))
@@ -306,11 +317,20 @@ def evaluate_head_split(split: HeadSplit, info: SiteInfo, capture: SiteCapture, 
         if info.causal and not capture.causal:
             module = CausalMaskAttention(module)
         call = dict(scale=capture.scale, causal=capture.causal, dropout_p=capture.dropout_p)
-        with torch.no_grad(), KernelCounter() as counter:
-            output = module(capture.q, capture.k, capture.v, mask=capture.mask, **call)
-        with torch.no_grad(), KernelCounter() as variant_counter:
-            (variant if not isinstance(module, CausalMaskAttention) else CausalMaskAttention(variant))(
-                rest["q"], rest["k"], rest["v"], mask=rest["mask"], **call)
+        if full is not None and calibration is None and spec.heads_independent:
+            full_evaluated, full_output = full
+            exact_q = torch.tensor(split.query_heads(info), device=full_output.device)
+            output = full_output.index_copy(1, exact_q, capture.output.index_select(1, exact_q).to(full_output.dtype))
+            variant_calls = full_evaluated.kernel_calls
+            exact_calls = _exact_kernel_calls(capture, indices)
+        else:
+            with torch.no_grad(), KernelCounter() as counter:
+                output = module(capture.q, capture.k, capture.v, mask=capture.mask, **call)
+            with torch.no_grad(), KernelCounter() as variant_counter:
+                (variant if not isinstance(module, CausalMaskAttention) else CausalMaskAttention(variant))(
+                    rest["q"], rest["k"], rest["v"], mask=rest["mask"], **call)
+            variant_calls = variant_counter.calls
+            exact_calls = max(1, counter.calls - variant_counter.calls)
         error = output_error(output, capture.output)
         if calibration is not None:
             error = calibration.calibrate(module, split)
@@ -323,14 +343,32 @@ def evaluate_head_split(split: HeadSplit, info: SiteInfo, capture: SiteCapture, 
         return Evaluated(split, None, None, CandidateRow(
             row, refused="it produced non-finite values where softmax attention does not."))
     exact_cost = EXACT.formula(ExactConfig(), exact_info)
-    rest_cost = spec.formula(split.config, rest_info).with_kernel_calls(variant_counter.calls)
-    exact_cost = exact_cost.with_kernel_calls(max(1, counter.calls - variant_counter.calls))
+    rest_cost = spec.formula(split.config, rest_info).with_kernel_calls(variant_calls)
+    exact_cost = exact_cost.with_kernel_calls(exact_calls)
     seconds = (costmodel.estimate_seconds(exact_cost, exact_info.shape, profile, info.dtype)
                + costmodel.estimate_seconds(rest_cost, rest_info.shape, profile, info.dtype))
     flops = costmodel.flops(exact_cost, exact_info.shape) + costmodel.flops(rest_cost, rest_info.shape)
     candidate = Candidate(variant=spec.name, params=params, est_seconds=seconds, flops=flops, error=error)
     return Evaluated(split, module, candidate, CandidateRow(row, est_seconds=seconds, flops=flops, error=error,
                                                             refused=None, pays_off_from_N=None))
+
+
+def _exact_kernel_calls(capture: SiteCapture, indices: dict[str, torch.Tensor]) -> int:
+    """Kernels the exact op launches for the kept heads (counted on one of them, as many as for all)
+    plus the split's own gathers and the concatenation putting the heads back in order."""
+    one_q, one_kv = indices["exact_q"][:1], indices["exact_kv"][:1]
+    mask = capture.mask
+    if mask is not None and mask.dim() == 4 and mask.shape[1] == capture.q.shape[1]:
+        mask = mask.index_select(1, one_q)
+    q, k, v = capture.q.index_select(1, one_q), capture.k.index_select(1, one_kv), capture.v.index_select(1, one_kv)
+    with torch.no_grad(), KernelCounter() as counter:
+        exact_attention(q, k, v, mask, scale=capture.scale, causal=capture.causal, dropout_p=capture.dropout_p)
+    return counter.calls + SPLIT_GATHERS
+
+
+SPLIT_GATHERS = 8
+"""Kernels HeadSplitAttention adds around its two calls: six head gathers (q, k, v of each part),
+the concatenation and the reordering gather."""
 
 
 def evaluate_site(info: SiteInfo, capture: SiteCapture, configs: Sequence[Any] | None, device: Any,
@@ -347,8 +385,9 @@ def evaluate_site(info: SiteInfo, capture: SiteCapture, configs: Sequence[Any] |
         for full in list(evaluated):
             if full.candidate is None or full.candidate.est_seconds >= base.candidate.est_seconds:
                 continue
-            for split in head_splits(full, info, capture):
-                derived = evaluate_head_split(split, info, capture, device, calibration)
+            splits, full_output = head_splits(full, info, capture)
+            for split in splits:
+                derived = evaluate_head_split(split, info, capture, device, calibration, (full, full_output))
                 if derived.candidate is None or derived.candidate.est_seconds < base.candidate.est_seconds:
                     evaluated.append(derived)
     return base, evaluated

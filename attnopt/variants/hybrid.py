@@ -239,4 +239,4 @@ def _candidates(site_info: SiteInfo) -> list[HybridConfig]:
 
 register_variant(VariantSpec(
     name=NAME, config_type=HybridConfig, refusal=_refusal, build=_build, cost=hybrid_cost, cost_params=_cost_params,
-    candidates=_candidates, shown=("sinks", "window")))
+    candidates=_candidates, shown=("sinks", "window"), heads_independent=True))

@@ -193,4 +193,4 @@ def _candidates(site_info: SiteInfo, calibrated: bool = False) -> list[LinearCon
 
 register_variant(VariantSpec(
     name=NAME, config_type=LinearConfig, refusal=_refusal, build=_build, cost=linear_cost, cost_params=_cost_params,
-    candidates=_candidates, shown=("feature_map",)))
+    candidates=_candidates, shown=("feature_map",), heads_independent=True))

@@ -43,6 +43,11 @@ class VariantSpec:
     supports: the score transforms beyond scaling and masking the variant computes
         ("softcap", "sinks"; SiteInfo.score_transforms); a site with any other is refused for
         it by `refusal`, before the variant's own rule.
+    heads_independent: the module built for some of a site's heads computes, on those heads,
+        what the module built for all of them computes (nothing is fitted or shared across heads
+        when it is built). Per-head splits of it (attnopt.candidates) then read their error off
+        the full module's output instead of building and running each split; calibration, which
+        may fit shared parameters, still builds them. tests/variants/test_specs.py checks it.
     """
 
     name: str
@@ -54,6 +59,7 @@ class VariantSpec:
     candidates: Callable[[SiteInfo], Sequence[Any]]
     shown: tuple[str, ...] = ()
     supports: frozenset[str] = frozenset()
+    heads_independent: bool = False
 
     def formula(self, config: Any, site_info: SiteInfo) -> CostFormula:
         """The cost of one call of `config`'s module at the site."""

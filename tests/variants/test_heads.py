@@ -21,7 +21,8 @@ from attnopt.analysis import SiteCapture
 from attnopt.candidates import evaluate, evaluate_head_split, head_splits
 from attnopt.costmodel import DeviceProfile
 from attnopt.kernels import exact_attention
-from attnopt.variants import LinearConfig, MediatorConfig, build_site_module
+from attnopt.numerics import output_error
+from attnopt.variants import HybridConfig, LinearConfig, MediatorConfig, build_site_module
 from attnopt.variants.heads import HeadSplit, HeadSplitAttention, per_head_errors, split_sites
 
 from .support import make_site, padding_mask, tensors
@@ -67,11 +68,31 @@ def test_per_head_errors_point_at_the_sharp_heads_and_the_split_keeps_them_exact
     full = evaluate(LinearConfig(), site, capture, PROFILE)
     shares = per_head_errors(full.module(capture.q, capture.k, capture.v, scale=capture.scale), capture.output, 4)
     assert max(range(4), key=lambda h: shares[h]) == 2
-    splits = head_splits(full, site, capture)
+    splits, _ = head_splits(full, site, capture)
     assert splits[0] == HeadSplit(LinearConfig(), (2,))
     derived = evaluate_head_split(splits[0], site, capture, PROFILE)
     assert derived.candidate.error < full.candidate.error / 2
     assert derived.row["shown"]["exact_heads"] == [2]
+
+
+@pytest.mark.parametrize("config", [LinearConfig(), HybridConfig(window=8, sinks=1)], ids=["linear", "hybrid"])
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_a_split_read_off_the_full_output_equals_the_built_and_run_split(config, Hkv):
+    """Heads-independent variants: the error and price measured without running the split are
+    those of building and running it (its module is the same either way)."""
+    site = make_site(H=4, Hkv=Hkv, N=64, M=64)
+    capture = _capture(site, sharp_heads=(1,))
+    full = evaluate(config, site, capture, PROFILE)
+    splits, output = head_splits(full, site, capture)
+    for split in splits:
+        run = evaluate_head_split(split, site, capture, PROFILE)
+        read = evaluate_head_split(split, site, capture, PROFILE, full=(full, output))
+        assert read.candidate.error == pytest.approx(run.candidate.error, rel=1e-5, abs=1e-7)
+        assert read.candidate.flops == run.candidate.flops
+        assert read.candidate.est_seconds == pytest.approx(run.candidate.est_seconds, rel=0.05)
+        with torch.no_grad():
+            direct = read.module(capture.q, capture.k, capture.v, scale=capture.scale)
+        assert output_error(direct, capture.output) == pytest.approx(read.candidate.error, rel=1e-5, abs=1e-7)
 
 
 def test_a_split_is_priced_as_its_two_calls():

@@ -138,3 +138,27 @@ def test_reports_show_the_always_shown_params_and_those_off_their_default():
     assert spec_for(LinearConfig()).shown_params(LinearConfig()) == {"feature_map": "elu1"}
     assert spec_for(ExactConfig()).shown_params(ExactConfig()) == {}
     assert spec_for(HybridConfig()).shown_params(HybridConfig(mix=0.5)) == {"sinks": 1, "window": 64, "mix": 0.5}
+
+
+@pytest.mark.parametrize("config", [config for config in default_candidates(SELF, calibrated=True)
+                                    if spec_for(config).heads_independent], ids=str)
+def test_a_heads_independent_variant_built_for_some_heads_computes_what_the_full_one_does_there(config):
+    """What attnopt.candidates relies on to read a per-head split's error off the full module."""
+    site = dataclasses.replace(SELF, mask_kind="key_padding")
+    q, k, v = tensors(site, seed=3)
+    mask = (torch.arange(site.M)[None, :] < torch.tensor([site.M, 40])[:, None])[:, None, None, :]
+    heads = torch.tensor([1, 3])
+    subset = dataclasses.replace(site, H=2, Hkv=2)
+    full = build_site_module(config, site, (q, k, v, mask))
+    part = build_site_module(config, subset, (q[:, heads], k[:, heads], v[:, heads], mask))
+    with torch.no_grad():
+        expected = full(q, k, v, mask=mask, scale=0.25)[:, heads]
+        actual = part(q[:, heads], k[:, heads], v[:, heads], mask=mask, scale=0.25)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_only_variants_without_shared_fitting_say_their_heads_are_independent():
+    assert spec_for(LinearConfig()).heads_independent and spec_for(HybridConfig()).heads_independent
+    # mediators are clustered, agents selected with a shortcut fitted on the example: built per
+    # site, not promised per head
+    assert not spec_for(MediatorConfig()).heads_independent and not spec_for(AgentConfig()).heads_independent
