@@ -12,6 +12,7 @@ original graph computes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from attnopt.passes.rewrite import rewritten_copy
 from attnopt.passes.masking import Masking
 from attnopt.passes.site_call import site_call
 
+from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
 from .report import Site
 from .variants import SiteInfo, mask_kind_of
 
@@ -96,6 +98,30 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for item in value.values() for t in flat_tensors(item)]
     return []
+
+
+def graph_outputs_compared(expected: list[torch.Tensor], actual: list[torch.Tensor],
+                           exact: bool) -> tuple[str | None, float]:
+    """Why a graph's outputs `actual` (flat_tensors) must not stand in for `expected` (None if they
+    may) and the largest relative error over the floating ones: another structure, a changed
+    integer output, non-finite values where the expected are finite, or (`exact`) an error over
+    END_TO_END_TOLERANCE."""
+    if len(expected) != len(actual):
+        return "end-to-end check failed: the rewritten graph returns a different structure.", math.inf
+    errors = []
+    for e, a in zip(expected, actual):
+        if not e.is_floating_point():
+            if not torch.equal(e, a):
+                return "end-to-end check failed: an integer output of the graph changed.", math.inf
+            continue
+        error = mismatch(a, e)
+        if not math.isfinite(error) and bool(e.isfinite().all()):
+            return "end-to-end check failed: the rewritten graph produced non-finite values.", error
+        if exact and error > tolerance(END_TO_END_TOLERANCE, e.dtype):
+            return (f"end-to-end check failed: the rewritten graph differs from the original by {error:.2e} "
+                    "(relative)."), error
+        errors.append(error)
+    return None, max(errors, default=0.0)
 
 
 def facts_of(site: Site, capture: SiteCapture) -> SiteInfo:

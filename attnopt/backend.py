@@ -53,7 +53,7 @@ from attnopt.passes.rewrite import rewritten_copy
 from attnopt.passes.site_call import site_call
 from attnopt.passes.verify import verify
 
-from .analysis import flat_tensors, run_graph
+from .analysis import flat_tensors, graph_outputs_compared, run_graph
 from .numerics import END_TO_END_TOLERANCE, mismatch, tolerance
 from .policies import Choice, Choices, GraphRequest, Policy
 from .report import GraphPlan, Report, Site
@@ -511,22 +511,7 @@ def compare_outputs(original: fx.GraphModule, rewritten: fx.GraphModule, args: t
     """Run both graphs on `args`: why the rewrite must be dropped (None if it may stay) and the
     largest relative error over the floating outputs (see AttnoptBackend._end_to_end)."""
     expected, actual = flat_tensors(run_graph(original, args, mutated)), flat_tensors(run_graph(rewritten, args, mutated))
-    if len(expected) != len(actual):
-        return "end-to-end check failed: the rewritten graph returns a different structure.", math.inf
-    errors = []
-    for e, a in zip(expected, actual):
-        if not e.is_floating_point():
-            if not torch.equal(e, a):
-                return "end-to-end check failed: an integer output of the graph changed.", math.inf
-            continue
-        error = mismatch(a, e)
-        if not math.isfinite(error) and bool(e.isfinite().all()):
-            return "end-to-end check failed: the rewritten graph produced non-finite values.", error
-        if exact and error > tolerance(END_TO_END_TOLERANCE, e.dtype):
-            return (f"end-to-end check failed: the rewritten graph differs from the original by {error:.2e} "
-                    "(relative)."), error
-        errors.append(error)
-    return None, max(errors, default=0.0)
+    return graph_outputs_compared(expected, actual, exact)
 
 
 def _same_tensors(refs: list[weakref.ref], tensors: list[torch.Tensor]) -> bool:

@@ -30,8 +30,8 @@ from attnopt.kernels import exact_attention
 from attnopt.passes.rewrite import rewritten_copy
 from attnopt.passes.site_call import site_call
 
-from .analysis import Analysis, flat_tensors, run_graph
-from .numerics import mismatch, output_error
+from .analysis import Analysis, flat_tensors, graph_outputs_compared, run_graph
+from .numerics import output_error
 
 
 class PerturbedAttention(nn.Module):
@@ -52,10 +52,11 @@ class PerturbedAttention(nn.Module):
 
 
 def graph_output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    """The largest relative error over the floating outputs (what the backend's end-to-end check
-    reports as a plan's output error); inf when one is non-finite where the reference is not."""
-    errors = [mismatch(a, e) for a, e in zip(outputs, reference) if e.is_floating_point()]
-    return max(errors, default=0.0)
+    """The largest relative error over the floating outputs, as the backend's end-to-end check
+    measures a plan's output error (analysis.graph_outputs_compared); inf where that check would
+    drop the rewrite (non-finite values where the reference is finite, a changed structure)."""
+    problem, error = graph_outputs_compared(reference, outputs, exact=False)
+    return math.inf if problem is not None else error
 
 
 def output_gains(request, analysis: Analysis, probes: Mapping[int, torch.Tensor]) -> dict[int, float]:
