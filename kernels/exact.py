@@ -315,8 +315,8 @@ def _plain_eager_inference(tensors: tuple[torch.Tensor | None, ...]) -> bool:
     nothing is being traced or compiled, no dispatch or torch-function mode is active (fake
     tensors, FlopCounterMode, attnopt's kernel counter — these must see the op), no profiler is
     recording (its trace names the op), no functorch transform (vmap, grad) is running, every
-    tensor is a plain tensor (no subclass), and no gradient is needed. The implementation is the very function the op
-    dispatches to, so the result is the same.
+    tensor is a plain tensor (no subclass), and no gradient is needed. The implementation is the
+    very function the op dispatches to, so the result is the same.
     """
     if (torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled() or torch.autograd._profiler_enabled()
             or torch._C._len_torch_function_stack() > 0

@@ -264,10 +264,10 @@ def flex_masking(recipe: FlexRecipe, tensors: tuple) -> Masking:
     if recipe.has_number_terms:
         offset = torch.tensor(recipe.term_offset, dtype=working, device=q.device)
         additive = offset if additive is None else additive + offset
-    if additive is not None and keep is not None:
-        additive = torch.where(keep, additive, torch.tensor(-math.inf, dtype=working, device=q.device))
     if keep is not None and keep.dtype != torch.bool:
         raise TypeError(f"flex_attention's mask_mod returned {keep.dtype}, not bool")
+    if additive is not None and keep is not None:
+        additive = torch.where(keep, additive, torch.tensor(-math.inf, dtype=working, device=q.device))
     return Masking(mask=keep if additive is None else additive, score_dtype=working, zero_empty_rows=True,
                    softcap=recipe.softcap)
 
