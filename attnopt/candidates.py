@@ -11,6 +11,7 @@ as three kernels when it wrote the matmuls out — and shown as `report.KEPT` ("
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,6 +125,14 @@ class Evaluated:
     row: dict[str, Any]
     kernel_calls: int = 0
     """Kernels its module launched on the capture (what its price's per-call term counts)."""
+    build: Callable[[], nn.Module] | None = None
+    """Builds the module when it was priced without one (a split read off its full variant's output)."""
+
+    def built(self) -> nn.Module | None:
+        """Its module (None when refused), built now if it was priced without one."""
+        if self.module is None and self.build is not None and self.candidate is not None:
+            self.module, self.build = self.build(), None
+        return self.module
 
 
 def _price(cost: costmodel.CostFormula, info: SiteInfo, device: Any) -> tuple[float, int]:
@@ -292,14 +301,17 @@ def head_splits(evaluated: Evaluated, info: SiteInfo,
 
 
 def evaluate_head_split(split: HeadSplit, info: SiteInfo, capture: SiteCapture, device: Any,
-                        calibration: Any = None, full: tuple[Evaluated, torch.Tensor] | None = None) -> Evaluated:
+                        calibration: Any = None, full: tuple[Evaluated, torch.Tensor] | None = None,
+                        exact_calls: Callable[[], int] | None = None) -> Evaluated:
     """The variant of `split` built for the heads it takes, the exact op on the others: error
     measured on the whole site, priced as the two calls it makes (each at its heads' shape).
 
     With `full` (the variant built for every head, and its output on the capture) and a variant
     whose heads are independent (its spec's `heads_independent`), nothing is run: the split's
     output is the full one with the kept heads' exact output put back, and the variant's kernel
-    count is the full module's; without calibration only (which may fit shared parameters)."""
+    count is the full module's; without calibration only (which may fit shared parameters).
+    `exact_calls` gives the kernels of the exact op on the kept heads (the same for every split of
+    a site: evaluate_site counts them once), counted here when not given."""
     spec = spec_for(split.config)
     exact_info, rest_info = split_sites(split, info)
     exact_heads = list(split.query_heads(info))
@@ -308,29 +320,43 @@ def evaluate_head_split(split: HeadSplit, info: SiteInfo, capture: SiteCapture, 
                         "shown": spec.shown_params(split.config) | {"exact_heads": exact_heads}})
     profile = costmodel.resolve_profile(device, info.dtype)
     indices = head_indices(split, info)
-    rest = {name: select_heads(tensor, indices["rest_q" if name in ("q", "mask") else "rest_kv"], count)
-            for name, tensor, count in (("q", capture.q, info.H), ("k", capture.k, info.Hkv),
-                                        ("v", capture.v, info.Hkv), ("mask", capture.mask, info.H))}
-    try:
+    call = dict(scale=capture.scale, causal=capture.causal, dropout_p=capture.dropout_p)
+
+    def rest_inputs() -> dict[str, torch.Tensor | None]:
+        """The capture's q, k, v and mask at the heads the variant takes."""
+        return {name: select_heads(tensor, indices["rest_q" if name in ("q", "mask") else "rest_kv"], count)
+                for name, tensor, count in (("q", capture.q, info.H), ("k", capture.k, info.Hkv),
+                                            ("v", capture.v, info.Hkv), ("mask", capture.mask, info.H))}
+
+    def build_parts(rest: dict[str, torch.Tensor | None]) -> tuple[nn.Module, nn.Module]:
+        """The variant built on `rest`, and the split module running it beside the exact op."""
         variant = build_site_module(split.config, rest_info, (rest["q"], rest["k"], rest["v"], rest["mask"]))
         module: nn.Module = HeadSplitAttention(variant, split, info)
-        if info.causal and not capture.causal:
-            module = CausalMaskAttention(module)
-        call = dict(scale=capture.scale, causal=capture.causal, dropout_p=capture.dropout_p)
+        return variant, (CausalMaskAttention(module) if info.causal and not capture.causal else module)
+
+    def build() -> nn.Module:
+        return build_parts(rest_inputs())[1]
+
+    module: nn.Module | None = None
+    try:
         if full is not None and calibration is None and spec.heads_independent:
+            # priced off the full variant's output; built only if the plan takes it (mediator
+            # k-means, agent selection and shortcut fits are most of a split's cost)
             full_evaluated, full_output = full
             exact_q = torch.tensor(split.query_heads(info), device=full_output.device)
             output = full_output.index_copy(1, exact_q, capture.output.index_select(1, exact_q).to(full_output.dtype))
             variant_calls = full_evaluated.kernel_calls
-            exact_calls = _exact_kernel_calls(capture, indices)
+            kept_calls = exact_calls() if exact_calls is not None else exact_kernel_calls(capture)
         else:
+            rest = rest_inputs()
+            variant, module = build_parts(rest)
             with torch.no_grad(), KernelCounter() as counter:
                 output = module(capture.q, capture.k, capture.v, mask=capture.mask, **call)
             with torch.no_grad(), KernelCounter() as variant_counter:
                 (variant if not isinstance(module, CausalMaskAttention) else CausalMaskAttention(variant))(
                     rest["q"], rest["k"], rest["v"], mask=rest["mask"], **call)
             variant_calls = variant_counter.calls
-            exact_calls = max(1, counter.calls - variant_counter.calls)
+            kept_calls = max(1, counter.calls - variant_counter.calls)
         error = output_error(output, capture.output)
         if calibration is not None:
             error = calibration.calibrate(module, split)
@@ -344,19 +370,21 @@ def evaluate_head_split(split: HeadSplit, info: SiteInfo, capture: SiteCapture, 
             row, refused="it produced non-finite values where softmax attention does not."))
     exact_cost = EXACT.formula(ExactConfig(), exact_info)
     rest_cost = spec.formula(split.config, rest_info).with_kernel_calls(variant_calls)
-    exact_cost = exact_cost.with_kernel_calls(exact_calls)
+    exact_cost = exact_cost.with_kernel_calls(kept_calls)
     seconds = (costmodel.estimate_seconds(exact_cost, exact_info.shape, profile, info.dtype)
                + costmodel.estimate_seconds(rest_cost, rest_info.shape, profile, info.dtype))
     flops = costmodel.flops(exact_cost, exact_info.shape) + costmodel.flops(rest_cost, rest_info.shape)
     candidate = Candidate(variant=spec.name, params=params, est_seconds=seconds, flops=flops, error=error)
     return Evaluated(split, module, candidate, CandidateRow(row, est_seconds=seconds, flops=flops, error=error,
-                                                            refused=None, pays_off_from_N=None))
+                                                            refused=None, pays_off_from_N=None),
+                     build=None if module is not None else build)
 
 
-def _exact_kernel_calls(capture: SiteCapture, indices: dict[str, torch.Tensor]) -> int:
-    """Kernels the exact op launches for the kept heads (counted on one of them, as many as for all)
-    plus the split's own gathers and the concatenation putting the heads back in order."""
-    one_q, one_kv = indices["exact_q"][:1], indices["exact_kv"][:1]
+def exact_kernel_calls(capture: SiteCapture) -> int:
+    """Kernels the exact op launches for a split's kept heads (counted on the first kv head and its
+    first query head: as many as for any heads) plus the split's own gathers and the
+    concatenation putting the heads back in order."""
+    one_q = one_kv = torch.zeros(1, dtype=torch.long, device=capture.q.device)
     mask = capture.mask
     if mask is not None and mask.dim() == 4 and mask.shape[1] == capture.q.shape[1]:
         mask = mask.index_select(1, one_q)
@@ -381,13 +409,15 @@ def evaluate_site(info: SiteInfo, capture: SiteCapture, configs: Sequence[Any] |
     configs = default_candidates(info, calibrated=calibration is not None) if configs is None else list(configs)
     base = baseline(info, device)
     evaluated = [evaluate(config, info, capture, device, base.candidate, calibration) for config in configs]
+    exact_calls = functools.cache(lambda: exact_kernel_calls(capture))  # counted once per site, if needed
     if per_head:
         for full in list(evaluated):
             if full.candidate is None or full.candidate.est_seconds >= base.candidate.est_seconds:
                 continue
             splits, full_output = head_splits(full, info, capture)
             for split in splits:
-                derived = evaluate_head_split(split, info, capture, device, calibration, (full, full_output))
+                derived = evaluate_head_split(split, info, capture, device, calibration, (full, full_output),
+                                              exact_calls=exact_calls)
                 if derived.candidate is None or derived.candidate.est_seconds < base.candidate.est_seconds:
                     evaluated.append(derived)
     return base, evaluated

@@ -231,7 +231,7 @@ class BudgetPolicy:
             evaluated = next(ev for ev in alternatives if ev.candidate is pick)
             reason = ("the least-error plan meeting the budget" if result.budget_met
                       else "the fastest plan (the budget cannot be met)")
-            choices[site_id] = Choice(_decision(evaluated, base, rows, reason), evaluated.module)
+            choices[site_id] = Choice(_decision(evaluated, base, rows, reason), evaluated.built())
         for site_id, gain in gains.items():
             choices[site_id].decision.output_gain = gain
         return Choices(choices, GraphPlan(
@@ -256,7 +256,7 @@ class BudgetPolicy:
             return {}
         probes: dict[int, Evaluated] = {}
         for site_id, (base, alternatives) in evaluations.items():
-            faster = [ev for ev in alternatives if ev.candidate is not None and ev.module is not None
+            faster = [ev for ev in alternatives if ev.candidate is not None
                       and ev.candidate.est_seconds < base.candidate.est_seconds]
             if faster:
                 probes[site_id] = min(faster, key=lambda ev: ev.candidate.error)
@@ -266,7 +266,7 @@ class BudgetPolicy:
         for site_id, probe in probes.items():
             capture = analysis.captures[site_id]
             with torch.no_grad():
-                outputs[site_id] = probe.module(capture.q, capture.k, capture.v, mask=capture.mask,
+                outputs[site_id] = probe.built()(capture.q, capture.k, capture.v, mask=capture.mask,
                                                 scale=capture.scale, causal=capture.causal,
                                                 dropout_p=capture.dropout_p)
         gains = output_gains(request, analysis, outputs)

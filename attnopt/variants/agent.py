@@ -433,4 +433,4 @@ def _candidates(site_info: SiteInfo) -> list[AgentConfig]:
 
 register_variant(VariantSpec(
     name=NAME, config_type=AgentConfig, refusal=_refusal, build=_build, cost=agent_cost, cost_params=_cost_params,
-    candidates=_candidates, shown=()))
+    candidates=_candidates, shown=(), heads_independent=True))

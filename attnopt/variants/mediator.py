@@ -255,4 +255,4 @@ def _cost_params(config: MediatorConfig, site_info: SiteInfo) -> dict:
 register_variant(VariantSpec(
     name=NAME, config_type=MediatorConfig, refusal=_refusal, build=_build, cost=mediator_cost,
     cost_params=_cost_params, candidates=lambda site_info: [MediatorConfig(n_mediators=count) for count in (64, 16)],
-    shown=("n_mediators",)))
+    shown=("n_mediators",), heads_independent=True))

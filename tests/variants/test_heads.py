@@ -22,7 +22,7 @@ from attnopt.candidates import evaluate, evaluate_head_split, head_splits
 from attnopt.costmodel import DeviceProfile
 from attnopt.kernels import exact_attention
 from attnopt.numerics import output_error
-from attnopt.variants import HybridConfig, LinearConfig, MediatorConfig, build_site_module
+from attnopt.variants import AgentConfig, HybridConfig, LinearConfig, MediatorConfig, build_site_module
 from attnopt.variants.heads import HeadSplit, HeadSplitAttention, per_head_errors, split_sites
 
 from .support import make_site, padding_mask, tensors
@@ -75,11 +75,13 @@ def test_per_head_errors_point_at_the_sharp_heads_and_the_split_keeps_them_exact
     assert derived.row["shown"]["exact_heads"] == [2]
 
 
-@pytest.mark.parametrize("config", [LinearConfig(), HybridConfig(window=8, sinks=1)], ids=["linear", "hybrid"])
+@pytest.mark.parametrize("config", [LinearConfig(), HybridConfig(window=8, sinks=1), AgentConfig(agent_count=16),
+                                    MediatorConfig(n_mediators=16)], ids=["linear", "hybrid", "agent", "mediator"])
 @pytest.mark.parametrize("Hkv", [4, 2])
 def test_a_split_read_off_the_full_output_equals_the_built_and_run_split(config, Hkv):
-    """Heads-independent variants: the error and price measured without running the split are
-    those of building and running it (its module is the same either way)."""
+    """Heads-independent variants: the error and price measured without building the split are
+    those of building and running it, and the module built when the plan takes it computes that
+    error."""
     site = make_site(H=4, Hkv=Hkv, N=64, M=64)
     capture = _capture(site, sharp_heads=(1,))
     full = evaluate(config, site, capture, PROFILE)
@@ -90,8 +92,9 @@ def test_a_split_read_off_the_full_output_equals_the_built_and_run_split(config,
         assert read.candidate.error == pytest.approx(run.candidate.error, rel=1e-5, abs=1e-7)
         assert read.candidate.flops == run.candidate.flops
         assert read.candidate.est_seconds == pytest.approx(run.candidate.est_seconds, rel=0.05)
+        assert read.module is None and run.module is not None  # not built until a plan takes it
         with torch.no_grad():
-            direct = read.module(capture.q, capture.k, capture.v, scale=capture.scale)
+            direct = read.built()(capture.q, capture.k, capture.v, scale=capture.scale)
         assert output_error(direct, capture.output) == pytest.approx(read.candidate.error, rel=1e-5, abs=1e-7)
 
 

@@ -140,25 +140,42 @@ def test_reports_show_the_always_shown_params_and_those_off_their_default():
     assert spec_for(HybridConfig()).shown_params(HybridConfig(mix=0.5)) == {"sinks": 1, "window": 64, "mix": 0.5}
 
 
-@pytest.mark.parametrize("config", [config for config in default_candidates(SELF, calibrated=True)
-                                    if spec_for(config).heads_independent], ids=str)
-def test_a_heads_independent_variant_built_for_some_heads_computes_what_the_full_one_does_there(config):
-    """What attnopt.candidates relies on to read a per-head split's error off the full module."""
-    site = dataclasses.replace(SELF, mask_kind="key_padding")
+HEAD_SPLIT_SITES = {
+    "self-64": (SELF, [1, 3]),
+    "gqa-64": (make_site(B=2, H=4, Hkv=2, N=64, M=64, d=16, e=8), [1]),  # kv head 1: query heads 2, 3
+    "self-256": (make_site(B=2, H=4, Hkv=4, N=256, M=256, d=16, e=8), [0, 2]),  # 64 and 128 agents run
+}
+
+
+@pytest.mark.parametrize("site_name", sorted(HEAD_SPLIT_SITES))
+@pytest.mark.parametrize("calibrated", [False, True], ids=["training-free", "calibrated-grid"])
+def test_a_heads_independent_variant_built_for_some_heads_computes_what_the_full_one_does_there(site_name,
+                                                                                               calibrated):
+    """What attnopt.candidates relies on to read a per-head split's error off the full module:
+    every default candidate of a heads-independent variant, self-attention, GQA and a longer site."""
+    base, kv_heads = HEAD_SPLIT_SITES[site_name]
+    site = dataclasses.replace(base, mask_kind="key_padding")
     q, k, v = tensors(site, seed=3)
     mask = (torch.arange(site.M)[None, :] < torch.tensor([site.M, 40])[:, None])[:, None, None, :]
-    heads = torch.tensor([1, 3])
-    subset = dataclasses.replace(site, H=2, Hkv=2)
-    full = build_site_module(config, site, (q, k, v, mask))
-    part = build_site_module(config, subset, (q[:, heads], k[:, heads], v[:, heads], mask))
-    with torch.no_grad():
-        expected = full(q, k, v, mask=mask, scale=0.25)[:, heads]
-        actual = part(q[:, heads], k[:, heads], v[:, heads], mask=mask, scale=0.25)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    group = site.H // site.Hkv
+    kv = torch.tensor(kv_heads)
+    heads = torch.tensor([kv_head * group + offset for kv_head in kv_heads for offset in range(group)])
+    subset = dataclasses.replace(site, H=len(heads), Hkv=len(kv_heads))
+    configs = [config for config in default_candidates(base, calibrated=calibrated)
+               if spec_for(config).heads_independent and spec_for(config).name != "exact"]
+    assert configs
+    for config in configs:
+        full = build_site_module(config, site, (q, k, v, mask))
+        part = build_site_module(config, subset, (q[:, heads], k[:, kv], v[:, kv], mask))
+        with torch.no_grad():
+            expected = full(q, k, v, mask=mask, scale=0.25)[:, heads]
+            actual = part(q[:, heads], k[:, kv], v[:, kv], mask=mask, scale=0.25)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m, c=config: f"{c}: {m}")
 
 
-def test_only_variants_without_shared_fitting_say_their_heads_are_independent():
-    assert spec_for(LinearConfig()).heads_independent and spec_for(HybridConfig()).heads_independent
-    # mediators are clustered, agents selected with a shortcut fitted on the example: built per
-    # site, not promised per head
-    assert not spec_for(MediatorConfig()).heads_independent and not spec_for(AgentConfig()).heads_independent
+def test_every_variant_says_its_heads_are_independent():
+    """Agents are selected per head from the call's own queries, mediators clustered per head,
+    linear maps and hybrids act per head, and the V shortcut is fitted per head: nothing is
+    shared across heads when a module is built (calibration is another matter: candidates
+    builds calibrated splits)."""
+    assert all(spec.heads_independent for spec in specs() if spec.name != "exact")
