@@ -17,11 +17,16 @@ fp32, torch.set_num_threads(2), under torch.no_grad():
     "rewrite, no SDPA" is the rewritten model with the op's SDPA dispatch switched off (the
     reference path, as before), measured in the same run.
 
+(c) the same two models under Inductor: `torch.compile(original)` against
+    `attnopt.rewrite(original, "exact", inner="inductor")`.
+A GPT-2 decode step is timed by bench/generate_loop.py (steady per-token time of greedy decoding).
+
 The candidates take turns, one call each per round, after a warm-up; each reports the median of
 its calls and its time over the baseline's (SDPA / the original), so > 1 means slower.
 
     python bench/exact_speed.py                 # ~2 minutes on 2 cores
     python bench/exact_speed.py --rounds 5      # quicker
+    python bench/exact_speed.py --only inductor --threads 1
 """
 
 from __future__ import annotations
@@ -126,14 +131,7 @@ def public_api(rounds: int) -> None:
         "rewrite, no SDPA (old path)": without_dispatch(lambda: rewritten(q, k, v)),
     }, rounds))
 
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=12, intermediate_size=1536,
-                        attn_implementation="sdpa")
-    bert = BertModel(config, add_pooling_layer=False).eval()
-    kwargs = {"input_ids": torch.randint(1000, config.vocab_size, (4, 512), generator=generator),
-              "attention_mask": padding_keep(4, 512, 384)}
+    bert, kwargs = _bert(generator)
     rewritten_bert = attnopt.rewrite(bert, "exact", kwargs=kwargs)
     sites = attnopt.report_of(rewritten_bert).sites
     print(f"  BertModel: {sum(site.rewritable for site in sites)} of {len(sites)} sites rewritten")
@@ -146,18 +144,62 @@ def public_api(rounds: int) -> None:
            }, rounds))
 
 
+def under_inductor(rounds: int) -> None:
+    """(c) Inductor underneath: `torch.compile(original)` against `attnopt.rewrite(original, "exact",
+    inner="inductor")` (the rewritten graph compiled by Inductor, attnopt's op opaque in it)."""
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 16, 1024, 72, generator=generator) for _ in range(3))
+    model = SdpaModel().eval()
+    compiled = torch.compile(model)
+    rewritten = attnopt.rewrite(model, "exact", args=(q, k, v), inner="inductor")
+    check_equal(rewritten(q, k, v), compiled(q, k, v), "SDPA module under Inductor")
+    report("(c) Inductor: torch.compile(SDPA module) vs attnopt exact + Inductor, DiT-like site", "inductor",
+           interleaved_median_seconds({
+               "inductor": lambda: compiled(q, k, v),
+               "attnopt exact + inductor": lambda: rewritten(q, k, v),
+           }, rounds))
+
+    bert, kwargs = _bert(generator)
+    compiled_bert = torch.compile(bert)
+    rewritten_bert = attnopt.rewrite(bert, "exact", kwargs=kwargs, inner="inductor")
+    print(f"  BertModel under Inductor: notes {attnopt.report_of(rewritten_bert).notes or 'none'}")
+    check_equal(rewritten_bert(**kwargs).last_hidden_state, compiled_bert(**kwargs).last_hidden_state,
+                "BertModel under Inductor")
+    report("(c) Inductor: torch.compile(BertModel) vs attnopt exact + Inductor, 4x512 tokens", "inductor",
+           interleaved_median_seconds({
+               "inductor": lambda: compiled_bert(**kwargs),
+               "attnopt exact + inductor": lambda: rewritten_bert(**kwargs),
+           }, rounds))
+
+
+def _bert(generator: torch.Generator) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A random-init BertModel (2 layers, hidden 384, 12 heads, sdpa) and 4x512 padded inputs."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=12, intermediate_size=1536,
+                        attn_implementation="sdpa")
+    bert = BertModel(config, add_pooling_layer=False).eval()
+    kwargs = {"input_ids": torch.randint(1000, config.vocab_size, (4, 512), generator=generator),
+              "attention_mask": padding_keep(4, 512, 384)}
+    return bert, kwargs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9, help="timed calls of each candidate (median reported)")
-    parser.add_argument("--only", choices=("op", "api"), default=None)
+    parser.add_argument("--only", choices=("op", "api", "inductor"), default=None)
+    parser.add_argument("--threads", type=int, default=THREADS)
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    print(f"CPU, {THREADS} threads, torch {torch.__version__}, fp32, median of {args.rounds} interleaved calls")
+    torch.set_num_threads(args.threads)
+    print(f"CPU, {args.threads} threads, torch {torch.__version__}, fp32, median of {args.rounds} interleaved calls")
     with torch.no_grad():  # not inference_mode: attnopt.rewrite fails on inference tensors
         if args.only in (None, "op"):
             bare_op_sites(args.rounds)
         if args.only in (None, "api"):
             public_api(args.rounds)
+        if args.only in (None, "inductor"):
+            under_inductor(args.rounds)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ others (bench/timing.py, fastest forward kept):
 - eager: the model as it is;
 - inductor: `torch.compile(model)` — the row every other is compared with;
 - attnopt exact, eager graph: `attnopt.rewrite(model, "exact", inner="eager")` (no Inductor);
-- attnopt exact + inductor: `attnopt.rewrite(model, "exact")` (Inductor underneath, the default);
-- attnopt optimize + inductor: `attnopt.optimize(model, budget)`;
+- attnopt exact + inductor: `attnopt.rewrite(model, "exact", inner="inductor")` (Inductor underneath);
+- attnopt optimize + inductor: `attnopt.optimize(model, budget, inner="inductor")`;
 - ceiling: every attention replaced by an opaque op that reads q, k, v and returns zeros shaped
   like the attention's output, compiled by Inductor: no attention variant can beat it.
 
@@ -82,8 +82,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.3)
     parser.add_argument("--max-error", type=float, default=None)
     parser.add_argument("--seconds", type=float, default=20.0, help="timing budget of the interleaved runs")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model, pixels = build(args.image)
     ceiling_model, _ = build(args.image, "attnopt_bench_zeros")
@@ -95,9 +96,9 @@ def main() -> None:
         exact_eager, first_call["attnopt exact, eager graph"] = compiled_and_seconds(
             lambda: attnopt.rewrite(model, "exact", args=(pixels,), inner="eager"), pixels)
         exact, first_call["attnopt exact + inductor"] = compiled_and_seconds(
-            lambda: attnopt.rewrite(model, "exact", args=(pixels,)), pixels)
+            lambda: attnopt.rewrite(model, "exact", args=(pixels,), inner="inductor"), pixels)
         fast, first_call["attnopt optimize + inductor"] = compiled_and_seconds(
-            lambda: attnopt.optimize(model, budget, args=(pixels,)), pixels)
+            lambda: attnopt.optimize(model, budget, args=(pixels,), inner="inductor"), pixels)
         ceiling, first_call["ceiling (zero-cost attention) + inductor"] = compiled_and_seconds(
             lambda: torch.compile(ceiling_model), pixels)
         report = attnopt.report_of(fast)
