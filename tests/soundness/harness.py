@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import itertools
 import linecache
+import os
 import re
 import warnings
 from typing import Any, Callable
@@ -46,6 +47,22 @@ FAILING = ("silent-wrong", "near-miss-rewritten", "unreported", "crashed")
 OUTCOMES = PASSING + FAILING
 
 FRESH_REGIMES = ("mixed", "all-keep", "partial")
+
+INNER = os.environ.get("ATTNOPT_SOUNDNESS_INNER", "eager")
+"""What runs the rewritten graphs (attnopt's `inner`): "eager" (the default, and CI's) or
+"inductor" (`run_soak.py --inner inductor`: the same cases with Inductor underneath)."""
+REWRITE_ARGS = "" if INNER == "eager" else f", inner={INNER!r}"
+COMPILE_ARGS = "" if INNER == "eager" else f', options={{"inner": {INNER!r}}}'
+
+
+def rewrite_exact(model: torch.nn.Module, example: tuple) -> torch.nn.Module:
+    """`attnopt.rewrite(model, "exact", args=example)`, with `inner` only when it is not the default."""
+    return attnopt.rewrite(model, "exact", args=example, **({} if INNER == "eager" else {"inner": INNER}))
+
+
+def compile_attnopt(model: torch.nn.Module) -> Callable:
+    """`torch.compile(model, backend="attnopt")`, with the `inner` option only when it is not the default."""
+    return torch.compile(model, backend="attnopt", **({} if INNER == "eager" else {"options": {"inner": INNER}}))
 
 
 class Invalid(Exception):
@@ -258,13 +275,13 @@ def repro_script(program: Program, state: dict[str, V.Value], example: list[V.Va
         lines.append("other = Program(other_state).eval()")
     if how == "rewrite":
         lines.append(f"with torch.set_grad_enabled({example_grad}):")
-        lines.append('    fast = attnopt.rewrite(model, "exact", args=tuple(example))')
+        lines.append(f'    fast = attnopt.rewrite(model, "exact", args=tuple(example){REWRITE_ARGS})')
         if second_state is not None:
-            lines.append('    other_fast = attnopt.rewrite(other, "exact", args=tuple(example))')
+            lines.append(f'    other_fast = attnopt.rewrite(other, "exact", args=tuple(example){REWRITE_ARGS})')
     else:
-        lines.append('fast = torch.compile(model, backend="attnopt")')
+        lines.append(f'fast = torch.compile(model, backend="attnopt"{COMPILE_ARGS})')
         if second_state is not None:
-            lines.append('other_fast = torch.compile(other, backend="attnopt")')
+            lines.append(f'other_fast = torch.compile(other, backend="attnopt"{COMPILE_ARGS})')
         lines.append(f"with torch.set_grad_enabled({example_grad}):")
         lines.append("    fast(*example)")
         if second_state is not None:
@@ -422,7 +439,7 @@ def run_case(spec: Spec, test: str = "programs") -> CaseResult:
     torch._dynamo.reset()
     try:
         with torch.set_grad_enabled(spec.example_grad), quiet():
-            rewritten = attnopt.rewrite(original, "exact", args=tuple(V.tensors(example)))
+            rewritten = rewrite_exact(original, tuple(V.tensors(example)))
     except Exception as error:
         return CaseResult(test, spec, "crashed", "rewrite", first_line(error), "", "",
                           repro(None, spec.example_grad))
@@ -462,9 +479,9 @@ def run_instances_case(spec: Spec) -> list[CaseResult]:
             with torch.set_grad_enabled(spec.example_grad), quiet():
                 for model in originals:
                     if how == "rewrite":
-                        wrapped.append(attnopt.rewrite(model, "exact", args=tuple(V.tensors(example))))
+                        wrapped.append(rewrite_exact(model, tuple(V.tensors(example))))
                     else:
-                        compiled = torch.compile(model, backend="attnopt")
+                        compiled = compile_attnopt(model)
                         compiled(*V.tensors(example))
                         wrapped.append(compiled)
         except Exception as error:

@@ -4,6 +4,7 @@
     python tests/soundness/run_soak.py                      # soak profile: thousands of cases
     python tests/soundness/run_soak.py --profile soundness  # the quick, reproducible default
     python tests/soundness/run_soak.py --examples 1000 -k programs
+    python tests/soundness/run_soak.py --profile soundness --examples 60 --inner inductor
 
 Prints the table of outcomes per test (rewritten-equal / refused / left-alone / silent-wrong /
 near-miss-rewritten / unreported / crashed), ready to paste into bench/RESULTS.md, then the
@@ -29,6 +30,8 @@ def main() -> int:
     parser.add_argument("--profile", default="soak", help="hypothesis profile (soak, soundness, ...)")
     parser.add_argument("--examples", type=int, help="override the profile's max_examples")
     parser.add_argument("--out", help="directory for counts.md, counts.json, failures.md")
+    parser.add_argument("--inner", choices=("eager", "inductor"), default="eager",
+                        help="what runs the rewritten graphs (attnopt's inner): the default, or Inductor")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression (programs, near_misses, gradients, instances)")
     options, extra = parser.parse_known_args()
     out = Path(options.out or tempfile.mkdtemp(prefix="attnopt-soundness-"))
@@ -36,6 +39,7 @@ def main() -> int:
     env = dict(os.environ, ATTNOPT_SOUNDNESS_DIR=str(out))
     if options.examples:
         env["ATTNOPT_SOUNDNESS_EXAMPLES"] = str(options.examples)
+    env["ATTNOPT_SOUNDNESS_INNER"] = options.inner
     command = [sys.executable, "-m", "pytest", "tests/soundness", f"--hypothesis-profile={options.profile}",
                "-q", "--tb=no", "-p", "no:cacheprovider"]
     if options.keyword:
@@ -46,7 +50,8 @@ def main() -> int:
     if not counts.exists():
         print(f"no cases ran (pytest exit status {status})", file=sys.stderr)
         return status or 1
-    print(f"profile: {options.profile}" + (f", max_examples={options.examples}" if options.examples else ""))
+    print(f"profile: {options.profile}" + (f", max_examples={options.examples}" if options.examples else "")
+          + f", inner={options.inner}")
     print(counts.read_text())
     if failures.exists():
         groups = re.findall(r"^## (.*)$", failures.read_text(), flags=re.M)
