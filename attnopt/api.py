@@ -19,6 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .backend import AttnoptBackend, AttnoptError
 from .calibration import calibrator_for
 from .capture import CompiledCall, capture, check_inputs, compiling_context, own_region
+from .evaluation_cache import EvaluationCache
 from .loops import plan_for_loop
 from .planner import Budget, BudgetNotMetWarning
 from .policies import BudgetPolicy, ExactPolicy, Policy, VariantPolicy
@@ -337,7 +338,8 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
         it returns the loop's final output (the final latent). With `Budget(loop_error=...)`, the
         error of that output against the original's is measured, and sites are held to tighter
         per-call errors, planning again, until it is within `loop_error` (attnopt.loops); the report's
-        `loop` shows it beside the per-call errors.
+        `loop` shows it beside the per-call errors. Later rounds plan from the first's candidate
+        evaluations where their sites receive the same inputs (no candidate built or measured again).
     output_gains: measure how far each site's error moves the model's output (one more run of the
         graph per site; attnopt.sensitivity) and plan the least estimated output error instead of
         the least sum of site errors. Worth it where blocks reach the output with very different
@@ -352,9 +354,10 @@ def optimize(model: nn.Module, budget: Budget | float, args: tuple = (), kwargs:
     _check_model(model, "optimize")
     budget, calibrator = _budget(budget), calibrator_for(model, calibration)
 
-    def build(per_call: Budget, strict: bool = strict) -> AttnoptModule:
+    def build(per_call: Budget, evaluations: EvaluationCache | None = None, strict: bool = strict) -> AttnoptModule:
+        # a loop's planning rounds share `evaluations` (attnopt.loops): later rounds reuse the candidates measured
         policy = _ModelBudgetPolicy(per_call, candidates, strict=strict, device=device, calibration=calibrator,
-                                    output_gains=output_gains)
+                                    output_gains=output_gains, evaluations=evaluations)
         return _wrap(model, policy, args, kwargs, timestep_arg, inner)
 
     if loop is not None:

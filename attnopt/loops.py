@@ -6,9 +6,18 @@ Budget(loop_error=0.05, ...), loop=run)` plans as usual, then runs `run` — a s
 user's loop: it takes a model and returns the loop's final output — once with the original model
 and once with the rewrite, and measures the relative error of the final output
 (`numerics.output_error`). While that end-of-loop error is over `loop_error`, it plans again
-from scratch with every site held to a tighter per-call cap (`max_error`), down to keeping every
-softmax; the last rewrite is returned, and `report.loop` (a `LoopCheck`) shows each round's
-per-call cap and end-of-loop error beside the per-call errors of the sites.
+with less rewriting under a tighter per-call budget, down to keeping every softmax; the last
+rewrite is returned, and `report.loop` (a `LoopCheck`) shows each round's per-call budget,
+end-of-loop error and time beside the per-call errors of the sites.
+
+Each round builds a new module (its own capture, recording run, verification and end-to-end
+check), but the rounds share one `policies.EvaluationCache`: a site that receives in a later
+round what it received in an earlier one (same graph, signature, site and facts, and a capture
+with the same bytes) is planned from that round's candidate evaluations — its baseline and
+alternatives, their measured errors and prices, and the modules built for them — so a later
+round re-runs the knapsack under its budget instead of building and measuring every candidate
+again. The cache is closed (emptied) when the rounds are over; `REUSE_EVALUATIONS = False` plans
+every round from scratch (what the tests and bench/diffusion_loop.py compare against).
 
 Rules
 - Round 1 plans with the user's time/flops budget and every site capped at `max_error`, or at
@@ -34,6 +43,7 @@ Rules
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -42,11 +52,15 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from .backend import AttnoptError
+from .evaluation_cache import EvaluationCache
 from .numerics import output_error
 from .planner import Budget, BudgetError, BudgetNotMetWarning
 
 MAX_ROUNDS = 5
 SEED = 0
+REUSE_EVALUATIONS = True
+"""Later rounds plan from the candidate evaluations of earlier ones (see the module doc); False
+plans every round from scratch (for comparisons: the result is the same, only slower)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +72,13 @@ class LoopRound:
     loop_error: float
     rewritten_sites: int
     predicted_speedup: float | None
+    seconds: float | None = None
+    """Wall time of the round: building and planning the module, and running the loop with it."""
+    planning_seconds: float | None = None
+    """Of which the policy's choosing (`GraphPlan.planning_seconds`, summed over the round's plans):
+    the recording run, the candidates' evaluations (unless reused) and the knapsack."""
+    reused_sites: int = 0
+    """Site evaluations the round took from earlier rounds instead of building and measuring again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,29 +159,40 @@ def slowest_speedup(report: Any) -> float | None:
     return None if not speedups or None in speedups else min(speedups)
 
 
-def plan_for_loop(build: Callable[[Budget], Any], model: Any, run: Callable[[Any], Any], budget: Budget, *,
-                  strict: bool = False) -> Any:
-    """The module `build(per-call budget)` gives for the most rewriting under which `run`'s final
-    output stays within `budget.loop_error` of the original's (see the module doc)."""
+def plan_for_loop(build: Callable[[Budget, EvaluationCache | None], Any], model: Any, run: Callable[[Any], Any],
+                  budget: Budget, *, strict: bool = False) -> Any:
+    """The module `build(per-call budget, evaluations)` gives for the most rewriting under which
+    `run`'s final output stays within `budget.loop_error` of the original's (see the module doc).
+    `evaluations` is the rounds' shared EvaluationCache (None with REUSE_EVALUATIONS off), which
+    `build` hands to its BudgetPolicy."""
     if budget.loop_error is None:
         raise AttnoptError("optimize got a loop but its Budget has no loop_error: give "
                            "attnopt.Budget(loop_error=..., time=...) to bound the loop's final output.")
     reference = reference_output(run, model)
     per_call, rounds = first_budget(budget), []
-    while True:
-        with warnings.catch_warnings():  # the returned module's budgets are judged once, below
-            warnings.simplefilter("ignore", BudgetNotMetWarning)
-            module = build(per_call)
-            error = loop_error(final_output(run, module), reference)
-        report = module._attnopt_backend.report
-        site_errors = [s.decision.error or 0.0 for s in report.rewritten]
-        speedup = slowest_speedup(report)
-        rounds.append(LoopRound(_describe(per_call), error, len(site_errors), speedup))
-        if error <= budget.loop_error or not site_errors:
-            break
-        per_call = relaxed(per_call, speedup, budget.loop_error, error)
-        if per_call is None or len(rounds) == MAX_ROUNDS - 1:
-            per_call = dataclasses.replace(budget, time=None, flops=None, max_error=0.0, loop_error=None)
+    cache = EvaluationCache() if REUSE_EVALUATIONS else None
+    try:
+        while True:
+            began, reused = time.perf_counter(), cache.hits if cache is not None else 0
+            with warnings.catch_warnings():  # the returned module's budgets are judged once, below
+                warnings.simplefilter("ignore", BudgetNotMetWarning)
+                module = build(per_call, cache)
+                error = loop_error(final_output(run, module), reference)
+            report = module._attnopt_backend.report
+            site_errors = [s.decision.error or 0.0 for s in report.rewritten]
+            speedup = slowest_speedup(report)
+            rounds.append(LoopRound(_describe(per_call), error, len(site_errors), speedup,
+                                    seconds=time.perf_counter() - began,
+                                    planning_seconds=sum(plan.planning_seconds or 0.0 for plan in report.plans),
+                                    reused_sites=(cache.hits if cache is not None else 0) - reused))
+            if error <= budget.loop_error or not site_errors:
+                break
+            per_call = relaxed(per_call, speedup, budget.loop_error, error)
+            if per_call is None or len(rounds) == MAX_ROUNDS - 1:
+                per_call = dataclasses.replace(budget, time=None, flops=None, max_error=0.0, loop_error=None)
+    finally:
+        if cache is not None:  # the returned module plans new signatures anew, and holds no evaluations
+            cache.close()
     report.loop = LoopCheck(budget.loop_error, error, max(site_errors, default=0.0), tuple(rounds))
     if not report.loop.met:
         message = (f"{report.loop}: the loop's budget is not met"

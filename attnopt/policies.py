@@ -12,6 +12,9 @@ nothing: the backend records the decisions, the modules and the plan.
 - `attnopt.persist.LoadedPolicy`: the decisions and site modules of a saved file (`attnopt.load`),
   for the graphs and shapes it holds; any other shape is decided by the saved policy.
 
+`BudgetPolicy(evaluations=...)` plans from an `attnopt.evaluation_cache.EvaluationCache`: the
+candidate evaluations of one `optimize` call, kept for its later planning rounds (a loop budget).
+
 One graph is planned at a time: a model captured whole (no graph breaks) is planned whole; with
 graph breaks each graph meets the budget on its own, so the whole model meets it too.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.fx as fx
@@ -31,7 +34,7 @@ from tqdm.auto import tqdm
 from attnopt.passes.detect import SiteMatch
 
 from . import costmodel
-from .analysis import Analysis, analyse
+from .analysis import Analysis, SiteCapture, analyse
 from .calibration import Calibrator, LazySiteData, site_keys
 from .candidates import (
     EXACT,
@@ -40,9 +43,16 @@ from .candidates import (
     evaluate,
     evaluate_site,
 )
-from .planner import Budget, SiteCandidates, plan
-from .sensitivity import output_gains
+from .evaluation_cache import (
+    EvaluationCache,
+    Evaluations,
+    capture_digest,
+    hashable,
+    outputs_digest,
+)
+from .planner import Budget, Candidate, SiteCandidates, plan
 from .report import Decision, GraphPlan, Site
+from .sensitivity import output_gains
 from .variants import ExactConfig, SiteInfo, build_site_module
 
 
@@ -180,58 +190,90 @@ class VariantPolicy:
         return Choices(choices, GraphPlan(request.graph, request.signature, self.name, None, None), analysis.facts)
 
 
+class _Option(NamedTuple):
+    """One alternative at a site as this round plans with it: its (shared, read-only) evaluation,
+    and its planner entry and report row for this round (output gains may weigh or drop them)."""
+
+    evaluated: Evaluated
+    candidate: Candidate | None
+    row: dict[str, Any]
+
+
 class BudgetPolicy:
     """Plan every site of the graph under a Budget (see attnopt.planner for the method).
 
     With `calibration` (attnopt.calibration.Calibrator), candidates are fitted on its batches and
     their errors measured on its held-out batches, and the default candidates include the
-    configs only calibration makes worth trying."""
+    configs only calibration makes worth trying.
+
+    With `evaluations` (an `EvaluationCache` shared by the planning rounds of one optimize call),
+    a site whose evaluation an earlier round made for the same site and capture is planned from
+    it, without building and measuring its candidates again."""
 
     name = "budget"
     per_instance = True
 
     def __init__(self, budget: Budget | float, candidates: Sequence[Any] | None = None, *, strict: bool = False,
-                 device: Any = None, calibration: Calibrator | None = None, output_gains: bool = False):
+                 device: Any = None, calibration: Calibrator | None = None, output_gains: bool = False,
+                 evaluations: EvaluationCache | None = None):
         self.budget = Budget.of(budget)
         self.candidates = candidates
         self.strict = strict
         self.device = device
         self.calibration = calibration
         self.output_gains = output_gains
+        self.evaluations = evaluations
 
     def choose(self, request: GraphRequest) -> Choices:
         analysis = request.analyse()
         profile = _profile(self.device, analysis)
-        evaluations: dict[int, tuple[Evaluated, list[Evaluated]]] = {}
+        cache = self.evaluations if self.evaluations is not None and self.evaluations.serves(self) else None
+        calibration_keys = site_keys(request) if cache is not None and self.calibration is not None else {}
+        evaluations: dict[int, Evaluations] = {}
+        keys: dict[int, tuple | None] = {}
         calibration = _site_calibration(self.calibration, request)
         progress = tqdm(request.sites, desc=f"attnopt: pricing and measuring candidates (graph {request.graph})",
                         unit="site", disable=None, leave=False)  # shown on a terminal only
         for site, _ in progress:
             capture = analysis.captures.get(site.id)
-            if capture is not None:
-                # one site's calibration captures at a time: popped, so they are freed once it is evaluated
-                base, alternatives = evaluate_site(analysis.facts[site.id], capture, self.candidates, profile,
-                                                   calibration.pop(site.id, None))
-                evaluations[site.id] = (base, alternatives)
-        gains = self._weigh(request, analysis, evaluations)
+            if capture is None:
+                continue
+            info = analysis.facts[site.id]
+            # one site's calibration captures at a time: popped, so they are freed once it is evaluated
+            data = calibration.pop(site.id, None)
+
+            def evaluate(info: SiteInfo = info, capture: SiteCapture = capture, data: Any = data) -> Evaluations:
+                return evaluate_site(info, capture, self.candidates, profile, data)
+
+            if cache is None:
+                evaluations[site.id] = evaluate()
+                continue
+            keys[site.id] = hashable((request.graph, request.signature, site.id, site.module, site.source,
+                                       site.form, info, capture_digest(capture), calibration_keys.get(site.id)))
+            evaluations[site.id] = cache.evaluations(keys[site.id], evaluate)
+        options = {site_id: [_Option(ev, ev.candidate, ev.row) for ev in alternatives]
+                   for site_id, (_, alternatives) in evaluations.items()}
+        gains = self._weigh(request, analysis, evaluations, options, cache, keys)
         # FlopCounterMode counted each site as the exact op, whose FLOPs the baseline's formula equals
         other_flops = max(0, analysis.total_flops - sum(base.candidate.flops for base, _ in evaluations.values()))
         other_seconds = costmodel.roofline_seconds(other_flops, device=profile)
-        entries = [SiteCandidates(site_id, base.candidate, [ev.candidate for ev in alternatives if ev.candidate])
-                   for site_id, (base, alternatives) in evaluations.items()]
+        entries = [SiteCandidates(site_id, base.candidate, [option.candidate for option in options[site_id]
+                                                            if option.candidate])
+                   for site_id, (base, _) in evaluations.items()]
         result = plan(entries, self.budget, other_seconds=other_seconds, other_flops=other_flops, strict=self.strict)
         choices = {}
-        for site_id, (base, alternatives) in evaluations.items():
-            rows = [base.row] + [ev.row for ev in alternatives]
+        for site_id, (base, _) in evaluations.items():
+            rows = [base.row] + [option.row for option in options[site_id]]
             pick = result.choices[site_id]
             if pick is base.candidate:
-                reason = self._kept_reason(base, alternatives, result.budget_met)
+                reason = self._kept_reason(base, options[site_id], result.budget_met)
                 choices[site_id] = Choice(_decision(base, base, rows, reason), None)
                 continue
-            evaluated = next(ev for ev in alternatives if ev.candidate is pick)
+            option = next(option for option in options[site_id] if option.candidate is pick)
             reason = ("the least-error plan meeting the budget" if result.budget_met
                       else "the fastest plan (the budget cannot be met)")
-            choices[site_id] = Choice(_decision(evaluated, base, rows, reason), evaluated.built())
+            # (a weighed candidate differs from its evaluation's in `objective` only, which no decision shows)
+            choices[site_id] = Choice(_decision(option.evaluated, base, rows, reason), option.evaluated.built())
         for site_id, gain in gains.items():
             choices[site_id].decision.output_gain = gain
         return Choices(choices, GraphPlan(
@@ -241,10 +283,12 @@ class BudgetPolicy:
             predicted_output_error=result.weighed_error if gains else None),
             analysis.facts)
 
-    def _weigh(self, request: GraphRequest, analysis: Analysis,
-               evaluations: dict[int, tuple[Evaluated, list[Evaluated]]]) -> dict[int, float]:
+    def _weigh(self, request: GraphRequest, analysis: Analysis, evaluations: dict[int, Evaluations],
+               options: dict[int, list[_Option]], cache: EvaluationCache | None = None,
+               keys: dict[int, tuple | None] | None = None) -> dict[int, float]:
         """Weigh each candidate's error by its site's output gain (attnopt.sensitivity), so the plan
-        minimises the estimated error of the graph's output; site id → gain.
+        minimises the estimated error of the graph's output; site id → gain. The weighed candidates
+        (and the rows of dropped ones) replace this round's `options`; the evaluations are not changed.
 
         The probe at a site is its least-error candidate predicted faster than softmax. Not measured
         when not asked for (`output_gains`: one more run of the graph per site, ~10 forwards of
@@ -262,31 +306,45 @@ class BudgetPolicy:
                 probes[site_id] = min(faster, key=lambda ev: ev.candidate.error)
         if len(probes) < 2 or (self.budget.time is None and self.budget.flops is None):
             return {}
-        outputs = {}
-        for site_id, probe in probes.items():
-            capture = analysis.captures[site_id]
-            with torch.no_grad():
-                outputs[site_id] = probe.built()(capture.q, capture.k, capture.v, mask=capture.mask,
-                                                scale=capture.scale, causal=capture.causal,
-                                                dropout_p=capture.dropout_p)
-        gains = output_gains(request, analysis, outputs)
+
+        def measure() -> dict[int, float]:
+            outputs = {}
+            for site_id, probe in probes.items():
+                capture = analysis.captures[site_id]
+                with torch.no_grad():
+                    outputs[site_id] = probe.built()(capture.q, capture.k, capture.v, mask=capture.mask,
+                                                    scale=capture.scale, causal=capture.causal,
+                                                    dropout_p=capture.dropout_p)
+            return output_gains(request, analysis, outputs)
+
+        if cache is None:
+            gains = measure()
+        else:
+            site_keys_ = tuple((site_id, (keys or {}).get(site_id)) for site_id in evaluations)
+            whole = None if any(key is None for _, key in site_keys_) else hashable(
+                (request.graph, request.signature, request.canonical.code, site_keys_,
+                 outputs_digest(analysis.outputs)))
+            gains = cache.gains(whole, measure)
         for site_id, gain in gains.items():
-            for ev in evaluations[site_id][1]:
-                if ev.candidate is None:
-                    continue
-                if math.isfinite(gain):
-                    ev.candidate = dataclasses.replace(ev.candidate, objective=gain * ev.candidate.error)
+            weighed = []
+            for option in options[site_id]:
+                if option.candidate is None:
+                    weighed.append(option)
+                elif math.isfinite(gain):
+                    weighed.append(option._replace(
+                        candidate=dataclasses.replace(option.candidate, objective=gain * option.candidate.error)))
                 else:
-                    ev.candidate = None
-                    ev.row["refused"] = ("rewriting this site by its best candidate made the graph's output "
-                                         "non-finite (attnopt.sensitivity).")
+                    weighed.append(_Option(option.evaluated, None, dict(option.row.items()) | {"refused": (
+                        "rewriting this site by its best candidate made the graph's output non-finite "
+                        "(attnopt.sensitivity).")}))
+            options[site_id] = weighed
         return gains
 
-    def _kept_reason(self, base: Evaluated, alternatives: list[Evaluated], budget_met: bool) -> str:
-        faster = [ev for ev in alternatives
-                  if ev.candidate is not None and ev.candidate.est_seconds < base.candidate.est_seconds]
+    def _kept_reason(self, base: Evaluated, options: list[_Option], budget_met: bool) -> str:
+        faster = [option.candidate for option in options
+                  if option.candidate is not None and option.candidate.est_seconds < base.candidate.est_seconds]
         if self.budget.max_error is not None:
-            faster = [ev for ev in faster if ev.candidate.error <= self.budget.max_error]
+            faster = [candidate for candidate in faster if candidate.error <= self.budget.max_error]
         if not faster:
             return "kept: no candidate is predicted faster than softmax here" + (
                 f" within max_error={self.budget.max_error:g}" if self.budget.max_error is not None else "") + "."

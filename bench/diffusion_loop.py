@@ -9,8 +9,15 @@ Rows per model:
   (the report's, and measured again here on a second seed the planner never saw), whether the
   loop budget is met, and the steady loop time against the original's (interleaved best-of).
 
+Per optimize row, each planning round's per-call budget, end-of-loop error, rewritten sites, wall
+time (building and planning the module, and running the loop with it) and the site evaluations it
+took from earlier rounds, and the plan returned (each rewritten site's variant and parameters).
+`--from-scratch` plans every round from scratch (`attnopt.loops.REUSE_EVALUATIONS = False`: the
+planning before later rounds reused the first's candidate evaluations) for comparison.
+
     python bench/diffusion_loop.py
     python bench/diffusion_loop.py --size 64 --loop-error 0.05 --time 0.7 --seconds 4
+    python bench/diffusion_loop.py --models dit --seconds 1 [--from-scratch]
 """
 
 from __future__ import annotations
@@ -102,6 +109,11 @@ def run(name: str, factory, size: int, steps: int, budget: attnopt.Budget, secon
                  "held_out_error": relative(held_out(fast), held_out(model)), "met": check.met,
                  "speedup": best["original"] / best["attnopt"],
                  "predicted": min((p.predicted_speedup or 1.0) for p in report.plans) if report.plans else 1.0,
+                 "round_details": check.rounds,
+                 "plan": [(s.id, s.decision.variant, {k: v for k, v in s.decision.params.items()
+                                                      if k in ("n_mediators", "agent_count", "feature_map",
+                                                               "exact_heads", "window")}, s.decision.error)
+                          for s in report.rewritten],
                  "warnings": sorted({str(w.message)[:80] for w in caught})})
     return rows
 
@@ -114,11 +126,18 @@ def main() -> None:
     parser.add_argument("--time", type=float, default=0.7)
     parser.add_argument("--seconds", type=float, default=4.0, help="timing per model for the steady ratio")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="dit,unet", help="comma-separated: dit, unet")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="plan every loop round from scratch (no evaluations reused between rounds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    attnopt.loops.REUSE_EVALUATIONS = not args.from_scratch
     budget = attnopt.Budget(time=args.time, loop_error=args.loop_error)
-    print(f"{args.steps}-step DDIM, latent {args.size}², {budget}, CPU, {args.threads} threads, torch {torch.__version__}")
-    for name, factory in (("dit", tiny_dit), ("unet", tiny_unet)):
+    print(f"{args.steps}-step DDIM, latent {args.size}², {budget}, CPU, {args.threads} threads, torch {torch.__version__}, "
+          f"rounds {'from scratch' if args.from_scratch else 'reusing evaluations'}")
+    factories = {"dit": tiny_dit, "unet": tiny_unet}
+    for name in args.models.split(","):
+        factory = factories[name.strip()]
         for r in run(name, factory, args.size, args.steps, budget, args.seconds):
             if r["mode"] == "exact":
                 print(f"{name:<5} exact    graphs {r['graphs']}, analyses {r['analyses']}, sites {r['sites']}, "
@@ -130,6 +149,12 @@ def main() -> None:
                       f"{r['largest_call_error']:.3g}, end-of-loop error {r['loop_error']:.3g} (held-out seed "
                       f"{r['held_out_error']:.3g}), loop budget met {r['met']}, loop {r['speedup']:.2f}x faster "
                       f"measured ({r['predicted']:.2f}x predicted)")
+                for i, lr in enumerate(r["round_details"], 1):
+                    print(f"      round {i}: {lr.per_call}: end-of-loop error {lr.loop_error:.4g}, "
+                          f"{lr.rewritten_sites} site(s) rewritten, {lr.seconds:.1f} s "
+                          f"(policy {lr.planning_seconds:.1f} s), "
+                          f"{lr.reused_sites} site evaluation(s) reused")
+                print(f"      plan: {r['plan']}")
                 for message in r["warnings"]:
                     print(f"      warning: {message}")
 
