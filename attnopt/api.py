@@ -164,6 +164,23 @@ class AttnoptModule(nn.Module):
                 seen.add(id(parameter))
                 yield f"{prefix}{'.' if prefix else ''}{SITES}.{site_id}.{name}", parameter
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> AttnoptModule:
+        """`.to()`, `.half()`, `.double()`, `.cuda()`, `.cpu()` (all `_apply`): the model's and the
+        site modules' tensors alike, so `parameters()` keeps one device and dtype. (A call with
+        another dtype or device is a new signature, planned and checked for it.)"""
+        super()._apply(fn, recurse)
+        if recurse:
+            for _, module in self.attnopt_site_modules():
+                module._apply(fn)
+        return self
+
+    def train(self, mode: bool = True) -> AttnoptModule:
+        """The model's and the site modules' training mode alike."""
+        super().train(mode)
+        for _, module in self.attnopt_site_modules():
+            module.train(mode)
+        return self
+
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load a state dict as `state_dict()` gives it: the model's keys into the model, the
         `attnopt_sites.<site id>.` keys into those sites' modules.

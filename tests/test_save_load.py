@@ -260,6 +260,23 @@ def test_site_parameters_are_parameters_and_state_and_the_originals_state_dict_l
         loaded.load_state_dict(partial)
 
 
+def test_dtype_device_and_mode_changes_reach_the_site_modules(saved):
+    """`.double()`, `.to()`, `.train()`/`.eval()` act on the site modules too: their parameters
+    are parameters of the module, so they must follow its dtype and mode like the model's."""
+    _, path = saved
+    loaded = attnopt.load(make_model(), path)
+    sites = [module for _, module in loaded.attnopt_site_modules()]
+    assert sites and any(True for module in sites for _ in module.parameters())
+    loaded.double()
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    loaded.to(torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert loaded.train() is loaded and all(module.training for module in sites)
+    assert loaded.eval() is loaded and not any(module.training for module in sites)
+    with torch.no_grad():  # the float32 plan still runs, on the converted-back site modules
+        assert torch.isfinite(loaded(*EXAMPLE)).all()
+
+
 def test_a_training_step_moves_the_calibrated_parameters(saved):
     _, path = saved
     loaded = attnopt.load(make_model(), path)
