@@ -127,6 +127,9 @@ class Evaluated:
     """Kernels its module launched on the capture (what its price's per-call term counts)."""
     build: Callable[[], nn.Module] | None = None
     """Builds the module when it was priced without one (a split read off its full variant's output)."""
+    output: torch.Tensor | None = None
+    """Its output on the capture, kept by `evaluate` (uncalibrated) only until evaluate_site has
+    ranked its heads by it."""
 
     def built(self) -> nn.Module | None:
         """Its module (None when refused), built now if it was priced without one."""
@@ -281,7 +284,7 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any,
     candidate = Candidate(variant=spec.name, params=params, est_seconds=seconds, flops=flops, error=error)
     row = CandidateRow(row, est_seconds=seconds, flops=flops, error=error, refused=None,
                        solve=lambda: costmodel.break_even_length(cost, info.shape, profile, info.dtype))
-    return Evaluated(config, module, candidate, row, counter.calls)
+    return Evaluated(config, module, candidate, row, counter.calls, output=output if calibration is None else None)
 
 
 def head_splits(evaluated: Evaluated, info: SiteInfo,
@@ -291,9 +294,11 @@ def head_splits(evaluated: Evaluated, info: SiteInfo,
     variant's output on the capture they were ranked by."""
     if evaluated.module is None or evaluated.candidate is None or not evaluated.candidate.error or info.Hkv < 2:
         return [], None
-    with torch.no_grad():
-        output = evaluated.module(capture.q, capture.k, capture.v, mask=capture.mask, scale=capture.scale,
-                                  causal=capture.causal, dropout_p=capture.dropout_p)
+    output = evaluated.output  # what `evaluate` measured its error on, when it kept it
+    if output is None:
+        with torch.no_grad():
+            output = evaluated.module(capture.q, capture.k, capture.v, mask=capture.mask, scale=capture.scale,
+                                      causal=capture.causal, dropout_p=capture.dropout_p)
     shares = per_head_errors(output, capture.output, info.Hkv)
     worst = sorted(range(info.Hkv), key=lambda kv: -shares[kv])
     counts = sorted({1, info.Hkv // 4, info.Hkv // 2} - {0})
@@ -408,16 +413,18 @@ def evaluate_site(info: SiteInfo, capture: SiteCapture, configs: Sequence[Any] |
     candidates (`head_splits`: its worst heads kept exact), kept where still predicted faster."""
     configs = default_candidates(info, calibrated=calibration is not None) if configs is None else list(configs)
     base = baseline(info, device)
-    evaluated = [evaluate(config, info, capture, device, base.candidate, calibration) for config in configs]
     exact_calls = functools.cache(lambda: exact_kernel_calls(capture))  # counted once per site, if needed
-    if per_head:
-        for full in list(evaluated):
-            if full.candidate is None or full.candidate.est_seconds >= base.candidate.est_seconds:
-                continue
+    evaluated, derived = [], []
+    for config in configs:  # each config's head splits right after it: its output is kept only meanwhile
+        full = evaluate(config, info, capture, device, base.candidate, calibration)
+        evaluated.append(full)
+        if per_head and full.candidate is not None and full.candidate.est_seconds < base.candidate.est_seconds:
             splits, full_output = head_splits(full, info, capture)
             for split in splits:
-                derived = evaluate_head_split(split, info, capture, device, calibration, (full, full_output),
-                                              exact_calls=exact_calls)
-                if derived.candidate is None or derived.candidate.est_seconds < base.candidate.est_seconds:
-                    evaluated.append(derived)
-    return base, evaluated
+                split_evaluated = evaluate_head_split(split, info, capture, device, calibration, (full, full_output),
+                                                      exact_calls=exact_calls)
+                if (split_evaluated.candidate is None
+                        or split_evaluated.candidate.est_seconds < base.candidate.est_seconds):
+                    derived.append(split_evaluated)
+        full.output = None
+    return base, evaluated + derived
