@@ -327,7 +327,10 @@ def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: 
     `inner`: what runs the rewritten graphs — "eager" (default: the rewritten fx graph) or
     "inductor" (Inductor compiles each input signature's graph, fusing everything around
     attention, attnopt's ops called as extern kernels; an Inductor failure or a mismatch on the
-    first call runs the graph eagerly, noted in the report).
+    first call runs the graph eagerly, noted in the report). Under "inductor", everything outside
+    attnopt's ops — sites left as softmax included — has Inductor's numerics, exactly as
+    `torch.compile(model)` gives them; these can differ from eager's (fp16 rows whose every key
+    is masked with finfo.min: bench/RESULTS.md), which is why "eager" is the default.
     """
     _check_model(model, "rewrite")
     policy = _variant_policy(variant, variant_params, calibrator_for(model, calibration))
