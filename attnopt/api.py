@@ -299,7 +299,10 @@ def _variant_policy(variant: str, params: dict[str, Any], calibration: Any = Non
     except (TypeError, ValueError) as bad:
         raise AttnoptError(f"bad parameters for the {variant} variant: {bad}") from None
     # the exact op stands in for any site unmeasured: no analysing run, no per-instance plans
-    return ExactPolicy() if isinstance(config, ExactConfig) else VariantPolicy(config, calibration=calibration)
+    if isinstance(config, ExactConfig):
+        return ExactPolicy()
+    # a default config (no parameters given) is not applied where it is predicted slower than softmax
+    return VariantPolicy(config, calibration=calibration, keep_slower=not params)
 
 
 def _wrap(model: nn.Module, policy: Policy, args: tuple, kwargs: dict | None, timestep_arg: str | None,
@@ -317,7 +320,10 @@ def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: 
     """Rewrite every rewritable site of `model` into `variant` ("exact", "agent", "linear", "mediator").
 
     `variant_params` are the variant's config fields (e.g. agent_fraction=0.1). A site the
-    variant cannot stand in for keeps its softmax, with the reason in its decision.
+    variant cannot stand in for keeps its softmax, with the reason in its decision. Without
+    `variant_params` (the variant's default config), so does a site where the cost model
+    predicts the variant no faster than the site's softmax (e.g. 64 agents for 32 tokens);
+    given parameters are applied wherever the variant can run.
     `args`/`kwargs` are example inputs: the model is run on them once, so the returned module's
     report is filled and its first shape is compiled (and, for agent and mediator, calibrated).
     `calibration`: batches of model inputs (tuples, dicts, a DataLoader) or an

@@ -209,7 +209,7 @@ def _policy_record(policy: Policy | None) -> dict[str, Any]:
         return {"kind": "exact"}
     if isinstance(policy, VariantPolicy):
         return {"kind": "variant", "config": _encode(policy.config), "device": _encode(policy.device),
-                "calibrated": policy.calibration is not None}
+                "calibrated": policy.calibration is not None, "keep_slower": policy.keep_slower}
     if isinstance(policy, BudgetPolicy):
         return {"kind": "budget", "budget": _encode(policy.budget),
                 "candidates": None if policy.candidates is None else _encode(list(policy.candidates)),
@@ -225,7 +225,8 @@ def _policy_from(record: dict[str, Any], model: nn.Module, calibration: Any) -> 
         return ExactPolicy()
     calibrator = calibrator_for(model, calibration)
     if kind == "variant":
-        return VariantPolicy(_decode(record["config"]), device=_decode(record["device"]), calibration=calibrator)
+        return VariantPolicy(_decode(record["config"]), device=_decode(record["device"]), calibration=calibrator,
+                             keep_slower=record.get("keep_slower", False))
     if kind == "budget":
         candidates = record["candidates"]
         return _ModelBudgetPolicy(_decode(record["budget"]), None if candidates is None else _decode(candidates),

@@ -160,14 +160,21 @@ def _site_calibration(calibration: Calibrator | None, request: GraphRequest) -> 
 class VariantPolicy:
     """One variant config at every site that does not refuse it, calibrated on the call's inputs —
     or, with `calibration` (attnopt.calibration.Calibrator), fitted on its batches, with the error
-    measured on its held-out batches."""
+    measured on its held-out batches.
+
+    With `keep_slower` (`rewrite(model, variant)` with no parameters: the variant's default
+    config), a site where the built config is predicted no faster than the site's own softmax is
+    kept, with the prediction as its reason: a default that makes the model slower is no default
+    to apply. Parameters given by the caller are applied wherever the variant can run."""
 
     per_instance = True
 
-    def __init__(self, config: Any, device: Any = None, calibration: Calibrator | None = None):
+    def __init__(self, config: Any, device: Any = None, calibration: Calibrator | None = None,
+                 keep_slower: bool = False):
         self.config = config
         self.device = device
         self.calibration = calibration
+        self.keep_slower = keep_slower
         self.name = f"rewrite {type(config).__name__}"
 
     def choose(self, request: GraphRequest) -> Choices:
@@ -185,6 +192,11 @@ class VariantPolicy:
             rows = [base.row, evaluated.row]
             if evaluated.module is None:
                 choices[site.id] = Choice(_decision(base, base, rows, f"kept: {evaluated.row['refused']}"), None)
+            elif self.keep_slower and evaluated.candidate.est_seconds >= base.candidate.est_seconds:
+                choices[site.id] = Choice(_decision(base, base, rows, (
+                    f"kept: its default config is predicted no faster than softmax here "
+                    f"({evaluated.candidate.est_seconds * 1e3:.3g} ms against {base.candidate.est_seconds * 1e3:.3g} ms "
+                    f"at N={info.N}); give the variant's parameters to rewrite it anyway.")), None)
             else:
                 choices[site.id] = Choice(_decision(evaluated, base, rows, "requested"), evaluated.module)
         return Choices(choices, GraphPlan(request.graph, request.signature, self.name, None, None), analysis.facts)

@@ -246,8 +246,8 @@ def test_calibration_data_that_never_reaches_a_site_is_a_clear_error():
     torch.manual_seed(0)
     model, batches = Branchy().eval(), make_batches(n=4)
     with pytest.raises(AttnoptError, match="never reaches"):
-        attnopt.rewrite(model, "linear", args=(EXAMPLE[0], True), calibration=batches)
-    reached = attnopt.rewrite(model, "linear", args=(EXAMPLE[0], False), calibration=batches)
+        attnopt.rewrite(model, "linear", args=(EXAMPLE[0], True), feature_map="elu1", calibration=batches)
+    reached = attnopt.rewrite(model, "linear", args=(EXAMPLE[0], False), feature_map="elu1", calibration=batches)
     assert decided(reached)[0].decision.variant == "linear"
 
 

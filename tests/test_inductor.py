@@ -108,7 +108,8 @@ def test_torch_compile_with_the_attnopt_backend_runs_inductor(inductor_compiles)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant, params", [("linear", {"feature_map": "elu1"}), ("agent", {}), ("mediator", {})])
+@pytest.mark.parametrize("variant, params", [("linear", {"feature_map": "elu1"}), ("agent", {"agent_count": 16}),
+                                            ("mediator", {"n_mediators": 16})])
 def test_variant_graphs_run_under_inductor_as_they_run_eagerly(variant, params, inductor_compiles):
     model, x = seeded(MatmulBlock), tokens(64)
     with torch.no_grad():

@@ -224,6 +224,22 @@ def test_causal_sites_refuse_agents_and_keep_causality_in_linear_attention(form)
     assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-6)
 
 
+def test_a_default_config_predicted_slower_than_softmax_is_kept_with_the_prediction_and_given_params_are_applied():
+    """rewrite(model, variant) with the variant's default config keeps a site where the cost
+    model predicts it no faster than the site's softmax (64 agents for 32 tokens); the same
+    variant with parameters given is applied, as asked."""
+    model, x = make(32, forms=("sdpa",))
+    default = attnopt.rewrite(model, "agent", args=(x,))
+    (site,) = attnopt.report_of(default).sites
+    assert site.decision.variant == "softmax"
+    assert "predicted no faster than softmax here" in site.decision.reason and "N=32" in site.decision.reason
+    with torch.no_grad():
+        torch.testing.assert_close(default(x), model(x), rtol=1e-5, atol=1e-6)
+    asked = attnopt.rewrite(model, "agent", args=(x,), agent_count=8)
+    (site,) = attnopt.report_of(asked).sites
+    assert site.decision.variant == "agent" and site.decision.reason == "requested"
+
+
 def test_rewrite_into_one_variant_reports_its_measured_error():
     model, x = make(256)
     fast = attnopt.rewrite(model, "agent", args=(x,), agent_fraction=0.25, selection="pool")
