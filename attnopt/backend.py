@@ -13,7 +13,12 @@ plan per instance (budgets, variants: errors measured on the weights) share a pl
 bucket too — every size, batch included, rounded up to a power of two, so within a factor of two
 of the sizes it was priced at — when, run on the new signature's first call, its output error
 is at most PLAN_SHARING × the one measured where it was planned; otherwise they plan anew. A
-plan that rewrote nothing is shared without a check (it is the original graph). Ints used as
+signature with no plan in its bucket tries, the same way, the plan of the nearest bucket that
+differs from its own in the batch size only (`other_batch_of`: a leading dimension that differs
+alike in every input, and the symbolic ints equal to it): every site's cost grows with the
+batch alike for softmax and for its variants, so the decision holds, and the error is measured
+on the call before the plan is taken. A plan that rewrote nothing is shared without a check (it
+is the original graph). Ints used as
 data, not sizes (a diffusion timestep), are in no signature (`value_int_positions`).
 
 What runs a signature's graph (`inner`): the fx graph as it is by default (`"eager"`); with
@@ -71,12 +76,13 @@ INNERS = ("inductor", "eager")
 fx graph itself."""
 
 INDUCTOR_SIGNATURES_PER_DYNAMIC_GRAPH = 8
-PLAN_SHARING = 1.5
-"""A plan made at one signature serves another of its size bucket while the output error there
-is at most this many times the error measured where it was planned (see the module doc)."""
 """A graph dynamo made dynamic (sizes change between calls: a decode loop) is compiled by
 Inductor per concrete signature on the second call of that signature, for at most this many
 signatures; others run the eager graph (a decode step seen once never pays a compile)."""
+PLAN_SHARING = 1.5
+"""A plan made at one signature serves another of its size bucket, or of a bucket that differs
+from it in the batch size only (`other_batch_of`), while the output error there is at most this
+many times the error measured where it was planned (see the module doc)."""
 
 
 def signature_of(args: tuple[Any, ...]) -> tuple:
@@ -613,10 +619,18 @@ class _PerSignature:
     def _planned_nearby(self, signature: tuple, args: tuple[Any, ...],
                         state: list[torch.Tensor]) -> fx.GraphModule | None:
         """For per-instance policies (measured plans): the graph planned for this instance at
-        another signature of the same size bucket, if it holds here (`PLAN_SHARING`)."""
-        for refs, graph, plan in self.planned.get(size_bucket(signature), ()):
-            if not _same_tensors(refs, state):
-                continue
+        another signature of the same size bucket — or, if that bucket has none, of the nearest
+        bucket differing from it in the batch size only — if it holds here (`PLAN_SHARING`)."""
+        bucket = size_bucket(signature)
+        mine = [entry for entry in self.planned.get(bucket, ()) if _same_tensors(entry[0], state)]
+        if not mine:
+            pairs = {index: other_batch_of(bucket, other) for index, other in enumerate(self.planned)}
+            nearest = sorted((index for index, pair in pairs.items() if pair is not None and min(pair) > 0),
+                             key=lambda index: abs(math.log2(pairs[index][1] / pairs[index][0])))
+            buckets = list(self.planned)
+            mine = [entry for index in nearest for entry in self.planned[buckets[index]]
+                    if _same_tensors(entry[0], state)][:1]
+        for _, graph, plan in mine[:1]:
             if plan is None or plan.output_error is None:  # nothing rewritten: the original graph
                 if plan is not None:
                     plan.shared_with.append(describe_inputs(args))
@@ -625,7 +639,6 @@ class _PerSignature:
             if problem is None and error <= PLAN_SHARING * plan.output_error + 1e-6:
                 plan.shared_with.append(describe_inputs(args))
                 return graph
-            return None
         return None
 
     def _compared_here(self, graph: fx.GraphModule, args: tuple[Any, ...], exact: bool) -> tuple[str | None, float]:
@@ -675,6 +688,32 @@ class _Lowered:
             else:
                 run = self.graph
         return run(*args)
+
+
+def other_batch_of(bucket: tuple, other: tuple) -> tuple[int, int] | None:
+    """(this batch, the other's) when two size buckets differ in the batch size only: every
+    tensor that differs, differs in its leading dimension alone and by the same pair of sizes,
+    and every other differing item is an int equal to those sizes (a symbolic batch size);
+    None otherwise, or when they do not differ."""
+    if len(bucket) != len(other):
+        return None
+    pair = None
+    for mine, theirs in zip(bucket, other):
+        if mine == theirs:
+            continue
+        if isinstance(mine, tuple) and isinstance(theirs, tuple):  # a tensor: (shape, dtype, device)
+            if (len(mine) != len(theirs) or mine[1:] != theirs[1:] or len(mine[0]) != len(theirs[0])
+                    or not mine[0] or mine[0][1:] != theirs[0][1:]):
+                return None
+            sizes = (mine[0][0], theirs[0][0])
+        elif isinstance(mine, int) and isinstance(theirs, int) and not isinstance(mine, bool):
+            sizes = (mine, theirs)
+        else:
+            return None
+        if pair is not None and sizes != pair:
+            return None
+        pair = sizes
+    return pair
 
 
 def size_bucket(signature: tuple) -> tuple:

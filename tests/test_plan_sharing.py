@@ -40,6 +40,36 @@ def test_shapes_of_one_bucket_share_the_plan_made_for_the_first():
     assert "also serves 2 other shape(s)" in str(report)
 
 
+def test_another_batch_size_shares_the_plan_of_its_length_and_another_length_does_not():
+    torch.manual_seed(0)
+    model, _ = make(512)
+    compiled = torch.compile(model, backend="attnopt", dynamic=True, options=OPTIONS)
+    errors = serve(compiled, model, [(2, 480), (4, 480), (8, 300), (4, 200)])
+    report = attnopt.report_of(compiled)
+    # batches 4 and 8 are other size buckets, of the same lengths' bucket: the plan made at 2x480,
+    # checked again on each; 200 tokens is another length bucket: planned on its own
+    assert [plan.signature for plan in report.plans] == ["2x480x32", "4x200x32"], report.plans
+    assert report.plans[0].shared_with == ["4x480x32", "8x300x32"]
+    for error in errors[1:3]:
+        assert error <= attnopt.backend.PLAN_SHARING * report.plans[0].output_error + 1e-6
+
+
+def test_buckets_differing_in_the_batch_only_are_told_apart_from_others():
+    from attnopt.backend import other_batch_of
+
+    weight = ((32, 32), torch.float32, "cpu")
+    two, eight = ((2, 512, 32), torch.float32, "cpu"), ((8, 512, 32), torch.float32, "cpu")
+    assert other_batch_of((two, weight, 2), (eight, weight, 8)) == (2, 8)  # symbolic batch int too
+    assert other_batch_of((two, weight), (two, weight)) is None  # the same bucket
+    longer = ((2, 1024, 32), torch.float32, "cpu")
+    assert other_batch_of((two,), (longer,)) is None  # another length
+    mask_two, mask_four = ((2, 512), torch.bool, "cpu"), ((4, 512), torch.bool, "cpu")
+    assert other_batch_of((two, mask_two), (eight, mask_four)) is None  # not one batch size
+    assert other_batch_of((two, 512), (eight, 1024)) is None  # an int that is not the batch
+    half = ((8, 512, 32), torch.float16, "cpu")
+    assert other_batch_of((two,), (half,)) is None  # another dtype
+
+
 def test_a_plan_that_does_worse_at_another_shape_is_not_shared(monkeypatch):
     monkeypatch.setattr(attnopt.backend, "PLAN_SHARING", 0.0)  # no approximate plan can pass
     torch.manual_seed(0)
