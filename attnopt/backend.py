@@ -8,7 +8,8 @@ graphs made dynamic by dynamo still get concrete shapes), running
     → end-to-end check on the call's real inputs
 
 Under the exact policy, whose decisions depend on no shape, the signatures of one graph with
-symbolic sizes share one analysis per size bucket (`size_bucket`, `_PerSignature`). Policies that
+symbolic sizes share one analysis per size bucket, or per batch-only neighbour of it
+(`size_bucket`, `other_batch_of`, `_PerSignature`). Policies that
 plan per instance (budgets, variants: errors measured on the weights) share a plan within a size
 bucket too — every size, batch included, rounded up to a power of two, so within a factor of two
 of the sizes it was priced at — when, run on the new signature's first call, its output error
@@ -549,7 +550,8 @@ class _PerSignature:
     exact, and inspection): a graph dynamo compiled with symbolic sizes (a decode loop, whose
     KV length grows every step) is analysed once per size bucket (`size_bucket`: every tensor
     size and integer input rounded up to a power of two). A new signature of an analysed bucket
-    reuses that bucket's graph once it passes the end-to-end check on its own first call (exact
+    (or, where its bucket has none, of the nearest bucket differing from it in the batch size
+    only) reuses that bucket's graph once it passes the end-to-end check on its own first call (exact
     rewrites must match the original there; `check=False` skips it); if it does not, it is
     analysed on its own.
 
@@ -624,11 +626,7 @@ class _PerSignature:
         bucket = size_bucket(signature)
         mine = [entry for entry in self.planned.get(bucket, ()) if _same_tensors(entry[0], state)]
         if not mine:
-            pairs = {index: other_batch_of(bucket, other) for index, other in enumerate(self.planned)}
-            nearest = sorted((index for index, pair in pairs.items() if pair is not None and min(pair) > 0),
-                             key=lambda index: abs(math.log2(pairs[index][1] / pairs[index][0])))
-            buckets = list(self.planned)
-            mine = [entry for index in nearest for entry in self.planned[buckets[index]]
+            mine = [entry for other in nearest_other_batches(bucket, self.planned) for entry in self.planned[other]
                     if _same_tensors(entry[0], state)][:1]
         for _, graph, plan in mine[:1]:
             if plan is None or plan.output_error is None:  # nothing rewritten: the original graph
@@ -654,8 +652,16 @@ class _PerSignature:
             return f"it does not run at these sizes: {failed}", math.inf
 
     def _shared(self, signature: tuple, args: tuple[Any, ...]) -> fx.GraphModule | None:
-        """The graph analysed for this signature's size bucket, if it passes the end-to-end check here."""
-        compiled = self.by_bucket.get(size_bucket(signature)) if self.shares_sizes else None
+        """The graph analysed for this signature's size bucket — or, if it has none, for the
+        nearest bucket differing from it in the batch size only — if it passes the end-to-end
+        check here."""
+        if not self.shares_sizes:
+            return None
+        bucket = size_bucket(signature)
+        compiled = self.by_bucket.get(bucket)
+        if compiled is None:
+            nearest = nearest_other_batches(bucket, self.by_bucket)
+            compiled = self.by_bucket[nearest[0]] if nearest else None
         if compiled is None or not self.backend.check:
             return compiled
         problem, _ = self._compared_here(compiled, args, exact=True)
@@ -714,6 +720,14 @@ def other_batch_of(bucket: tuple, other: tuple) -> tuple[int, int] | None:
             return None
         pair = sizes
     return pair
+
+
+def nearest_other_batches(bucket: tuple, others: Any) -> list[tuple]:
+    """The buckets among `others` that differ from `bucket` in the batch size only
+    (`other_batch_of`), the nearest batch size first."""
+    found = [(other, pair) for other in others if (pair := other_batch_of(bucket, other)) is not None and min(pair) > 0]
+    found.sort(key=lambda item: abs(math.log2(item[1][1] / item[1][0])))
+    return [other for other, _ in found]
 
 
 def size_bucket(signature: tuple) -> tuple:

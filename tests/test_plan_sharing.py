@@ -54,6 +54,20 @@ def test_another_batch_size_shares_the_plan_of_its_length_and_another_length_doe
         assert error <= attnopt.backend.PLAN_SHARING * report.plans[0].output_error + 1e-6
 
 
+def test_exact_rewrites_share_one_analysis_across_batch_sizes_of_a_length():
+    torch.manual_seed(0)
+    model, _ = make(512)
+    compiled = torch.compile(model, backend="attnopt", dynamic=True)
+    with torch.no_grad():
+        for batch, length in [(2, 480), (4, 480), (8, 300), (4, 200)]:
+            x = torch.randn(batch, length, 32)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    backend = attnopt.report_of(compiled)
+    analysed = sorted({(site.graph, site.signature) for site in backend.sites})
+    # 4x480 and 8x300 are checked on their first call and reuse 2x480's graph; 4x200 is another length
+    assert [signature for _, signature in analysed] == ["2x480x32", "4x200x32"], analysed
+
+
 def test_buckets_differing_in_the_batch_only_are_told_apart_from_others():
     from attnopt.backend import other_batch_of
 
