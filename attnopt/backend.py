@@ -41,6 +41,8 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
+import re
 import time
 import weakref
 from typing import Any, Callable
@@ -52,7 +54,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from attnopt.passes.canonicalize import canonicalize
-from attnopt.passes.detect import SiteMatch, detect, unsearched_regions
+from attnopt.passes.detect import GraphBreaks, SiteMatch, detect, unsearched_regions
 from attnopt.passes.eager_paths import restore_eager_paths
 from attnopt.passes.fx_utils import alias_root, mutated_by
 from attnopt.passes.rewrite import rewritten_copy
@@ -117,14 +119,35 @@ def describe_inputs(args: tuple[Any, ...]) -> str:
 
 def _propagate_meta(gm: fx.GraphModule, args: tuple[Any, ...]) -> set[int]:
     """Fill node.meta['val'] with fake tensors of the call's concrete shapes; return the
-    positions of tensor inputs the graph writes to in place (their fake version moved)."""
+    positions of tensor inputs the graph writes to in place (their fake version moved).
+
+    One-element integer and bool inputs are fake tensors that keep their value (constants of
+    the fake mode): a graph may read one as a size (`torch.arange(0, n)` with n a 0-d tensor,
+    SAM 3's relative-position bias), which a fake tensor without a value cannot answer; the
+    graph is analysed at the call's values, as it runs (`value_read_positions` puts the values
+    dynamo read into the signature)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    fakes = [_fake(mode, a) if isinstance(a, torch.Tensor) else a for a in args]
     # inference tensors (torch.inference_mode) keep no version counter: the graph says what it writes
     versions = [f._version if isinstance(f, torch.Tensor) and not f.is_inference() else None for f in fakes]
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     moved = {i for i, (f, v) in enumerate(zip(fakes, versions)) if v is not None and f._version != v}
     return moved | _written_inputs(gm)
+
+
+def _holds_a_number(value: torch.Tensor) -> bool:
+    """A one-element integer or bool tensor (not a parameter or buffer's float): a count, a size
+    or a flag a graph may read."""
+    return (value.numel() == 1 and not value.is_floating_point() and not value.is_complex()
+            and not isinstance(value, nn.Parameter) and value.device.type != "meta")
+
+
+def _fake(mode: FakeTensorMode, value: torch.Tensor) -> torch.Tensor:
+    """`value` as a fake tensor of `mode`; one that holds a number keeps its value (see
+    `_propagate_meta`)."""
+    if _holds_a_number(value) and not value.is_inference():
+        return mode.fake_tensor_converter.from_real_tensor(mode, value, make_constant=True)
+    return mode.from_tensor(value)
 
 
 def _written_inputs(gm: fx.GraphModule) -> set[int]:
@@ -216,6 +239,18 @@ def specialize_scalars(gm: fx.GraphModule, args: tuple[Any, ...], positions: lis
     return gm
 
 
+def value_read_positions(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph inputs that are one-element integer or bool tensors whose value
+    dynamo read while tracing (`torch.arange(0, n)`, n a 0-d tensor: its fake input remembers the
+    number it gave). The analysis reads them at the call's values (`_propagate_meta`), so their
+    values are part of a call's signature, as those of `scalar_positions` are; an integer tensor
+    used as data (a diffusion timestep) was not read, and stays out."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, node in enumerate(placeholders)
+            if isinstance(value := node.meta.get("example_value"), torch.Tensor) and _holds_a_number(value)
+            and getattr(value, "_item_memo", None) is not None]
+
+
 def value_int_positions(gm: fx.GraphModule) -> list[int]:
     """Positions of the graph's symbolic-int inputs that size no tensor of the graph: ints used as
     data (a diffusion loop's Python-int timestep indexing an embedding), like a tensor's values.
@@ -295,6 +330,9 @@ class AttnoptBackend:
         # the decided site of an earlier graph with the same identity (another grad mode, a guard
         # that failed): its decision is reused, and checked again, for the new graph
         self._decided: dict[tuple, tuple[Site, list[weakref.ref]]] = {}
+        # the graph breaks dynamo ended graphs with, in compile order: (frames (function, line), text)
+        self._breaks: list[tuple[set[tuple[str, int]], str]] = []
+        self._graph_breaks: dict[int, GraphBreaks] = {}  # graph index → the breaks around it
 
     @property
     def name(self) -> str:
@@ -303,7 +341,28 @@ class AttnoptBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_options: Any) -> Callable:
         graph_index = self.report.graphs
         self.report.graphs += 1
+        self._graph_breaks[graph_index] = self._breaks_around(gm)
         return _PerSignature(self, gm, graph_index, per_instance=self.policy is not None and self.policy.per_instance)
+
+    def _breaks_around(self, gm: fx.GraphModule) -> GraphBreaks:
+        """The graph breaks around a graph dynamo hands over (see passes.detect.GraphBreaks): the
+        one that ends it (`compile_subgraph_reason`, which dynamo sets on the graph), and the one
+        it was compiled after — for a resume function (`torch_dynamo_resume_in_<f>_at_<line>`),
+        the recorded break at that function and line; otherwise the break that ended the graph
+        compiled just before it (a function called at a break is a frame of its own), if any."""
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        after = None
+        if reason is not None and getattr(reason, "graph_break", False):
+            frames = {(frame.name, frame.lineno) for frame in getattr(reason, "user_stack", ())}
+            after = describe_break(reason)
+        before = None
+        resumed = _resumed_at(gm)
+        if resumed is not None:
+            before = next((text for frames_, text in reversed(self._breaks) if resumed in frames_), None)
+        elif self._breaks and self._breaks[-1][1] is not None:
+            before = self._breaks[-1][1]
+        self._breaks.append((frames, after) if after is not None else (set(), None))
+        return GraphBreaks(before=before, after=after)
 
     def compile_for(self, gm: fx.GraphModule, args: tuple[Any, ...], graph_index: int,
                     state: list[torch.Tensor] = (), scalars: list[int] = (), sizes: list[int] = ()) -> Callable:
@@ -410,7 +469,7 @@ class AttnoptBackend:
                key: str) -> list[tuple[Site, SiteMatch, tuple]]:
         """Every detected site as a verified report record, with its match and its identity."""
         occurrences: collections.Counter = collections.Counter()
-        matches = detect(work, subgraphs=True)
+        matches = detect(work, subgraphs=True, breaks=self._graph_breaks.get(graph_index))
         return [(self._site_for(match, site_id, signature, graph_index), match,
                  _identity(match, signature, occurrences))
                 for site_id, match in zip(self._ids(matches, key), matches)]
@@ -506,6 +565,30 @@ class AttnoptBackend:
         return problem
 
 
+_RESUME = re.compile(r"torch_dynamo_resume_in_(\w+)_at_(\d+)\b")
+
+
+def _resumed_at(gm: fx.GraphModule) -> tuple[str, int] | None:
+    """(function, line) of the graph break a graph resumes after, when dynamo compiled it from a
+    resume function (its nodes' stack traces name `torch_dynamo_resume_in_<function>_at_<line>`)."""
+    for node in gm.graph.nodes:
+        found = _RESUME.search(node.meta.get("stack_trace") or "")
+        if found is not None:
+            return found.group(1), int(found.group(2))
+    return None
+
+
+def describe_break(reason: Any) -> str:
+    """dynamo's reason for a graph break (its first line) and where it happened, innermost frame:
+    "<reason> at <file>:<line> in <function>"."""
+    text = (str(getattr(reason, "reason", "")).strip().splitlines() or ["graph break"])[0]
+    stack = list(getattr(reason, "user_stack", ()) or ())
+    if not stack:
+        return text
+    frame = stack[-1]
+    return f"{text} at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
+
+
 def _identity(match: SiteMatch, signature: str, occurrences: collections.Counter) -> tuple:
     """What makes a site of one graph the same as a site of another compile of the same code."""
     identity = (match.module, match.source, match.form, signature, tuple(sorted(match.shape.items())), match.dropout)
@@ -573,6 +656,7 @@ class _PerSignature:
             collections.defaultdict(list))
         self._reference: fx.GraphModule | None = None
         self.scalar_positions = scalar_positions(gm)
+        self.value_read_positions = value_read_positions(gm)
         self.size_positions = size_positions(gm)
         self.value_ints = value_int_positions(gm)
         # a graph with symbolic sizes meets many signatures: Inductor compiles one on its second call
@@ -584,7 +668,7 @@ class _PerSignature:
         # the values of Python numbers passed as tensors are part of the signature: analysed as constants
         # ints used as data (value_int_positions) are not: one analysis serves all their values
         signature = signature_of(tuple("int" if i in self.value_ints else arg for i, arg in enumerate(args)))
-        signature += tuple(args[i].item() for i in self.scalar_positions
+        signature += tuple(args[i].item() for i in (*self.scalar_positions, *self.value_read_positions)
                            if i < len(args) and isinstance(args[i], torch.Tensor))
         entries = self.compiled.setdefault(signature, [])
         for refs, compiled in entries:

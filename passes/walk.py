@@ -4,6 +4,11 @@ One table (`TRANSPARENT`) says which ops a walk may pass and how: VALUE ops leav
 where it was (casts, copies), VIEW ops regroup leading dims, LAYOUT ops move dims. Each walk
 below names the kinds it passes; all share one depth limit. Adding an idiom that is "the same
 tensor, spelled differently" is one row here.
+
+A second table (`FLOW_OPS`) is wider: the ops scores or weights pass while keeping their meaning
+(slices, pads, reassembly, masks, scales), which `flow_up` and `flow_down` follow from a softmax
+no matcher read, to tell attention attnopt does not model from a softmax that is not attention
+(passes/detect.py's `unmatched_attention`).
 """
 
 from __future__ import annotations
@@ -166,3 +171,94 @@ def upstream_factor(node: Any) -> float:
         else:
             break
     return factor
+
+
+# ── Where a softmax's values come from and go, for softmaxes no matcher read ─────────────────
+
+FLOW_OPS = frozenset({
+    *TRANSPARENT, "getitem", "as_strided", "expand", "expand_as", "unsqueeze", "squeeze", "unflatten", "narrow",
+    "select", "pad", "roll", "cat", "stack", "functional_setitem", "tril", "triu", "repeat", "repeat_interleave",
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "masked_fill", "where", "dropout", "type_as",
+    "float", "half", "bfloat16", "double",
+})
+"""Ops through which attention scores or weights keep their meaning — moved, sliced, padded,
+reassembled, scaled, masked — without being projected or reduced: what `flow_up` and
+`flow_down` pass. A projection (`linear`, a convolution), a normalisation or a reduction stops
+them, so a router's or a classifier's softmax over `linear` logits never reaches a product."""
+
+FLOW_DEPTH = 2 * WALK_DEPTH
+"""How many ops `flow_up` and `flow_down` pass on any path (Longformer's sliding chunks take
+about a dozen each way)."""
+
+PRODUCTS = frozenset({"matmul", "einsum"})
+
+
+def is_product(node: Any) -> bool:
+    """A canonical product of two tensors: a matmul (canonicalize's spelling of bmm, @, ...) or an
+    einsum canonicalize left as it was."""
+    return isinstance(node, fx.Node) and (node.target is torch.matmul or op_name(node) == "einsum")
+
+
+def _flow_args(node: fx.Node) -> list[fx.Node]:
+    """The operands of a FLOW_OPS node that carry its values (not a mask's condition or a
+    broadcast term of another shape), first operand first."""
+    name = op_name(node)
+    if name in ("cat", "stack"):
+        parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        return [p for p in parts if isinstance(p, fx.Node)] if isinstance(parts, (list, tuple)) else []
+    if name == "functional_setitem":
+        return [a for a in (node.args[0], node.args[2] if len(node.args) > 2 else None) if isinstance(a, fx.Node)]
+    if name == "where":
+        return [a for a in node.args[1:3] if isinstance(a, fx.Node) and shape_of(a) == shape_of(node)]
+    if name in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"):
+        return [a for a in node.args[:2] if isinstance(a, fx.Node) and shape_of(a) == shape_of(node)]
+    first = node.args[0] if node.args else None
+    return [first] if isinstance(first, fx.Node) else []
+
+
+def flow_up(node: Any, depth: int = FLOW_DEPTH) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]]:
+    """Where the values of `node` (a softmax's input) come from, nearest first: the products
+    (`is_product`) and the graph inputs reached through FLOW_OPS, and the nodes passed on the
+    way, in the order met (a breadth-first walk, first operands first)."""
+    products, inputs, passed = [], [], []
+    seen, frontier = set(), [node] if isinstance(node, fx.Node) else []
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            if current in seen:
+                continue
+            seen.add(current)
+            if is_product(current):
+                products.append(current)
+            elif current.op == "placeholder":
+                inputs.append(current)
+            elif op_name(current) in FLOW_OPS:
+                passed.append(current)
+                following += _flow_args(current)
+        frontier = following
+    return products, inputs, passed
+
+
+def flow_down(node: fx.Node, depth: int = FLOW_DEPTH) -> tuple[list[tuple[fx.Node, fx.Node]], bool, list[fx.Node]]:
+    """Where the values of `node` (a softmax's weights) go, nearest first: (product, the operand
+    that carries them) for each product they reach through FLOW_OPS; whether they reach the
+    graph's output so; and the nodes passed on the way."""
+    products, passed, leaves = [], [], False
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            for user in current.users:
+                if user in seen:
+                    continue
+                if is_product(user):
+                    products.append((user, current))
+                    seen.add(user)
+                elif user.op == "output":
+                    leaves = True
+                elif op_name(user) in FLOW_OPS and current in _flow_args(user):
+                    seen.add(user)
+                    passed.append(user)
+                    following.append(user)
+        frontier = following
+    return products, leaves, passed

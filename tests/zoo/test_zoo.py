@@ -8,6 +8,9 @@ the original makes either goes through `attnopt::exact_attention` or belongs to 
 `inspect` reports refused with a reason (none silently missed); and for these types, all known
 to be fully rewritten, every call goes through attnopt's op. The whole zoo is
 `python tests/zoo/run_zoo.py` (docs/zoo_coverage.md).
+
+LED's and Longformer's encoders compute sliding-window attention on chunks attnopt does not
+model (and have no SDPA implementation): each of those calls must be a site reported refused.
 """
 
 from __future__ import annotations
@@ -43,3 +46,18 @@ def test_zoo_model_type(model_type: str, implementation: str) -> None:
             f"{where}: {r.through_attnopt} of {r.original_attention} attention calls through attnopt's op "
             f"(original {r.original}, rewritten {r.rewritten}); refused {r.refused}")
         assert r.rewritten_sites == r.sites == r.rewritable, f"{where}: sites {r.sites}, rewritten {r.rewritten_sites}"
+
+
+REFUSED_TYPES = ("led", "longformer")
+"""Types with attention attnopt reports refused (sliding-window chunks), once silently missed."""
+
+
+@pytest.mark.parametrize("model_type", REFUSED_TYPES)
+def test_zoo_attention_attnopt_cannot_rewrite_is_reported(model_type: str) -> None:
+    r = measure(model_type, "eager")
+    where = f"{model_type} (eager, {r.tier} config, {r.inputs})"
+    assert r.outcome != "skipped", f"{model_type} did not build or run: {r.skip_reason}"
+    assert not r.errors and r.outcome != "WRONG", f"{where}: {r.errors}, relative error {r.max_rel}"
+    assert r.left_original > 0 and r.silently_missed == 0, (
+        f"{where}: {r.left_original} original attention call(s) left, refused {r.refused}")
+    assert all("assembled in a way attnopt does not model" in reason for reason in r.refused), r.refused
