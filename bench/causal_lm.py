@@ -47,6 +47,10 @@ ROWS = {
     "hybrid w32+1": ("hybrid", {"window": 32, "sinks": 1}, False),
     "hybrid w32+1, learned mix": ("hybrid", {"window": 32, "sinks": 1}, True),
     "sliding window w64+1 (mix 0)": ("hybrid", {"window": 64, "sinks": 1, "mix": 0.0}, False),
+    "sliding window w32+1 (mix 0)": ("hybrid", {"window": 32, "sinks": 1, "mix": 0.0}, False),
+    "sliding window w16+1 (mix 0)": ("hybrid", {"window": 16, "sinks": 1, "mix": 0.0}, False),
+    "hybrid w32+1 from mix 0, learned mix": ("hybrid", {"window": 32, "sinks": 1, "mix": 0.0}, True),
+    "hybrid w16+1 from mix 0, learned mix": ("hybrid", {"window": 16, "sinks": 1, "mix": 0.0}, True),
 }
 
 
