@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import attnopt
@@ -17,51 +16,26 @@ from attnopt import loops, policies
 from attnopt.api import AttnoptModule
 from attnopt.backend import AttnoptBackend
 from attnopt.calibration import Calibration
-from attnopt.costmodel import DeviceProfile
 from attnopt.evaluation_cache import EvaluationCache
 from attnopt.policies import BudgetPolicy
-from attnopt.variants import AgentConfig, LinearConfig, MediatorConfig
+from tests.test_diffusion_loops import (
+    CANDIDATES,
+    DIM,
+    PROFILE,
+    TOKENS,
+    Denoiser,
+    sample,
+)
 
-PROFILE = DeviceProfile(name="test CPU", matmul_flops_per_s=1e11, bandwidth_bytes_per_s=2e10,
-                        elementwise_ops_per_s=2e9, call_overhead_s=2e-6)
-CANDIDATES = [AgentConfig(agent_count=16, selection="pool"), LinearConfig(feature_map="elu1"),
-              MediatorConfig(n_mediators=16)]
-DIM, HEADS, TOKENS, STEPS = 32, 2, 256, (900, 700, 500, 300, 100)
-SITES = 2
+SITES = 2  # the Denoiser's two attention blocks
 LOOP_ERROR = 0.04
 """Below the first round's end-of-loop error (≈0.05: both sites rewritten), above the second's
 (≈0.03: one site rewritten): two rounds, the second choosing a module the first built."""
 
 
-class Denoiser(nn.Module):
-    """Two SDPA self-attention blocks conditioned on an integer timestep, like a tiny DiT."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.time = nn.Embedding(1000, DIM)
-        self.qkv = nn.ModuleList(nn.Linear(DIM, 3 * DIM) for _ in range(SITES))
-        self.out = nn.Linear(DIM, DIM)
-
-    def forward(self, x: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
-        h = x + self.time.weight[timestep]
-        for qkv in self.qkv:
-            q, k, v = qkv(h).view(x.shape[0], x.shape[1], 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
-            h = h + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
-        return self.out(h)
-
-
 def make(seed: int = 0) -> Denoiser:
     torch.manual_seed(seed)
     return Denoiser().eval()
-
-
-def sample(model: nn.Module) -> torch.Tensor:
-    """A 5-step sampler: each step's output feeds the next, so per-call errors compound."""
-    x = torch.randn(1, TOKENS, DIM, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        for t in STEPS:
-            x = x - 0.3 * model(x, timestep=t)
-    return x
 
 
 def latent(seed: int, tokens: int = TOKENS) -> torch.Tensor:

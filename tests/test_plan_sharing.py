@@ -25,12 +25,18 @@ def serve(compiled, model, shapes) -> list[float]:
     return errors
 
 
-def test_shapes_of_one_bucket_share_the_plan_made_for_the_first():
+def served(shapes: list[tuple[int, int]]) -> tuple[attnopt.Report, list[float]]:
+    """The seeded 512-token model compiled with attnopt's budget (dynamic shapes) and served
+    `shapes` (batch, length) in order: its report, and each call's error against the original."""
     torch.manual_seed(0)
     model, _ = make(512)
     compiled = torch.compile(model, backend="attnopt", dynamic=True, options=OPTIONS)
-    errors = serve(compiled, model, [(2, 480), (2, 300), (2, 500), (1, 400)])
-    report = attnopt.report_of(compiled)
+    errors = serve(compiled, model, shapes)
+    return attnopt.report_of(compiled), errors
+
+
+def test_shapes_of_one_bucket_share_the_plan_made_for_the_first():
+    report, errors = served([(2, 480), (2, 300), (2, 500), (1, 400)])
     planned = list(report.plans)  # batch 1 is another bucket (and dynamo's own graph: size 1 is static)
     assert [plan.signature for plan in planned] == ["2x480x32", "1x400x32"], planned
     assert planned[0].shared_with == ["2x300x32", "2x500x32"]
@@ -41,11 +47,7 @@ def test_shapes_of_one_bucket_share_the_plan_made_for_the_first():
 
 
 def test_another_batch_size_shares_the_plan_of_its_length_and_another_length_does_not():
-    torch.manual_seed(0)
-    model, _ = make(512)
-    compiled = torch.compile(model, backend="attnopt", dynamic=True, options=OPTIONS)
-    errors = serve(compiled, model, [(2, 480), (4, 480), (8, 300), (4, 200)])
-    report = attnopt.report_of(compiled)
+    report, errors = served([(2, 480), (4, 480), (8, 300), (4, 200)])
     # batches 4 and 8 are other size buckets, of the same lengths' bucket: the plan made at 2x480,
     # checked again on each; 200 tokens is another length bucket: planned on its own
     assert [plan.signature for plan in report.plans] == ["2x480x32", "4x200x32"], report.plans
@@ -86,11 +88,7 @@ def test_buckets_differing_in_the_batch_only_are_told_apart_from_others():
 
 def test_a_plan_that_does_worse_at_another_shape_is_not_shared(monkeypatch):
     monkeypatch.setattr(attnopt.backend, "PLAN_SHARING", 0.0)  # no approximate plan can pass
-    torch.manual_seed(0)
-    model, _ = make(512)
-    compiled = torch.compile(model, backend="attnopt", dynamic=True, options=OPTIONS)
-    serve(compiled, model, [(2, 480), (2, 300)])
-    report = attnopt.report_of(compiled)
+    report, _ = served([(2, 480), (2, 300)])
     assert [plan.signature for plan in report.plans] == ["2x480x32", "2x300x32"]
     assert all(not plan.shared_with for plan in report.plans)
 
