@@ -56,7 +56,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from attnopt.passes.canonicalize import canonicalize
 from attnopt.passes.detect import GraphBreaks, SiteMatch, detect, unsearched_regions
 from attnopt.passes.eager_paths import restore_eager_paths
-from attnopt.passes.fx_utils import alias_root, mutated_by
+from attnopt.passes.fx_utils import alias_root, lifted_module_state, mutated_by
 from attnopt.passes.rewrite import rewritten_copy
 from attnopt.passes.site_call import site_call
 from attnopt.passes.verify import verify
@@ -613,13 +613,7 @@ def model_state_positions(gm: fx.GraphModule) -> list[int]:
     """Positions of the graph inputs that are a module's parameters or buffers (dynamo lifts
     them to inputs, so one graph can serve several instances of a class)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    positions = []
-    for index, node in enumerate(placeholders):
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        name = source.name if source is not None else ""
-        if "._parameters[" in name or "._buffers[" in name or isinstance(node.meta.get("example_value"), nn.Parameter):
-            positions.append(index)
-    return positions
+    return [index for index, node in enumerate(placeholders) if lifted_module_state(node)]
 
 
 class _PerSignature:

@@ -41,6 +41,7 @@ from .fx_utils import (
     arg,
     body_module,
     higher_order_name,
+    lifted_module_state,
     mutated_by,
     normalize_dim,
     op_name,
@@ -244,15 +245,9 @@ def _through_views(node: fx.Node) -> fx.Node:
 def _model_state(node: fx.Node) -> bool:
     """A parameter or buffer: a `get_attr`, or a graph input dynamo lifted from a module's
     `_parameters` / `_buffers`."""
-    if node.op == "get_attr":
+    if node.op == "get_attr" or lifted_module_state(node):
         return True
-    if node.op != "placeholder":
-        return False
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", "") if source is not None else ""
-    name = name() if callable(name) else name
-    return ("._parameters[" in str(name) or "._buffers[" in str(name) or "_parameters_" in node.name
-            or "_buffers_" in node.name or isinstance(node.meta.get("example_value"), torch.nn.Parameter))
+    return node.op == "placeholder" and ("_parameters_" in node.name or "_buffers_" in node.name)
 
 
 def unsearched_regions(gm: fx.GraphModule, subgraphs: bool = False) -> list[fx.Node]:

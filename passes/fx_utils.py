@@ -302,6 +302,18 @@ def has_side_effects(node: fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "__name__", None) in STATEFUL_CALLS
 
 
+def lifted_module_state(node: fx.Node) -> bool:
+    """Whether a graph input is a module's parameter or buffer that dynamo lifted to an input
+    (its source reads `._parameters[...]` / `._buffers[...]`, or its example is a Parameter)."""
+    if node.op != "placeholder":
+        return False
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", "") if source is not None else ""
+    name = str(name() if callable(name) else name)
+    return "._parameters[" in name or "._buffers[" in name or isinstance(node.meta.get("example_value"),
+                                                                        torch.nn.Parameter)
+
+
 def alias_root(node: Any) -> Any:
     """The value whose storage `node` may share: followed up through view-like ops and in-place
     results (an in-place op returns its own target)."""
