@@ -19,6 +19,7 @@ from .planner import Budget, BudgetError, BudgetNotMetWarning
 from .report import Decision, GraphPlan, Report, Site
 from .variants import (
     AgentConfig,
+    ClusteredConfig,
     ExactConfig,
     HybridConfig,
     LinearConfig,
@@ -38,6 +39,7 @@ __all__ = [
     "Budget",
     "BudgetError",
     "Calibration",
+    "ClusteredConfig",
     "BudgetNotMetWarning",
     "Decision",
     "ExactConfig",

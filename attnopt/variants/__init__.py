@@ -1,4 +1,4 @@
-"""Variants of attention that a site can be rewritten into: exact, agent, linear, mediator.
+"""Variants of attention that a site can be rewritten into: exact, agent, linear, mediator, hybrid, clustered.
 
 Each variant is a frozen config dataclass with one `VariantSpec` registered from its own file
 (registry.py): refusal, build, cost formula, default candidates and the params reports show.
@@ -21,6 +21,7 @@ from .linear import LearnedFeatureMap, LinearAttention, LinearConfig  # isort: s
 from .mediator import (MediatorAttention, MediatorConfig, MediatorSchedule, mediator_count,  # isort: skip
                        mediator_timestep)
 from .hybrid import HybridAttention, HybridConfig  # isort: skip
+from .clustered import ClusteredAttention, ClusteredConfig  # isort: skip
 from .masks import mask_kind_of
 from .registry import (
     VariantSpec,
@@ -40,6 +41,8 @@ __all__ = [
     "AgentAttention",
     "AgentConfig",
     "AgentLayout",
+    "ClusteredAttention",
+    "ClusteredConfig",
     "ExactAttention",
     "ExactConfig",
     "HybridAttention",

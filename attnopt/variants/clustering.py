@@ -277,9 +277,12 @@ def nearest_groups(x: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
 
     candidates (…, N, W): the centroid indices each token may join (local k-means); None: all.
     """
-    if candidates is None:
-        scores = x @ centroids.transpose(-1, -2) - 0.5 * centroids.pow(2).sum(-1).unsqueeze(-2)
-        return scores.masked_fill((sizes <= 0).unsqueeze(-2), float("-inf")).argmax(-1)
+    if candidates is None:  # one baddbmm: x·cᵀ − ‖c‖²/2, −inf at empty centroids (no pass after the product)
+        bias = centroids.pow(2).sum(-1).mul(-0.5).masked_fill(sizes <= 0, float("-inf")).unsqueeze(-2)
+        n_tokens, n_centroids, dim = x.shape[-2], centroids.shape[-2], x.shape[-1]
+        scores = torch.baddbmm(bias.reshape(-1, 1, n_centroids), x.reshape(-1, n_tokens, dim),
+                               centroids.reshape(-1, n_centroids, dim).transpose(-1, -2))
+        return scores.argmax(-1).view(x.shape[:-1])
     n_tokens, window = candidates.shape[-2:]
     flat = candidates.reshape(*candidates.shape[:-2], n_tokens * window)
     chosen = centroids.gather(-2, flat.unsqueeze(-1).expand(*flat.shape, centroids.shape[-1]))

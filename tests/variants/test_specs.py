@@ -13,6 +13,7 @@ from attnopt import costmodel
 from attnopt.candidates import default_candidates
 from attnopt.variants import (
     AgentConfig,
+    ClusteredConfig,
     ExactConfig,
     HybridConfig,
     LinearConfig,
@@ -36,10 +37,10 @@ def seconds(config, site) -> float:
 
 
 def test_the_default_grid_is_every_spec_s_own_grid_in_registration_order():
-    assert [spec.name for spec in specs()] == ["exact", "agent", "linear", "mediator", "hybrid"]
+    assert [spec.name for spec in specs()] == ["exact", "agent", "linear", "mediator", "hybrid", "clustered"]
     grid_site = make_site(N=197, M=197)  # 1 + 14²: agents are also tried pooled on the grid
     names = [spec_for(config).name for config in default_candidates(grid_site)]
-    assert names == ["exact"] + ["agent"] * 6 + ["linear"] * 3 + ["mediator"] * 2 + ["hybrid"] * 4
+    assert names == ["exact"] + ["agent"] * 6 + ["linear"] * 3 + ["mediator"] * 2 + ["hybrid"] * 4 + ["clustered"] * 4
     assert sum(config.infer_grid for config in default_candidates(grid_site) if isinstance(config, AgentConfig)) == 3
     assert not any(getattr(config, "infer_grid", False) for config in default_candidates(make_site(N=48, M=48)))
 
@@ -70,6 +71,9 @@ def test_every_default_candidate_is_priced_with_only_parameters_its_formula_know
     (HybridConfig(window=16), "sinks", 4),
     (HybridConfig(window=16), "feature_map", "focused"),
     (HybridConfig(window=10), "infer_grid", True),  # 3×3 on the 8×8 grid of N = 64
+    (ClusteredConfig(clusters=8, top_keys=8), "clusters", 16),
+    (ClusteredConfig(clusters=8, top_keys=8), "top_keys", 16),
+    (ClusteredConfig(clusters=8, top_keys=8), "kmeans_iterations", 3),
 ])
 def test_every_parameter_that_changes_the_work_changes_the_price(config, field, value):
     """What `**cost_free_params` let through unpriced: the V shortcut and the learned feature map."""
@@ -99,7 +103,10 @@ FLOP_CHECKED = [(config, site) for site in (SELF, CROSS) for config in default_c
     (HybridConfig(window=9, sinks=2, feature_map="focused"), SELF), (HybridConfig(window=100), SELF),
     (HybridConfig(window=9, sinks=2), make_site(B=2, H=4, Hkv=2, N=65, M=65, d=16, e=8, grid=TokenGrid(8, 8, True))),
     (HybridConfig(window=40, sinks=1), make_site(B=2, H=4, Hkv=2, N=37, M=37, d=16, e=8)),  # 3 tiles of 18, padded
-    (HybridConfig(window=12, sinks=1), make_site(B=2, H=4, Hkv=2, N=37, M=37, d=16, e=8, causal=True))]
+    (HybridConfig(window=12, sinks=1), make_site(B=2, H=4, Hkv=2, N=37, M=37, d=16, e=8, causal=True)),
+    (ClusteredConfig(clusters=8, top_keys=12), SELF), (ClusteredConfig(clusters=5, top_keys=7, kmeans_iterations=0), CROSS),
+    (ClusteredConfig(clusters=100, top_keys=100), SELF),  # both capped at the site's N and M
+    (ClusteredConfig(clusters=6, top_keys=9, kmeans_iterations=2), make_site(B=2, H=4, Hkv=2, N=40, M=40, d=16, e=8))]
 
 
 @pytest.mark.parametrize("config, site", FLOP_CHECKED, ids=lambda value: repr(value)[:60])
@@ -138,6 +145,8 @@ def test_reports_show_the_always_shown_params_and_those_off_their_default():
     assert spec_for(LinearConfig()).shown_params(LinearConfig()) == {"feature_map": "elu1"}
     assert spec_for(ExactConfig()).shown_params(ExactConfig()) == {}
     assert spec_for(HybridConfig()).shown_params(HybridConfig(mix=0.5)) == {"sinks": 1, "window": 64, "mix": 0.5}
+    assert spec_for(ClusteredConfig()).shown_params(ClusteredConfig(kmeans_iterations=2)) == {
+        "clusters": 64, "top_keys": 32, "kmeans_iterations": 2}
 
 
 HEAD_SPLIT_SITES = {
