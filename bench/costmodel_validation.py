@@ -3,7 +3,8 @@
 A grid of calls (H = 6, B = 1, fp32, torch.set_num_threads(2)) over N, d and token counts n:
 softmax (torch SDPA, costed as fused "exact"), agent (agent_attention with agents pooled from q,
 costed as "agent" with selection="pool"), mediator (agent_attention with fixed tokens) and linear
-(linear_attention, elu+1). The device profile is measured in the same run, so predictions and
+(linear_attention, elu+1) and clustered (the site module: k-means of q, the centroids' attention,
+each query's chosen keys). The device profile is measured in the same run, so predictions and
 timings see the same machine state. Prints every call and the Spearman rank correlation of
 predicted against measured seconds, overall (target ≥ 0.9), within each variant and over all
 the other variants (which shows the variant that spoils the ranking), and how far off each variant is.
@@ -30,11 +31,13 @@ from scipy.stats import spearmanr
 
 from attnopt import costmodel
 from attnopt.kernels import agent_attention, linear_attention
-from attnopt.variants import spec_named
+from attnopt.variants import ClusteredConfig, SiteInfo, build_site_module, spec_named
 from site_speed import pooled_agents
 from timing import interleaved_best_seconds
 
 HEADS, THREADS = 6, 2
+CLUSTERED_SHAPES = ((32, 32), (64, 32), (32, 64))
+"""(clusters, top_keys) of the clustered calls: the site module (k-means, centroids, chosen keys)."""
 
 Call = tuple[str, dict[str, Any], Callable[[], torch.Tensor]]
 """(variant as its spec names it, its cost formula's params, the call to time)."""
@@ -57,6 +60,12 @@ def calls_at(length: int, head_dim: int, token_counts: list[int], with_linear: b
             ]
     if with_linear:
         calls.append(("linear", {"feature_map": "elu1"}, lambda: linear_attention(q, k, v, feature_map="elu1")))
+    site = SiteInfo(B=1, H=HEADS, Hkv=HEADS, N=length, M=length, d=head_dim, e=head_dim)
+    for clusters, top_keys in CLUSTERED_SHAPES:
+        if 2 * max(clusters, top_keys) < length:
+            module = build_site_module(ClusteredConfig(clusters=clusters, top_keys=top_keys), site)
+            calls.append(("clustered", {"clusters": clusters, "top_keys": top_keys, "kmeans_iterations": 1},
+                          lambda module=module: module(q, k, v, scale=scale)))
     return calls
 
 

@@ -60,6 +60,7 @@ import attnopt
 from attnopt import Budget
 from attnopt.variants import (
     AgentConfig,
+    ClusteredConfig,
     ExactConfig,
     HybridConfig,
     LinearConfig,
@@ -102,6 +103,9 @@ CONFIGS = {
     "linear elu+1 InLine": LinearConfig(normalization="inline"),
     "mediator 64": MediatorConfig(n_mediators=64),
     "mediator 128": MediatorConfig(n_mediators=128),
+    "clustered 32 clusters, top 64 (default)": ClusteredConfig(),
+    "clustered 32 clusters, top 96": ClusteredConfig(clusters=32, top_keys=96),
+    "clustered 64 clusters, top 32": ClusteredConfig(clusters=64, top_keys=32),
 }
 
 
@@ -126,6 +130,15 @@ CALIBRATED_ROWS = {
     "hybrid w32+1, fitted mix": ("rewrite", "hybrid", {"window": 32, "sinks": 1}, FIT_SCALAR),
     "optimize Budget(flops=0.9)": ("optimize", Budget(flops=0.9), {}, FIT_SCALAR),
     "optimize Budget(flops=0.93)": ("optimize", Budget(flops=0.93), {}, FIT_SCALAR),
+    # clustered attention, training-free (nothing to fit); explicit sizes, since rewrite() keeps a
+    # site where the default config is predicted slower than softmax (it is, on CPU at N ≈ 500)
+    "clustered 32/64 (default)": ("rewrite", "clustered", {"clusters": 32, "top_keys": 64}, None),
+    "clustered 32/96": ("rewrite", "clustered", {"clusters": 32, "top_keys": 96}, None),
+    "clustered 64/32": ("rewrite", "clustered", {"clusters": 64, "top_keys": 32}, None),
+    "clustered 16/64": ("rewrite", "clustered", {"clusters": 16, "top_keys": 64}, None),
+    # optimize as a user calls it: default candidates (every variant's grid), no calibration
+    "optimize Budget(flops=0.86), default candidates": ("optimize", Budget(flops=0.86), {"candidates": None}, None),
+    "optimize Budget(flops=0.81), default candidates": ("optimize", Budget(flops=0.81), {"candidates": None}, None),
 }
 DOCSTRING_PASSAGES = 24
 
@@ -168,6 +181,10 @@ def attention_flops(config, batch: int, heads: int, n_tokens: int, head_dim: int
         return exact, exact, 0
     if variant == "linear":
         return exact, 2 * batch * heads * 2 * n_tokens * (head_dim * head_dim + head_dim), 0
+    if variant == "clustered":  # centroids over the keys, each query over its keys; k-means passes
+        n_clusters, n_top = config.sizes_at(n_tokens, n_tokens)
+        attention = 2 * batch * heads * (n_clusters + n_top) * n_tokens * 2 * head_dim
+        return exact, attention, (config.kmeans_iterations + 1) * 2 * batch * heads * n_tokens * n_clusters * head_dim
     site = SiteInfo(B=batch, H=heads, Hkv=heads, N=n_tokens, M=n_tokens, d=head_dim, e=head_dim)
     n_reduced = config.n_agents(site) if variant == "agent" else config.n_mediators
     attention = 2 * batch * heads * n_reduced * 2 * n_tokens * (2 * head_dim)
@@ -262,7 +279,8 @@ def report_reduction(module, skip: set[int]) -> tuple[float, str]:
         before += decision.flops_before
         after += decision.flops_before if decision.kept or decision.flops_after is None else decision.flops_after
         label = decision.variant + "".join(f" {key}={value}" for key, value in sorted(decision.params.items())
-                                           if key in ("window", "sinks", "feature_map", "n_mediators", "agent_fraction"))
+                                           if key in ("window", "sinks", "feature_map", "n_mediators", "agent_fraction",
+                                                      "agent_count", "clusters", "top_keys"))
         chosen[label] = chosen.get(label, 0) + 1
     return (before / after if after else float("nan")), "; ".join(f"{k} ×{v}" for k, v in sorted(chosen.items()))
 
@@ -298,7 +316,7 @@ def calibrated_table(model, tokenizer, passages, names) -> None:
                                      **config)
         else:
             module = attnopt.optimize(model, target, kwargs=calibration[0], calibration=settings, inner="eager",
-                                      candidates=OPTIMIZE_CANDIDATES)
+                                      candidates=config.get("candidates", OPTIMIZE_CANDIDATES))
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         # the decisions made for the fitting batch's shape are not the evaluation's: count only those after
         first_sites = {id(site) for site in attnopt.report_of(module).sites}
@@ -306,7 +324,7 @@ def calibrated_table(model, tokenizer, passages, names) -> None:
         cosine = (rewritten * reference).sum(-1)
         recall = recall_at_1(embed(module, queries), rewritten)
         reduction, chosen = report_reduction(module, skip=first_sites)
-        shown = ", ".join(f"{key}={value}" for key, value in config.items()) or "-"
+        shown = ", ".join(f"{key}={value}" for key, value in config.items() if key != "candidates") or "-"
         fitted = "no" if fit is None else "steps={steps}, lr={lr}".format(**{"steps": 200, "lr": 0.01, **fit})
         print(f"| {name} | {how} | {target} | {shown} | {fitted} | {reduction:.2f}× "
               f"| {chosen} | {cosine.mean():.4f} | {cosine.min():.4f} | {100 * recall:.1f} "

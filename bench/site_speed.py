@@ -8,7 +8,8 @@ Timed, with H = 6, d = 64, B = 1, fp32 and torch.set_num_threads(2):
   (1-D adaptive average pooling, timed too), linear_attention(feature_map="elu1").
 - "public": what `attnopt.rewrite(model, "agent" | "linear", args=...)` gives with default configs
   (AgentConfig(): 64 agents; LinearConfig()) for a model that calls F.scaled_dot_product_attention;
-  the rewrite is done once, outside the timing, which times forward calls only.
+  the rewrite is done once, outside the timing, which times forward calls only; and the same for
+  "clustered" (ClusteredConfig(): 32 query clusters, 64 keys each).
 The gap between module and op is the module's own overhead; between public and module, the
 per-site runtime wrapper's (passes/site_call.py, passes/masking.py). Every ratio is SDPA's time over the
 variant's, measured in the same run: the candidates take turns, round after round, each repeated
@@ -85,6 +86,8 @@ def site_runs(length: int, with_linear: bool) -> dict[str, Callable[[], torch.Te
         runs["linear op"] = lambda: linear_attention(q, k, v, feature_map="elu1")
         public_linear = attnopt.rewrite(SdpaModel().eval(), "linear", args=(q, k, v))
         runs["linear public"] = lambda: public_linear(q, k, v)
+    public_clustered = attnopt.rewrite(SdpaModel().eval(), "clustered", args=(q, k, v))  # ClusteredConfig()
+    runs["clustered public"] = lambda: public_clustered(q, k, v)
     return runs
 
 
@@ -93,7 +96,8 @@ def flop_limits(length: int) -> dict[str, float]:
     shape = {"B": 1, "H": HEADS, "N": length, "d": HEAD_DIM}
     exact = costmodel.flops(spec_named("exact").cost(), shape)
     return {"agent": exact / costmodel.flops(spec_named("agent").cost(n_agents=N_AGENTS), shape),
-            "linear": exact / costmodel.flops(spec_named("linear").cost(), shape)}
+            "linear": exact / costmodel.flops(spec_named("linear").cost(), shape),
+            "clustered": exact / costmodel.flops(spec_named("clustered").cost(), shape)}
 
 
 def main() -> None:
@@ -106,7 +110,8 @@ def main() -> None:
 
     table = Table(title=f"attention site on CPU ({THREADS} threads, torch {torch.__version__}): B=1, H={HEADS}, d={HEAD_DIM}, fp32")
     for column in ("N", "SDPA ms", "agent public ms (×)", "agent module ms (×)", "agent op ms (×)", "agent FLOP limit",
-                   "linear public ms (×)", "linear module ms (×)", "linear op ms (×)", "linear FLOP limit"):
+                   "linear public ms (×)", "linear module ms (×)", "linear op ms (×)", "linear FLOP limit",
+                   "clustered public ms (×)", "clustered FLOP limit"):
         table.add_column(column, justify="right")
     verdicts = []
     with torch.no_grad():  # not inference_mode: attnopt.rewrite fails on inference tensors (backend._propagate_meta)
@@ -121,7 +126,8 @@ def main() -> None:
             limits = flop_limits(length)
             table.add_row(str(length), f"{best['sdpa'] * 1e3:.1f}", cell("agent public"), cell("agent module"),
                           cell("agent op"), f"{limits['agent']:.0f}×", cell("linear public"), cell("linear module"),
-                          cell("linear op"), f"{limits['linear']:.0f}×")
+                          cell("linear op"), f"{limits['linear']:.0f}×", cell("clustered public"),
+                          f"{limits['clustered']:.0f}×")
             verdicts += [
                 f"{name} at N={length}: {speedup[name]:.1f}× (target ≥ {target:.0f}×) "
                 + ("met" if speedup[name] >= target else "NOT met")
