@@ -336,7 +336,9 @@ def rewrite(model: nn.Module, variant: str = "exact", args: tuple = (), kwargs: 
     first call runs the graph eagerly, noted in the report). Under "inductor", everything outside
     attnopt's ops — sites left as softmax included — has Inductor's numerics, exactly as
     `torch.compile(model)` gives them; these can differ from eager's (fp16 rows whose every key
-    is masked with finfo.min: bench/RESULTS.md), which is why "eager" is the default.
+    is masked with finfo.min: bench/RESULTS.md), which is why "eager" is the default here: the
+    returned module stands in for the eager model. (`torch.compile(model, backend="attnopt")`
+    stands in for `torch.compile(model)` and defaults to "inductor".)
     """
     _check_model(model, "rewrite")
     policy = _variant_policy(variant, variant_params, calibrator_for(model, calibration))
@@ -486,15 +488,24 @@ class _ModelBudgetPolicy(BudgetPolicy):
         return choices
 
 
+COMPILE_INNER = "inductor"
+"""What runs the rewritten graphs under `torch.compile(model, backend="attnopt")` unless the options
+say otherwise: Inductor, as a plain `torch.compile(model)` would (`rewrite`/`optimize`: eager)."""
+
+
 def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None,
                     mode: str | None = None, _backend: weakref.ref[AttnoptBackend] | None = None) -> Callable:
-    """`torch.compile(model, backend="attnopt", options={...})`: exact rewrite by default.
+    """`torch.compile(model, backend="attnopt", options={...})`: exact rewrite by default, under Inductor.
 
     Options: {"budget": 0.5 or attnopt.Budget(...), "candidates", "strict", "device", "output_gains"} plans under
-    a budget; {"variant": "agent", **params} rewrites into one variant; any of them may add
-    {"inner": "inductor"} to compile the rewritten graphs with Inductor (everything around
-    attention fused as under a plain torch.compile; an Inductor failure runs the graph eagerly,
-    noted in the report) instead of running them as they are (the default, "eager"). Each torch.compile call
+    a budget; {"variant": "agent", **params} rewrites into one variant. The rewritten graphs are
+    compiled by Inductor (the default, "inner": "inductor"): everything around attention is fused
+    as under a plain `torch.compile(model)`, attnopt's ops are extern kernels Inductor calls, and
+    outside them the numerics are Inductor's, as the user had them before switching backends (an
+    Inductor failure runs the graph eagerly, noted in the report). {"inner": "eager"} runs the
+    rewritten graphs as they are instead — eager PyTorch's numerics, no Inductor compile (2–15 s a
+    graph on a CPU). `rewrite` and `optimize`, which return a drop-in replacement for the eager
+    model, default to "eager" for the same reason. Each torch.compile call
     gets its own backend and report (`report_of(compiled)`; after `model.compile(backend=
     "attnopt")`, `report_of(model)`), kept across its recompiles, and its own dynamo region, so
     separately compiled instances of one class never share compiled code.
@@ -525,7 +536,7 @@ def _backend_of_this_compile(options: dict | None) -> AttnoptBackend:
     if not _is_attnopt(wrapper):
         raise AttnoptError('use the attnopt backend through torch.compile(model, backend="attnopt", options={...}).')
     options = dict(options or {})
-    inner = options.pop("inner", "eager")
+    inner = options.pop("inner", COMPILE_INNER)
     backend = AttnoptBackend(_policy_from_options(options), inner=inner)
     context._attnopt_backend = backend
     wrapper.kwargs = {**wrapper.kwargs, "_backend": weakref.ref(backend)}

@@ -26,9 +26,11 @@ What runs a signature's graph (`inner`): the fx graph as it is by default (`"eag
 `inner="inductor"` the rewritten (or untouched) graph is compiled by `compile_fx` for the call's
 concrete inputs — attnopt's ops kept opaque, everything around them fused as under a plain
 `torch.compile` — and checked once against the eager graph; an Inductor failure or a mismatch
-runs the eager graph instead, with the reason in the report's notes. (Not the default yet: each
-graph costs 2–15 s of Inductor compile on a CPU, and a compile whose check passed on one example
-is trusted for every later input of that signature.)
+runs the eager graph instead, with the reason in the report's notes. `torch.compile(model,
+backend="attnopt")` compiles with Inductor by default (it stands in for `torch.compile(model)`);
+`rewrite`/`optimize` run the fx graph by default: they stand in for the eager model, each graph
+would cost 2–15 s of Inductor compile on a CPU, and a compile whose check passed on one example
+is trusted for every later input of that signature, with Inductor's numerics there.
 
 All sites, rewritten or not, land in the backend's `Report`.
 """

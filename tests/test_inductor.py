@@ -124,20 +124,35 @@ def test_variant_graphs_run_under_inductor_as_they_run_eagerly(variant, params, 
 
 
 @pytest.mark.parametrize("explicit", [True, False], ids=["inner-eager", "default"])
-def test_eager_is_the_default_and_never_calls_inductor(monkeypatch, explicit):
+def test_eager_is_rewrite_s_default_and_never_calls_inductor(monkeypatch, explicit):
     def refuse(*_args, **_kwargs):
         raise AssertionError("inner='eager' must not call Inductor")
 
     monkeypatch.setattr(inductor_compile_fx, "compile_fx", refuse)
     model = seeded(SdpaBlock)
-    inner = {"inner": "eager"} if explicit else {}
     with torch.no_grad():
-        rewritten = attnopt.rewrite(model, "exact", args=(tokens(),), **inner)
-        compiled = torch.compile(model, backend="attnopt", options=dict(inner))
+        rewritten = attnopt.rewrite(model, "exact", args=(tokens(),), **({"inner": "eager"} if explicit else {}))
+        compiled = torch.compile(model, backend="attnopt", options={"inner": "eager"})
         fresh = tokens()
         assert_exact(rewritten(fresh), model(fresh))
         assert_exact(compiled(fresh), model(fresh))
     assert attnopt.report_of(rewritten).notes == [] and attnopt.report_of(compiled).notes == []
+
+
+def test_torch_compile_with_the_attnopt_backend_runs_inductor_by_default(inductor_compiles):
+    """It stands in for a plain torch.compile(model): the rewritten graph goes to Inductor, and the
+    exact rewrite computes what torch.compile(model) computes."""
+    model = seeded(SdpaBlock)
+    compiled = torch.compile(model, backend="attnopt")
+    plain = torch.compile(model)
+    with torch.no_grad():
+        fresh = tokens()
+        out = compiled(fresh)
+        assert inductor_compiles[0] == 1
+        assert_exact(out, model(fresh))
+        torch.testing.assert_close(out, plain(fresh), rtol=1e-6, atol=1e-6)
+    assert attnopt.report_of(compiled).notes == []
+    assert [site.decision.variant for site in attnopt.report_of(compiled).sites] == ["exact"]
 
 
 def test_inspect_never_compiles(monkeypatch):

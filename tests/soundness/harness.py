@@ -52,7 +52,7 @@ INNER = os.environ.get("ATTNOPT_SOUNDNESS_INNER", "eager")
 """What runs the rewritten graphs (attnopt's `inner`): "eager" (the default, and CI's) or
 "inductor" (`run_soak.py --inner inductor`: the same cases with Inductor underneath)."""
 REWRITE_ARGS = "" if INNER == "eager" else f", inner={INNER!r}"
-COMPILE_ARGS = "" if INNER == "eager" else f', options={{"inner": {INNER!r}}}'
+COMPILE_ARGS = f', options={{"inner": {INNER!r}}}'
 
 
 def rewrite_exact(model: torch.nn.Module, example: tuple) -> torch.nn.Module:
@@ -61,8 +61,9 @@ def rewrite_exact(model: torch.nn.Module, example: tuple) -> torch.nn.Module:
 
 
 def compile_attnopt(model: torch.nn.Module) -> Callable:
-    """`torch.compile(model, backend="attnopt")`, with the `inner` option only when it is not the default."""
-    return torch.compile(model, backend="attnopt", **({} if INNER == "eager" else {"options": {"inner": INNER}}))
+    """`torch.compile(model, backend="attnopt")` with the harness's `inner` (its default is Inductor;
+    the harness checks attnopt's rewrite against eager PyTorch, so it passes "eager" unless asked)."""
+    return torch.compile(model, backend="attnopt", options={"inner": INNER})
 
 
 class Invalid(Exception):
