@@ -171,7 +171,7 @@ def test_default_candidates_leave_at_least_half_of_the_work():
     spec = spec_for(ClusteredConfig())
     assert spec.candidates(make_site(N=100, M=100)) == []
     shapes = [(c.clusters, c.top_keys) for c in spec.candidates(make_site(N=140, M=140))]
-    assert shapes == [(16, 64), (32, 64)]
+    assert shapes == [(16, 64), (32, 64), (64, 32)]
     assert len(spec.candidates(make_site(N=512, M=512))) == 4
 
 

@@ -146,7 +146,7 @@ def test_reports_show_the_always_shown_params_and_those_off_their_default():
     assert spec_for(ExactConfig()).shown_params(ExactConfig()) == {}
     assert spec_for(HybridConfig()).shown_params(HybridConfig(mix=0.5)) == {"sinks": 1, "window": 64, "mix": 0.5}
     assert spec_for(ClusteredConfig()).shown_params(ClusteredConfig(kmeans_iterations=2)) == {
-        "clusters": 64, "top_keys": 32, "kmeans_iterations": 2}
+        "clusters": 32, "top_keys": 64, "kmeans_iterations": 2}
 
 
 HEAD_SPLIT_SITES = {
