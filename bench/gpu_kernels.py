@@ -6,9 +6,11 @@
 For N = 1K…32K tokens (batch = 32K // N, so every row moves the same number of tokens) and head
 dims 64 and 128 it times SDPA's flash kernel, attnopt's exact kernel (non-causal and causal, and
 causal with Gemma 2's logit softcapping (50) and gpt-oss's per-head attention sinks, against
-plain causal SDPA), agent attention with 64 agents and linear attention (elu+1, sum; non-causal
-and causal). Each row reports ms, TFLOP/s (FLOPs of the op's registered formula, 2 per
-multiply-add; SDPA rows use the exact formula, causal rows too — so causal TFLOP/s read as
+plain causal SDPA), agent attention with 64 agents, linear attention (elu+1, sum; non-causal
+and causal) and chosen-keys attention (each query's softmax over t = 64 random keys of its own,
+clustered attention's exact part, against non-causal SDPA; its GB/s counts the key indices, and
+each key and value row once though the gather reads t of them per query). Each row reports ms,
+TFLOP/s (FLOPs of the op's registered formula, 2 per multiply-add; SDPA rows use the exact formula, causal rows too — so causal TFLOP/s read as
 "dense-equivalent"), GB/s (bytes of inputs read once plus output written once), and the time
 ratio SDPA / kernel of the same N, d (and causality) — above 1 is faster than SDPA. A copy of 1 GiB measures the device's
 achievable memory bandwidth, the ceiling for the GB/s column.
@@ -28,6 +30,7 @@ import torch
 TOKENS = 32 * 1024
 HEADS = 16
 N_AGENTS = 64
+N_CHOSEN = 64
 
 
 @dataclass
@@ -45,17 +48,20 @@ def _cases(n_tokens: int, head_dim: int) -> list[Case]:
     import torch.nn.functional as F
 
     from attnopt.kernels import agent_attention, exact_attention, linear_attention
+    from attnopt.kernels.chosen_keys import chosen_keys_attention
 
     batch = max(1, TOKENS // n_tokens)
     shape = (batch, HEADS, n_tokens, head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     agents = torch.randn(1, HEADS, N_AGENTS, head_dim, device="cuda", dtype=torch.bfloat16)
     sinks = torch.randn(1, HEADS, 1, 1, device="cuda", dtype=torch.bfloat16)  # one learned logit per head
+    keys = torch.randint(0, n_tokens, (batch, HEADS, n_tokens, N_CHOSEN), device="cuda")
     scale = head_dim**-0.5
     io_bytes = 4 * q.numel() * q.element_size()  # q, k, v read, out written
     exact_flops = 2 * batch * HEADS * n_tokens * n_tokens * 2 * head_dim
     agent_flops = 2 * batch * HEADS * N_AGENTS * 2 * n_tokens * 2 * head_dim
     linear_flops = 2 * batch * HEADS * (2 * n_tokens * head_dim * head_dim + 2 * n_tokens * head_dim)
+    chosen_flops = 2 * batch * HEADS * n_tokens * N_CHOSEN * 2 * head_dim
 
     def sdpa(causal: bool) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
@@ -81,6 +87,10 @@ def _cases(n_tokens: int, head_dim: int) -> list[Case]:
         ),
         Case("linear elu1", False, lambda: linear_attention(q, k, v), linear_flops, io_bytes),
         Case("linear elu1", True, lambda: linear_attention(q, k, v, causal=True), linear_flops, io_bytes),
+        Case(
+            f"chosen keys t={N_CHOSEN}", False, lambda: chosen_keys_attention(q, k, v, keys, scale=scale),
+            chosen_flops, io_bytes + keys.numel() * keys.element_size(),
+        ),
     ]
 
 
@@ -137,6 +147,7 @@ def check() -> bool:
         linear_attention,
         linear_attention_reference,
     )
+    from attnopt.kernels.chosen_keys import chosen_keys_attention, chosen_keys_attention_reference
 
     config.force_triton = True
     torch.manual_seed(0)
@@ -149,6 +160,8 @@ def check() -> bool:
         agents, mask = torch.randn(1, 2, 5, 32).to(dtype), torch.rand(1, 1, 37, 37) > 0.2
         mask[..., 0] = True
         sinks = torch.randn(1, 2, 1, 1).to(dtype)
+        keys = torch.randint(0, 37, (1, 2, 37, 13))
+        key_bias = torch.randn(1, 2, 1, 37).to(dtype).masked_fill(torch.rand(37) < 0.3, float("-inf"))
         calls = {
             "exact + bool mask": (exact_attention, exact_attention_reference, (q, k, v, mask), dict(scale=0.2)),
             "exact causal": (exact_attention, exact_attention_reference, (q, k, v), dict(scale=0.2, causal=True)),
@@ -157,6 +170,7 @@ def check() -> bool:
             "agent": (agent_attention, agent_attention_reference, (q, k, v, agents), dict(scale=0.2, agent_scale=0.3)),
             "linear focused/sum": (linear_attention, linear_attention_reference, (q, k, v), dict(feature_map="focused")),
             "linear causal inline": (linear_attention, linear_attention_reference, (q, k, v), dict(causal=True, normalization="inline")),
+            "chosen keys + bias": (chosen_keys_attention, chosen_keys_attention_reference, (q, k, v, keys, key_bias), dict(scale=0.2)),
         }
         for name, (op, reference, args, options) in calls.items():
             expected = reference(*args, **options).float()

@@ -5,7 +5,7 @@
 with keys (B, H, N, t) the indices of the keys query i reads (clustered attention's exact part,
 attnopt/kernels/clustered_reference.py). A row whose chosen keys are all masked gives 0.
 
-Two implementations of the same sums:
+Three implementations of the same sums:
 - `chosen_keys_attention_reference`: gathers each query's t key and value rows (index_select
   of whole rows, `chunk_elements` at a time), then a batched matvec each way. Differentiable;
   backward of the op is autograd through it.
@@ -13,6 +13,9 @@ Two implementations of the same sums:
   scores at the chosen (query, key) pairs only, as CSR values with exactly t per row), a dense
   softmax over those values viewed (rows, t), and one sparse-dense product with V. Nothing of
   size N·t·d is written: ~10× faster than the gathers at all-MiniLM-L6-v2's shape.
+- CUDA tensors of fp32/fp16/bf16 (or forced CPU ones under TRITON_INTERPRET=1, see config): the
+  Triton kernel of chosen_keys_triton.py, gathering each query's key and value rows in chunks
+  with an fp32 online softmax; forward only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import warnings
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from . import config
 from .autograd_reference import reference_gradients
 
 CHUNK_ELEMENTS = 1 << 22
@@ -105,6 +109,10 @@ def _sparse_cpu(q, k, v, keys, key_bias, scale):
 def _chosen_keys_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
                               key_bias: torch.Tensor | None = None, *, scale: float) -> torch.Tensor:
     _check(q, k, v, keys, key_bias)
+    if config.use_triton(q):
+        from .chosen_keys_triton import chosen_keys_attention_triton
+
+        return chosen_keys_attention_triton(q, k, v, keys, key_bias, scale=scale)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and keys.shape[-1] > 0:
         return _sparse_cpu(q.contiguous(), k.contiguous(), v.contiguous(), keys, key_bias, scale)
     return chosen_keys_attention_reference(q, k, v, keys, key_bias, scale=scale).contiguous()
