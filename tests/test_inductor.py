@@ -123,6 +123,34 @@ def test_variant_graphs_run_under_inductor_as_they_run_eagerly(variant, params, 
         assert_exact(fast(x), eager(x))
 
 
+class PaddedSdpaBlock(SdpaBlock):
+    """SdpaBlock with a key-padding mask: the variants' general (padded) selection paths."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, n, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, n, 3, HEADS, dim // HEADS).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.proj(out.transpose(1, 2).reshape(batch, n, dim))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, params", [("agent", {"agent_count": 8}), ("clustered", {"clusters": 8, "top_keys": 16})])
+def test_padded_variant_graphs_compile_with_inductor_without_falling_back(variant, params, inductor_compiles):
+    """k-means over padded queries counts cluster sizes with a fixed-size op: a torch.bincount
+    (its output size depends on the data) made Inductor fail and the graph run eagerly."""
+    model, x = seeded(PaddedSdpaBlock), tokens(64)
+    mask = (torch.arange(64) < torch.tensor([[64], [40]])).view(2, 1, 1, 64)
+    with torch.no_grad():
+        eager = attnopt.rewrite(model, variant, args=(x, mask), inner="eager", **params)
+        fast = attnopt.rewrite(model, variant, args=(x, mask), inner="inductor", **params)
+        fresh = tokens(64)
+        out = fast(fresh, mask)
+        assert inductor_compiles[0] >= 1
+        assert attnopt.report_of(fast).notes == []
+        assert [site.decision.variant for site in attnopt.report_of(fast).sites] == [variant]
+        assert_exact(out, eager(fresh, mask))
+
+
 @pytest.mark.parametrize("explicit", [True, False], ids=["inner-eager", "default"])
 def test_eager_is_rewrite_s_default_and_never_calls_inductor(monkeypatch, explicit):
     def refuse(*_args, **_kwargs):

@@ -29,6 +29,17 @@ def run_groups(n_tokens: int, n_groups: int, device: torch.device | None = None)
     return torch.arange(n_tokens, device=device) * n_groups // n_tokens
 
 
+def counts_of(index: torch.Tensor, n_bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """How many times each of 0 … n_bins − 1 occurs in the 1-D `index` (all within range), as (n_bins,).
+
+    torch.bincount's output size depends on the data (max(index) + 1 when that exceeds minlength),
+    so Inductor cannot compile it (DynamicOutputShapeException); an index_add_ of ones into
+    n_bins zeros has a fixed size and counts the same (exactly, below 2²⁴ per bin in fp32).
+    """
+    return torch.zeros(n_bins, dtype=dtype, device=index.device).index_add_(
+        0, index, torch.ones((), dtype=dtype, device=index.device).expand(index.shape[0]))
+
+
 def run_sums(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums (…, n, d) and sizes (n,) of the run_groups of x (…, N, d), every token valid.
 
@@ -41,7 +52,7 @@ def run_sums(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor
         return sums, x.new_full((n_groups,), n_tokens // n_groups)
     groups = run_groups(n_tokens, n_groups, x.device)
     sums = x.new_zeros(*x.shape[:-2], n_groups, dim).index_add_(-2, groups, x)
-    return sums, torch.bincount(groups, minlength=n_groups).to(x.dtype)
+    return sums, counts_of(groups, n_groups, x.dtype)
 
 
 def pooled_runs_with_outliers(x: torch.Tensor, n_groups: int, n_outliers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +276,7 @@ def group_means(x: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tuple[t
     row_offsets = torch.arange(n_rows, device=x.device).view(*lead, 1) * (n_groups + 1)
     flat_index = (index + row_offsets).reshape(-1)
     sums = index_add_rows(x.new_zeros(n_rows * (n_groups + 1), dim), flat_index, x.reshape(-1, dim))
-    sizes = torch.bincount(flat_index, minlength=n_rows * (n_groups + 1)).to(x.dtype)
+    sizes = counts_of(flat_index, n_rows * (n_groups + 1), x.dtype)
     sums = sums.view(*lead, n_groups + 1, dim)[..., :n_groups, :]
     sizes = sizes.view(*lead, n_groups + 1)[..., :n_groups]
     return sums / sizes.clamp_min(1).unsqueeze(-1), sizes
