@@ -502,7 +502,10 @@ def attnopt_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options
     compiled by Inductor (the default, "inner": "inductor"): everything around attention is fused
     as under a plain `torch.compile(model)`, attnopt's ops are extern kernels Inductor calls, and
     outside them the numerics are Inductor's, as the user had them before switching backends (an
-    Inductor failure runs the graph eagerly, noted in the report). {"inner": "eager"} runs the
+    Inductor failure runs the graph eagerly, noted in the report). At a site attnopt rewrites
+    exactly, its op keeps eager PyTorch's result, also where Inductor's own lowering of that
+    attention differs: rows whose every key is masked (NaN in eager for −inf masks, eager's fp16
+    arithmetic for −1e4 ones; bench/RESULTS.md, the soak against plain torch.compile). {"inner": "eager"} runs the
     rewritten graphs as they are instead — eager PyTorch's numerics, no Inductor compile (2–15 s a
     graph on a CPU). `rewrite` and `optimize`, which return a drop-in replacement for the eager
     model, default to "eager" for the same reason. Each torch.compile call

@@ -169,7 +169,8 @@ def test_eager_is_rewrite_s_default_and_never_calls_inductor(monkeypatch, explic
 
 def test_torch_compile_with_the_attnopt_backend_runs_inductor_by_default(inductor_compiles):
     """It stands in for a plain torch.compile(model): the rewritten graph goes to Inductor, and the
-    exact rewrite computes what torch.compile(model) computes."""
+    exact rewrite computes what eager and torch.compile(model) compute (no masked rows here; where
+    every key of a row is masked, attnopt's op keeps eager's result)."""
     model = seeded(SdpaBlock)
     compiled = torch.compile(model, backend="attnopt")
     plain = torch.compile(model)

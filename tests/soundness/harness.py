@@ -51,6 +51,11 @@ FRESH_REGIMES = ("mixed", "all-keep", "partial")
 INNER = os.environ.get("ATTNOPT_SOUNDNESS_INNER", "eager")
 """What runs the rewritten graphs (attnopt's `inner`): "eager" (the default, and CI's) or
 "inductor" (`run_soak.py --inner inductor`: the same cases with Inductor underneath)."""
+REFERENCE = os.environ.get("ATTNOPT_SOUNDNESS_REFERENCE", "eager")
+"""What the rewritten program must equal: "eager" (the original module called as it is; the default,
+and CI's) or "compile" (plain `torch.compile(original)`, Inductor's numerics: with --inner inductor,
+the promise of `torch.compile(model, backend="attnopt")`'s default, that it computes what the
+`torch.compile(model)` it replaces computes)."""
 REWRITE_ARGS = "" if INNER == "eager" else f", inner={INNER!r}"
 COMPILE_ARGS = f', options={{"inner": {INNER!r}}}'
 
@@ -339,10 +344,11 @@ def check_fresh(program: Program, original: torch.nn.Module, rewritten: Callable
         for index, regime in enumerate(FRESH_REGIMES):
             fresh = V.input_values(program, regime, seed * 101 + index * 7 + int(mode), example=False)
             checks.append((f"fresh input {index} ({regime})", mode, fresh))
+    reference = torch.compile(original) if REFERENCE == "compile" else original
     for name, mode, values in checks:
         args = V.tensors(values)
         try:
-            expected = run(original, args, mode)
+            expected = run(reference, args, mode)
         except Exception as error:
             TALLY.skipped[first_line(error)[:120]] += 1
             continue  # the original itself rejects these values (not the rewrite's business)

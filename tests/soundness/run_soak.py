@@ -5,6 +5,7 @@
     python tests/soundness/run_soak.py --profile soundness  # the quick, reproducible default
     python tests/soundness/run_soak.py --examples 1000 -k programs
     python tests/soundness/run_soak.py --profile soundness --examples 60 --inner inductor
+    python tests/soundness/run_soak.py --profile soundness --examples 200 --inner inductor --reference compile
 
 Prints the table of outcomes per test (rewritten-equal / refused / left-alone / silent-wrong /
 near-miss-rewritten / unreported / crashed), ready to paste into bench/RESULTS.md, then the
@@ -32,6 +33,9 @@ def main() -> int:
     parser.add_argument("--out", help="directory for counts.md, counts.json, failures.md")
     parser.add_argument("--inner", choices=("eager", "inductor"), default="eager",
                         help="what runs the rewritten graphs (attnopt's inner): the default, or Inductor")
+    parser.add_argument("--reference", choices=("eager", "compile"), default="eager",
+                        help="what the rewrite must equal: the original called eagerly (default), or plain "
+                             "torch.compile(original) (with --inner inductor: the torch.compile backend's default)")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression (programs, near_misses, gradients, instances)")
     options, extra = parser.parse_known_args()
     out = Path(options.out or tempfile.mkdtemp(prefix="attnopt-soundness-"))
@@ -40,6 +44,7 @@ def main() -> int:
     if options.examples:
         env["ATTNOPT_SOUNDNESS_EXAMPLES"] = str(options.examples)
     env["ATTNOPT_SOUNDNESS_INNER"] = options.inner
+    env["ATTNOPT_SOUNDNESS_REFERENCE"] = options.reference
     command = [sys.executable, "-m", "pytest", "tests/soundness", f"--hypothesis-profile={options.profile}",
                "-q", "--tb=no", "-p", "no:cacheprovider"]
     if options.keyword:
@@ -51,7 +56,7 @@ def main() -> int:
         print(f"no cases ran (pytest exit status {status})", file=sys.stderr)
         return status or 1
     print(f"profile: {options.profile}" + (f", max_examples={options.examples}" if options.examples else "")
-          + f", inner={options.inner}")
+          + f", inner={options.inner}, reference={options.reference}")
     print(counts.read_text())
     if failures.exists():
         groups = re.findall(r"^## (.*)$", failures.read_text(), flags=re.M)
