@@ -168,6 +168,7 @@ def test_a_shape_the_file_does_not_hold_is_planned_with_the_saved_budget(saved):
     ("mediator", {"n_mediators": 8}, True),
     ("linear", {"feature_map": "learned"}, False),
     ("hybrid", {"window": 8, "sinks": 1}, False),
+    ("clustered", {"clusters": 4, "top_keys": 8}, True),  # nothing to calibrate: the fit is skipped
     ("exact", {}, False),
 ])
 def test_a_rewrite_loads_back_to_the_same_outputs(tmp_path, variant, params, graph_break):
