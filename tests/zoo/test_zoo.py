@@ -61,3 +61,42 @@ def test_zoo_attention_attnopt_cannot_rewrite_is_reported(model_type: str) -> No
     assert r.left_original > 0 and r.silently_missed == 0, (
         f"{where}: {r.left_original} original attention call(s) left, refused {r.refused}")
     assert all("assembled in a way attnopt does not model" in reason for reason in r.refused), r.refused
+
+
+VARIANT_TYPES = ("bert", "vit", "whisper", "swin", "siglip", "t5")
+"""Encoders, an encoder-decoder with cross-attention, shifted windows, relative position bias."""
+NO_SITE_FOR = {("t5", "hybrid")}
+"""T5's self-attention adds a relative position bias that differs per query (refused by every
+variant here) and hybrid's window means nothing across sequences (its cross-attention)."""
+VARIANTS = (("clustered", {"clusters": 3, "top_keys": 3}), ("agent", {"agent_count": 3}),
+            ("mediator", {"n_mediators": 3}), ("hybrid", {"window": 3, "sinks": 1}))
+
+
+@pytest.mark.parametrize("variant, params", VARIANTS, ids=[name for name, _ in VARIANTS])
+@pytest.mark.parametrize("model_type", VARIANT_TYPES)
+def test_zoo_model_types_rewrite_into_each_approximate_variant(model_type: str, variant: str, params: dict) -> None:
+    """`attnopt.rewrite(model, variant, kwargs=...)` on a real architecture (sdpa): no error, finite
+    outputs, and every site either takes the variant or is left as softmax with its reason (causal
+    decoders, per-query biases and cross-attention are what the variants refuse)."""
+    import torch
+
+    import attnopt
+
+    from .zoo import Outcome, _build_and_run, _call, output_tensors
+
+    outcome = Outcome(model_type, "sdpa")
+    built = _build_and_run(outcome)
+    assert built is not None, f"{model_type} did not build or run: {outcome.skip_reason}"
+    model, kwargs, _, _ = built
+    torch._dynamo.reset()
+    with torch.no_grad():
+        rewritten = attnopt.rewrite(model, variant, kwargs=kwargs, inner="eager", **params)
+        out = _call(rewritten, kwargs)
+    assert all(bool(t.isfinite().all()) for t in output_tensors(out) if t.is_floating_point())
+    sites = attnopt.report_of(rewritten).sites
+    taken = any(site.decision is not None and site.decision.variant == variant for site in sites)
+    assert taken != ((model_type, variant) in NO_SITE_FOR), sites
+    for site in sites:
+        assert site.decision is not None, f"site {site.id} undecided"
+        if site.decision.variant != variant:
+            assert site.decision.kept and (site.reason or site.decision.reason), f"site {site.id} kept without a reason"
