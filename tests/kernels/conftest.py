@@ -4,7 +4,7 @@ TRITON_INTERPRET must be set before any kernel is generated (triton.jit reads it
 defined), so it is set here at import, before the tests import attnopt.kernels' launchers. On a
 machine with CUDA the same tests run the kernels natively on the GPU instead. Generated modules
 go to a per-session temporary cache unless ATTNOPT_CACHE_DIR is already set. A test that takes
-the `triton_device` fixture fails unless it launched a generated kernel.
+the `triton_device` fixture fails unless it launched a Triton kernel.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ os.environ.setdefault("ATTNOPT_CACHE_DIR", tempfile.mkdtemp(prefix="attnopt-kern
 from attnopt.kernels import config  # noqa: E402  (after the environment is set)
 
 
-# The generated kernels' launchers, which the ops call when they take the Triton path.
+# The Triton kernels' launchers, which the ops call when they take the Triton path (the generated
+# kernels', and the hand-written chosen-keys kernel's).
 LAUNCHERS = {"exact_triton": "exact_attention_triton", "agent_triton": "agent_attention_triton",
-             "linear_triton": "linear_attention_triton"}
+             "linear_triton": "linear_attention_triton", "chosen_keys_triton": "chosen_keys_attention_triton"}
 
 
 def _counted(launcher: Callable, launched: list[str]) -> Callable:
@@ -41,7 +42,7 @@ def _counted(launcher: Callable, launched: list[str]) -> Callable:
 def triton_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
     """Device on which the ops take their Triton path: CUDA if present, else forced CPU.
 
-    A test that asks for it must launch a generated kernel: one that ran only the reference
+    A test that asks for it must launch a Triton kernel: one that ran only the reference
     compared the reference with itself and could not fail, so the fixture fails it."""
     launched: list[str] = []
     for module_name, launcher in LAUNCHERS.items():
@@ -52,7 +53,7 @@ def triton_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
     else:
         monkeypatch.setattr(config, "force_triton", True)
         yield torch.device("cpu")
-    assert launched, "no generated Triton kernel was launched: the ops took the reference path"
+    assert launched, "no Triton kernel was launched: the ops took the reference path"
 
 
 def pytest_configure(config: pytest.Config) -> None:

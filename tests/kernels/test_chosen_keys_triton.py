@@ -7,37 +7,13 @@ program, 8 chosen keys per chunk): N and t not multiples of them, d ≠ e, padde
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
-from attnopt.kernels import config
 from attnopt.kernels.chosen_keys import chosen_keys_attention, chosen_keys_attention_reference
 
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
-
-
-@pytest.fixture
-def kernel_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
-    """Where the op takes its Triton path (CUDA, else forced CPU); fails a test that never
-    launched the kernel, as it would have compared the reference with itself."""
-    import attnopt.kernels.chosen_keys_triton as chosen_keys_triton
-
-    launched = []
-    launcher = chosen_keys_triton.chosen_keys_attention_triton
-    monkeypatch.setattr(chosen_keys_triton, "chosen_keys_attention_triton",
-                        lambda *args, **kwargs: launched.append(1) or launcher(*args, **kwargs))
-    if torch.cuda.is_available():
-        yield torch.device("cuda")
-    else:
-        monkeypatch.setattr(config, "force_triton", True)
-        yield torch.device("cpu")
-    assert launched, "the Triton kernel was not launched: the op took the reference path"
 
 
 def _inputs(device, dtype, batch, heads, n_queries, n_keys, n_chosen, head_dim, value_dim, biased):
@@ -68,18 +44,18 @@ SHAPES = {  # batch, heads, N, M, t, d, e
 @pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_kernel_matches_the_gather_reference(kernel_device, shape, dtype, biased):
-    q, k, v, keys, bias = _inputs(kernel_device, dtype, *SHAPES[shape], biased)
+def test_kernel_matches_the_gather_reference(triton_device, shape, dtype, biased):
+    q, k, v, keys, bias = _inputs(triton_device, dtype, *SHAPES[shape], biased)
     _assert_matches(chosen_keys_attention(q, k, v, keys, bias, scale=0.3),
                     chosen_keys_attention_reference(q, k, v, keys, bias, scale=0.3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rows_whose_chosen_keys_are_all_masked_give_exactly_zero(kernel_device, dtype):
-    q, k, v, keys, _ = _inputs(kernel_device, dtype, 1, 2, 19, 12, 11, 16, 24, False)
-    bias = torch.zeros(1, 2, 1, 12, device=kernel_device, dtype=dtype)
+def test_rows_whose_chosen_keys_are_all_masked_give_exactly_zero(triton_device, dtype):
+    q, k, v, keys, _ = _inputs(triton_device, dtype, 1, 2, 19, 12, 11, 16, 24, False)
+    bias = torch.zeros(1, 2, 1, 12, device=triton_device, dtype=dtype)
     bias[..., :4] = float("-inf")
-    keys[0, 1, 3] = torch.arange(11, device=kernel_device) % 4  # every chosen key masked
+    keys[0, 1, 3] = torch.arange(11, device=triton_device) % 4  # every chosen key masked
     keys[0, 0, 17] = 2  # one masked key, repeated
     keys[0, 0, 5, :10] = 1  # masked but for its last key
     keys[0, 0, 5, 10] = 7
@@ -88,8 +64,8 @@ def test_rows_whose_chosen_keys_are_all_masked_give_exactly_zero(kernel_device, 
     _assert_matches(out, chosen_keys_attention_reference(q, k, v, keys, bias, scale=0.3))
 
 
-def test_repeated_keys_weigh_once_per_occurrence(kernel_device):
-    q, k, v, keys, bias = _inputs(kernel_device, torch.float32, 1, 2, 19, 9, 13, 16, 16, True)
+def test_repeated_keys_weigh_once_per_occurrence(triton_device):
+    q, k, v, keys, bias = _inputs(triton_device, torch.float32, 1, 2, 19, 9, 13, 16, 16, True)
     keys[..., :6] = keys[..., 6:12]  # each of six keys chosen twice in every row
     keys[0, 0, 2] = 4  # one key, thirteen times
     bias[0, 0, 0, 4] = 0.0
@@ -98,19 +74,19 @@ def test_repeated_keys_weigh_once_per_occurrence(kernel_device):
     _assert_matches(out, chosen_keys_attention_reference(q, k, v, keys, bias, scale=0.3))
 
 
-def test_kernel_reads_strided_inputs(kernel_device):
+def test_kernel_reads_strided_inputs(triton_device):
     """(B, N, H, ·) projections viewed as (B, H, N, ·), keys and bias sliced from larger tensors."""
-    q = torch.randn(2, 19, 2, 16, device=kernel_device).transpose(1, 2)
-    k = torch.randn(2, 23, 2, 16, device=kernel_device).transpose(1, 2)
-    v = torch.randn(2, 2, 24, 23, device=kernel_device).transpose(-1, -2)
-    keys = torch.randint(0, 23, (2, 2, 19, 26), device=kernel_device)[..., ::2]
-    bias = torch.randn(2, 1, 1, 23, device=kernel_device).expand(2, 2, 1, 23)
+    q = torch.randn(2, 19, 2, 16, device=triton_device).transpose(1, 2)
+    k = torch.randn(2, 23, 2, 16, device=triton_device).transpose(1, 2)
+    v = torch.randn(2, 2, 24, 23, device=triton_device).transpose(-1, -2)
+    keys = torch.randint(0, 23, (2, 2, 19, 26), device=triton_device)[..., ::2]
+    bias = torch.randn(2, 1, 1, 23, device=triton_device).expand(2, 2, 1, 23)
     _assert_matches(chosen_keys_attention(q, k, v, keys, bias, scale=0.3),
                     chosen_keys_attention_reference(q, k, v, keys, bias, scale=0.3))
 
 
-def test_bfloat16_matches_the_fp32_reference_to_bfloat16_rounding(kernel_device):
-    q, k, v, keys, bias = _inputs(kernel_device, torch.bfloat16, 1, 2, 19, 23, 13, 16, 24, True)
+def test_bfloat16_matches_the_fp32_reference_to_bfloat16_rounding(triton_device):
+    q, k, v, keys, bias = _inputs(triton_device, torch.bfloat16, 1, 2, 19, 23, 13, 16, 24, True)
     out = chosen_keys_attention(q, k, v, keys, bias, scale=0.3)
     expected = chosen_keys_attention_reference(q.float(), k.float(), v.float(), keys, bias.float(), scale=0.3)
     assert out.dtype == torch.bfloat16
@@ -118,10 +94,10 @@ def test_bfloat16_matches_the_fp32_reference_to_bfloat16_rounding(kernel_device)
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=2 ** -7)
 
 
-def test_gradients_are_the_references(kernel_device):
-    q, k, v, keys, bias = _inputs(kernel_device, torch.float32, 1, 2, 19, 23, 13, 16, 24, True)
+def test_gradients_are_the_references(triton_device):
+    q, k, v, keys, bias = _inputs(triton_device, torch.float32, 1, 2, 19, 23, 13, 16, 24, True)
     inputs = [x.requires_grad_(True) for x in (q, k, v, bias)]
-    weights = torch.randn(1, 2, 19, 24, device=kernel_device)
+    weights = torch.randn(1, 2, 19, 24, device=triton_device)
 
     def gradients(attention):
         out = attention(q, k, v, keys, bias, scale=0.3)
@@ -163,11 +139,6 @@ def compile_for_sm90() -> None:
 def test_kernel_compiles_for_sm90():
     """The interpreter is lenient; Triton's compiler is not. Compiling needs no GPU (as
     test_cuda_compile does for the generated kernels), in a process outside interpreter mode."""
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    environment["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), environment.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", "import test_chosen_keys_triton; test_chosen_keys_triton.compile_for_sm90()"],
-        env=environment, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 3
+    from test_cuda_compile import run_outside_interpreter
+
+    assert run_outside_interpreter("test_chosen_keys_triton", "compile_for_sm90").count("compiled") == 3

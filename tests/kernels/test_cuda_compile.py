@@ -92,13 +92,19 @@ def compile_cases() -> None:
         print(f"{op}.{kernel_name} compiled")
 
 
-def test_generated_kernels_compile_for_sm90():
-    # Triton cannot compile in a process whose standard library was loaded in interpreter mode
+def run_outside_interpreter(module: str, function: str) -> str:
+    """stdout of `module.function()` (a module of this folder) run in a fresh process without
+    TRITON_INTERPRET: Triton cannot compile in a process whose standard library was loaded in
+    interpreter mode. Fails the test if it raised."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), environment.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-c", "import test_cuda_compile; test_cuda_compile.compile_cases()"],
+        [sys.executable, "-c", f"import {module}; {module}.{function}()"],
         env=environment, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == len(CASES)
+    return result.stdout
+
+
+def test_generated_kernels_compile_for_sm90():
+    assert run_outside_interpreter("test_cuda_compile", "compile_cases").count("compiled") == len(CASES)
