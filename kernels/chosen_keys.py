@@ -2,8 +2,8 @@
 
     out_i = softmax_{j ∈ keys_i}(q_i·k_j·scale + bias_j) · v_{keys_i}
 
-with keys (B, H, N, t) the indices of the keys query i reads (clustered attention's exact part,
-attnopt/kernels/clustered_reference.py). A row whose chosen keys are all masked gives 0.
+with keys (B, H, N, t) the indices (int64 or int32) of the keys query i reads (clustered
+attention's exact part, attnopt/kernels/clustered_reference.py). A row whose chosen keys are all masked gives 0.
 
 Three implementations of the same sums:
 - `chosen_keys_attention_reference`: gathers each query's t key and value rows (index_select
@@ -12,7 +12,9 @@ Three implementations of the same sums:
 - on CPU, without gradients: one sampled dense-dense product (`torch.sparse.sampled_addmm`, the
   scores at the chosen (query, key) pairs only, as CSR values with exactly t per row), a dense
   softmax over those values viewed (rows, t), and one sparse-dense product with V. Nothing of
-  size N·t·d is written: ~10× faster than the gathers at all-MiniLM-L6-v2's shape.
+  size N·t·d is written: ~10× faster than the gathers at all-MiniLM-L6-v2's shape. The CSR
+  indices are int32 where every flat index fits (half the memory of int64; a fresh 25 MB index
+  costs thousands of page faults a call on CPU).
 - CUDA tensors of fp32/fp16/bf16 (or forced CPU ones under TRITON_INTERPRET=1, see config): the
   Triton kernel of chosen_keys_triton.py, gathering each query's key and value rows in chunks
   with an fp32 online softmax; forward only.
@@ -46,8 +48,8 @@ def _check(q, k, v, keys, key_bias) -> None:
     if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3] or keys.shape[:3] != q.shape[:3]:
         raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"keys {tuple(keys.shape)}")
-    if keys.dtype != torch.int64:
-        raise TypeError(f"keys must be int64, got {keys.dtype}")
+    if keys.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"keys must be int64 or int32, got {keys.dtype}")
     if key_bias is not None and (not key_bias.is_floating_point() or key_bias.shape != (*q.shape[:2], 1, k.shape[2])):
         raise ValueError(f"key_bias must be floating (B, H, 1, M), got {key_bias.dtype} {tuple(key_bias.shape)}")
 
@@ -57,10 +59,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _flat_keys(keys: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """Each chosen key as a row of the flattened (B·H·M, ·) keys: (B, H, N, t)."""
-    offsets = torch.arange(keys.shape[0] * keys.shape[1], device=keys.device) * n_keys
-    return keys + offsets.view(keys.shape[0], keys.shape[1], 1, 1)
+def _flat_keys(keys: torch.Tensor, n_keys: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Each chosen key as a row of the flattened (B·H·M, ·) keys: (B, H, N, t), in `dtype`."""
+    offsets = torch.arange(keys.shape[0] * keys.shape[1], device=keys.device, dtype=dtype) * n_keys
+    return keys.to(dtype) + offsets.view(keys.shape[0], keys.shape[1], 1, 1)
 
 
 def chosen_keys_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
@@ -89,8 +91,9 @@ def _sparse_cpu(q, k, v, keys, key_bias, scale):
     """The CSR form (module docstring): scores at the chosen pairs, softmax, one sparse-dense product."""
     n_rows, n_chosen = q.shape[0] * q.shape[1] * q.shape[2], keys.shape[-1]
     n_key_rows = k.shape[0] * k.shape[1] * k.shape[2]
-    columns = _flat_keys(keys, k.shape[2]).reshape(-1)
-    row_starts = torch.arange(0, n_rows * n_chosen + 1, n_chosen, device=q.device)
+    index_dtype = torch.int32 if max(n_rows * n_chosen, n_key_rows) < 2**31 else torch.int64
+    columns = _flat_keys(keys, k.shape[2], index_dtype).reshape(-1)
+    row_starts = torch.arange(0, n_rows * n_chosen + 1, n_chosen, device=q.device, dtype=index_dtype)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore")
         pattern = torch.sparse_csr_tensor(row_starts, columns, q.new_zeros(n_rows * n_chosen),
@@ -112,7 +115,7 @@ def _chosen_keys_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if config.use_triton(q):
         from .chosen_keys_triton import chosen_keys_attention_triton
 
-        return chosen_keys_attention_triton(q, k, v, keys, key_bias, scale=scale)
+        return chosen_keys_attention_triton(q, k, v, keys.long(), key_bias, scale=scale)  # int64 offsets
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and keys.shape[-1] > 0:
         return _sparse_cpu(q.contiguous(), k.contiguous(), v.contiguous(), keys, key_bias, scale)
     return chosen_keys_attention_reference(q, k, v, keys, key_bias, scale=scale).contiguous()
@@ -148,7 +151,7 @@ def chosen_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
                           key_bias: torch.Tensor | None = None, *, scale: float) -> torch.Tensor:
     """Exact softmax attention of each query over its own keys → (B, H, N, e) in q's dtype.
 
-    q (B, H, N, d); k (B, H, M, d); v (B, H, M, e); keys (B, H, N, t) int64 in [0, M);
+    q (B, H, N, d); k (B, H, M, d); v (B, H, M, e); keys (B, H, N, t) int64 or int32 in [0, M);
     key_bias (B, H, 1, M) additive (−inf: masked) or None.
     """
     return torch.ops.attnopt.chosen_keys_attention(q, k, v, keys, key_bias, scale=scale)

@@ -52,17 +52,27 @@ def clustered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     batch, n_heads, n_queries, _ = q.shape
-    value_dim = v.shape[-1]
     bias = None if key_bias is None else key_bias.to(compute).expand(batch, n_heads, 1, k.shape[2])
     weights, top = centroid_attention(centroids.to(compute), k, bias, scale=scale, top_keys=top_keys)
     mass = weights.gather(-1, top).sum(-1)  # (B, H, n): the share of each centroid's weight on its top keys
     rest = torch.matmul(weights.scatter(-1, top, 0.0), v)  # (B, H, n, e): its weighted sum of the other keys
 
-    keys = top.gather(2, groups.unsqueeze(-1).expand(-1, -1, -1, top_keys))  # (B, H, N, t): each query's keys
+    keys = cluster_rows(top.int(), groups)  # (B, H, N, t): each query's keys (int32: < M)
     exact = chosen_keys_attention(q, k, v, keys, bias, scale=scale)
-    out = (mass.gather(-1, groups).unsqueeze(-1) * exact
-           + rest.gather(2, groups.unsqueeze(-1).expand(-1, -1, -1, value_dim)))
+    out = mass.gather(-1, groups).unsqueeze(-1) * exact + cluster_rows(rest, groups)
     return out.to(dtype)
+
+
+def cluster_rows(per_cluster: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Each query's row of its cluster: per_cluster (B, H, n, c), groups (B, H, N) → (B, H, N, c).
+
+    `per_cluster.gather(2, groups expanded over c)` as one index_select of whole rows of the
+    flattened (B·H·n, c) table: a row copy per query instead of an index read per element.
+    """
+    batch, n_heads, n_clusters, width = per_cluster.shape
+    offsets = torch.arange(batch * n_heads, device=groups.device).view(batch, n_heads, 1) * n_clusters
+    rows = (groups + offsets).reshape(-1)
+    return per_cluster.reshape(-1, width).index_select(0, rows).view(*groups.shape, width)
 
 
 def clustered_attention_dense(q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, centroids: torch.Tensor, *,

@@ -123,12 +123,14 @@ def test_gradients_flow_to_q_k_and_v_as_the_dense_form_s():
 
 @pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_csr_path_of_the_chosen_keys_op_equals_its_gather_reference(biased, dtype):
+@pytest.mark.parametrize("key_dtype", [torch.int64, torch.int32])
+def test_the_csr_path_of_the_chosen_keys_op_equals_its_gather_reference(biased, dtype, key_dtype):
     """The op's CPU inference path (sampled scores and a sparse product) against the reference,
-    in one chunk and in many; a row whose chosen keys are all masked gives 0 either way."""
+    in one chunk and in many; a row whose chosen keys are all masked gives 0 either way; int32
+    key indices give what int64 ones give."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, dim, generator=generator, dtype=dtype) for n, dim in ((20, 8), (30, 8), (30, 5)))
-    keys = torch.randint(0, 30, (2, 3, 20, 6), generator=generator)
+    keys = torch.randint(0, 30, (2, 3, 20, 6), generator=generator).to(key_dtype)
     bias = None
     if biased:
         bias = torch.randn(2, 3, 1, 30, generator=generator, dtype=dtype)
@@ -139,6 +141,9 @@ def test_the_csr_path_of_the_chosen_keys_op_equals_its_gather_reference(biased, 
     chunked = chosen_keys_attention_reference(q, k, v, keys, bias, scale=0.3, chunk_elements=6 * 13 * 3)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
     torch.testing.assert_close(fast, whole)
+    if key_dtype == torch.int32:
+        with torch.no_grad():
+            torch.testing.assert_close(fast, chosen_keys_attention(q, k, v, keys.long(), bias, scale=0.3), rtol=0, atol=0)
     if biased:
         assert torch.equal(fast[0, 0], torch.zeros_like(fast[0, 0]))
 
