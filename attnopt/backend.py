@@ -25,8 +25,9 @@ data, not sizes (a diffusion timestep), are in no signature (`value_int_position
 What runs a signature's graph (`inner`): the fx graph as it is by default (`"eager"`); with
 `inner="inductor"` the rewritten (or untouched) graph is compiled by `compile_fx` for the call's
 concrete inputs — attnopt's ops kept opaque, everything around them fused as under a plain
-`torch.compile` — and checked once against the eager graph; an Inductor failure or a mismatch
-runs the eager graph instead, with the reason in the report's notes. `torch.compile(model,
+`torch.compile` — and checked once against the eager graph; an Inductor failure (of the forward
+or, where the graph needs gradients, of the backward, compiled with it rather than at the first
+backward call) or a mismatch runs the eager graph instead, with the reason in the report's notes. `torch.compile(model,
 backend="attnopt")` compiles with Inductor by default (it stands in for `torch.compile(model)`);
 `rewrite`/`optimize` run the fx graph by default: they stand in for the eager model, each graph
 would cost 2–15 s of Inductor compile on a CPU, and a compile whose check passed on one example
@@ -79,6 +80,10 @@ class AttnoptError(RuntimeError):
 INNERS = ("inductor", "eager")
 """What runs each signature's graph: Inductor (`compile_fx` at the call's concrete shapes) or the
 fx graph itself."""
+
+_BACKWARD_NOW = ({"force_non_lazy_backward_lowering": True}
+                 if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering") else {})
+"""AOTAutograd's setting that compiles a graph's backward with its forward (torch 2.13 has it)."""
 
 INDUCTOR_SIGNATURES_PER_DYNAMIC_GRAPH = 8
 """A graph dynamo made dynamic (sizes change between calls: a decode loop) is compiled by
@@ -440,8 +445,11 @@ class AttnoptBackend:
             # Traced as part of a torch.compile, as under dynamo: code that branches on
             # torch.compiler.is_compiling() (a data-dependent shortcut skipped when compiled)
             # takes its compiled path
+            # and the backward (where the graph needs one) compiled now, not lazily at the first
+            # loss.backward(), where a failure would escape this fallback and raise in the user's step
             session = getattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
-            with session(), torch._functorch.config.patch(decompose_custom_triton_ops=decompose):
+            with session(), torch._functorch.config.patch(decompose_custom_triton_ops=decompose,
+                                                          **_BACKWARD_NOW):
                 compiled = compile_fx(fx.GraphModule(graph, copy.deepcopy(graph.graph)), list(args))
             self.inner_seconds.append(time.perf_counter() - start)
             cloned = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)}

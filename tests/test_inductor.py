@@ -218,6 +218,28 @@ def test_an_inductor_failure_runs_the_eager_graph_and_is_reported(monkeypatch):
     assert "note: graph 0" in str(report)
 
 
+def test_an_inductor_backward_failure_runs_the_eager_graph_and_is_reported(monkeypatch):
+    """AOTAutograd compiles a backward lazily, at the first backward call, outside the fallback
+    around compile_fx: attnopt has it compiled with the forward, so a failing backward compile
+    also leaves the graph eager, with the note, instead of raising from loss.backward()."""
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("backward kernel failed to build")
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx_backward", broken)
+    model = seeded(SdpaBlock)
+    x = tokens()
+    rewritten = attnopt.rewrite(model, "exact", args=(x,), inner="inductor")
+    fresh = tokens()
+    rewritten(fresh).square().mean().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(fresh).square().mean().backward()
+    for actual, expected in zip(got, (p.grad for p in model.parameters())):
+        assert_exact(actual, expected)
+    (note,) = attnopt.report_of(rewritten).notes
+    assert "Inductor failed (RuntimeError: backward kernel failed to build)" in note
+
+
 def test_an_inductor_compile_that_differs_is_refused_and_reported(monkeypatch):
     def wrong(gm, example_inputs, **_kwargs):
         return lambda *args: [t + 1.0 for t in gm(*args)]
