@@ -27,11 +27,12 @@ What runs a signature's graph (`inner`): the fx graph as it is by default (`"eag
 concrete inputs — attnopt's ops kept opaque, everything around them fused as under a plain
 `torch.compile` — and checked once against the eager graph; an Inductor failure (of the forward
 or, where the graph needs gradients, of the backward, compiled with it rather than at the first
-backward call) or a mismatch runs the eager graph instead, with the reason in the report's notes. `torch.compile(model,
-backend="attnopt")` compiles with Inductor by default (it stands in for `torch.compile(model)`);
-`rewrite`/`optimize` run the fx graph by default: they stand in for the eager model, each graph
-would cost 2–15 s of Inductor compile on a CPU, and a compile whose check passed on one example
-is trusted for every later input of that signature, with Inductor's numerics there.
+backward call) or a mismatch runs the eager graph instead, with the reason in the report's
+notes. `torch.compile(model, backend="attnopt")` compiles with Inductor by default (it stands in
+for `torch.compile(model)`); `rewrite`/`optimize` run the fx graph by default: they stand in for
+the eager model, each graph would cost 2–15 s of Inductor compile on a CPU, and a compile whose
+check passed on one example is trusted for every later input of that signature, with
+Inductor's numerics there.
 
 All sites, rewritten or not, land in the backend's `Report`.
 """
@@ -444,9 +445,9 @@ class AttnoptBackend:
             # a copy: Inductor's passes may change the graph they get, and `graph` stays the fallback.
             # Traced as part of a torch.compile, as under dynamo: code that branches on
             # torch.compiler.is_compiling() (a data-dependent shortcut skipped when compiled)
-            # takes its compiled path
-            # and the backward (where the graph needs one) compiled now, not lazily at the first
-            # loss.backward(), where a failure would escape this fallback and raise in the user's step
+            # takes its compiled path. The backward, where the graph needs one, is compiled now
+            # rather than lazily at the first loss.backward(), where a failure would escape this
+            # fallback and raise in the user's training step.
             session = getattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
             with session(), torch._functorch.config.patch(decompose_custom_triton_ops=decompose,
                                                           **_BACKWARD_NOW):

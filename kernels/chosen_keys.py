@@ -3,7 +3,8 @@
     out_i = softmax_{j ∈ keys_i}(q_i·k_j·scale + bias_j) · v_{keys_i}
 
 with keys (B, H, N, t) the indices (int64 or int32) of the keys query i reads (clustered
-attention's exact part, attnopt/kernels/clustered_reference.py). A row whose chosen keys are all masked gives 0.
+attention's exact part, attnopt/kernels/clustered_reference.py). A row whose chosen keys are all
+masked gives 0.
 
 Three implementations of the same sums:
 - `chosen_keys_attention_reference`: gathers each query's t key and value rows (index_select
