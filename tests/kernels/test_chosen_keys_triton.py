@@ -50,6 +50,14 @@ def test_kernel_matches_the_gather_reference(triton_device, shape, dtype, biased
                     chosen_keys_attention_reference(q, k, v, keys, bias, scale=0.3))
 
 
+def test_int32_keys_give_what_int64_keys_give(triton_device):
+    """The op takes int32 key indices (clustered attention passes them); the kernel gets int64
+    ones, so its row offsets (index × stride) cannot overflow."""
+    q, k, v, keys, bias = _inputs(triton_device, torch.float32, *SHAPES["ragged blocks"], True)
+    torch.testing.assert_close(chosen_keys_attention(q, k, v, keys.int(), bias, scale=0.3),
+                               chosen_keys_attention(q, k, v, keys, bias, scale=0.3), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rows_whose_chosen_keys_are_all_masked_give_exactly_zero(triton_device, dtype):
     q, k, v, keys, _ = _inputs(triton_device, dtype, 1, 2, 19, 12, 11, 16, 24, False)
