@@ -125,18 +125,24 @@ def pooling(n_tokens: Expr) -> CostFormula:
 def kmeans(n_tokens: Expr, iterations: int, window: int | None) -> CostFormula:
     """Lloyd iterations from the pooled tokens: assign each query to its nearest token, re-average.
 
-    Global assignment is a matmul Q·Tᵀ (N·n·d multiply-adds); local assignment (`window` nearest
-    tokens per query) gathers N·window·d candidate features and reduces them element-wise.
+    Assignment is a matmul Q·Tᵀ (N·n·d multiply-adds) and an argmax over the n scores; local
+    assignment (`window` candidate tokens per query, clustering.nearest_groups) also bars the
+    others in the scores (one masked fill) and picks a fallback, against an (N, n) mask of the
+    candidates built once.
     """
-    assignment = (
-        CostFormula(flops=2 * B * H * N * n_tokens * d, elementwise_ops=2 * B * H * N * n_tokens,
-                    bytes_moved=dtype_bytes * B * H * N * (d + 3 * n_tokens), kernel_calls=5)
-        if window is None else
-        CostFormula(flops=0, elementwise_ops=5 * B * H * N * sympy.Min(window, n_tokens) * d,
-                    bytes_moved=3 * dtype_bytes * B * H * N * sympy.Min(window, n_tokens) * d, kernel_calls=8)
+    local = window is not None
+    assignment = CostFormula(
+        flops=2 * B * H * N * n_tokens * d,
+        elementwise_ops=(4 if local else 2) * B * H * N * n_tokens,
+        bytes_moved=dtype_bytes * B * H * N * (d + (5 if local else 3) * n_tokens),
+        kernel_calls=7 if local else 5,
     )
     per_iteration = assignment + pooling(n_tokens)
-    return CostFormula(*(iterations * term for term in per_iteration.terms))
+    total = CostFormula(*(iterations * term for term in per_iteration.terms))
+    if local and iterations > 0:  # the mask of each query's candidates: zeros, a scatter, a negation
+        total = total + CostFormula(flops=0, elementwise_ops=B * H * N * (2 * n_tokens + sympy.Min(window, n_tokens)),
+                                    bytes_moved=2 * B * H * N * n_tokens, kernel_calls=3)
+    return total
 
 
 def bipartite(n_tokens: Expr) -> CostFormula:

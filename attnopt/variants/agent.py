@@ -378,13 +378,17 @@ def _build(config: AgentConfig, site_info: SiteInfo, example: Example | None) ->
 
 def agent_cost(n_agents: costmodel.Expr = costmodel.n, selection: str = "pool", kmeans_iterations: int = 3,
                kmeans_window: int | None = None, n_outliers: int = 0,
-               shortcut_offsets: tuple[int, ...] = (), runs: tuple[int, int] | None = None) -> costmodel.CostFormula:
+               shortcut_offsets: tuple[int, ...] = (), runs: tuple[int, int] | None = None,
+               n_pooled: costmodel.Expr | None = None) -> costmodel.CostFormula:
     """Agent attention: select n agents from Q of this call, split off the outliers, two stages, V shortcut.
 
     runs: (n_pooled, L) where k-means runs on runs of L consecutive queries (1-D, no padding), else None.
+    n_pooled: the agents the selection makes (k-means centroids), n_agents − n_outliers unless given
+    (a grid's class token is an agent of its own, not a centroid).
     """
     select = costmodel.lookup(SELECTIONS, selection, "agent selection").cost
-    return (select(n_agents, kmeans_iterations, kmeans_window, runs) + costmodel.outlier_split(n_outliers)
+    made = n_agents - n_outliers if n_pooled is None else n_pooled
+    return (select(made, kmeans_iterations, kmeans_window, runs) + costmodel.outlier_split(n_outliers)
             + stage_temperatures_cost(n_agents) + two_stage_cost(n_agents, shortcut_offsets))
 
 
@@ -410,7 +414,8 @@ def _cost_params(config: AgentConfig, site_info: SiteInfo) -> dict:
         runs = (layout.n_pooled, -(-(site_info.N - layout.n_class_tokens) // layout.n_pooled))
     return {"n_agents": layout.n_agents, "selection": config.selection, "kmeans_iterations": config.kmeans_iterations,
             "kmeans_window": config.kmeans_window, "n_outliers": layout.n_outliers,
-            "shortcut_offsets": shortcut_offsets_at(config.shortcut_offsets, site_info), "runs": runs}
+            "shortcut_offsets": shortcut_offsets_at(config.shortcut_offsets, site_info), "runs": runs,
+            "n_pooled": layout.n_pooled}
 
 
 CANDIDATE_COUNTS = (16, 32, 64, 128, 256)

@@ -282,36 +282,45 @@ def group_means(x: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tuple[t
     return sums / sizes.clamp_min(1).unsqueeze(-1), sizes
 
 
-def nearest_groups(x: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor,
-                   candidates: torch.Tensor | None) -> torch.Tensor:
-    """Index of the nearest non-empty centroid (Euclidean) per token, among its candidates if given.
+def barred_centroids(candidates: torch.Tensor, n_centroids: int) -> torch.Tensor:
+    """(…, N, n) bool: True at the centroids outside each token's candidates (…, N, W) (local k-means)."""
+    allowed = torch.zeros(*candidates.shape[:-1], n_centroids, dtype=torch.bool, device=candidates.device)
+    return allowed.scatter_(-1, candidates, True).logical_not_()
 
-    candidates (…, N, W): the centroid indices each token may join (local k-means); None: all.
+
+def nearest_groups(x: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor, barred: torch.Tensor | None = None,
+                   fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the nearest non-empty centroid (Euclidean) per token, among those not barred.
+
+    One baddbmm of every token against every centroid, x·cᵀ − ‖c‖²/2 with −inf at empty
+    centroids; local k-means then bars the centroids outside each token's candidates (barred
+    (…, N, n), `barred_centroids`) — gathering each token's W candidate centroids instead would
+    write W times x's size (100+ MB a call at all-MiniLM-L6-v2's batch) for fewer multiply-adds.
+    A token whose allowed centroids are all empty takes fallback (…, N), its first candidate.
     """
-    if candidates is None:  # one baddbmm: x·cᵀ − ‖c‖²/2, −inf at empty centroids (no pass after the product)
-        bias = centroids.pow(2).sum(-1).mul(-0.5).masked_fill(sizes <= 0, float("-inf")).unsqueeze(-2)
-        n_tokens, n_centroids, dim = x.shape[-2], centroids.shape[-2], x.shape[-1]
-        scores = torch.baddbmm(bias.reshape(-1, 1, n_centroids), x.reshape(-1, n_tokens, dim),
-                               centroids.reshape(-1, n_centroids, dim).transpose(-1, -2))
+    bias = centroids.pow(2).sum(-1).mul(-0.5).masked_fill(sizes <= 0, float("-inf")).unsqueeze(-2)
+    n_tokens, n_centroids, dim = x.shape[-2], centroids.shape[-2], x.shape[-1]
+    scores = torch.baddbmm(bias.reshape(-1, 1, n_centroids), x.reshape(-1, n_tokens, dim),
+                           centroids.reshape(-1, n_centroids, dim).transpose(-1, -2))
+    if barred is None:
         return scores.argmax(-1).view(x.shape[:-1])
-    n_tokens, window = candidates.shape[-2:]
-    flat = candidates.reshape(*candidates.shape[:-2], n_tokens * window)
-    chosen = centroids.gather(-2, flat.unsqueeze(-1).expand(*flat.shape, centroids.shape[-1]))
-    chosen = chosen.reshape(*candidates.shape, centroids.shape[-1])
-    scores = (x.unsqueeze(-2) * chosen).sum(-1) - 0.5 * chosen.pow(2).sum(-1)
-    scores = scores.masked_fill(sizes.gather(-1, flat).reshape(candidates.shape) <= 0, float("-inf"))
-    return candidates.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
+    best, nearest = scores.masked_fill_(barred.reshape(scores.shape), float("-inf")).max(-1)
+    return torch.where(best == float("-inf"), fallback.reshape(nearest.shape), nearest).view(x.shape[:-1])
 
 
 def kmeans(x: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor, n_groups: int, iterations: int,
            candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd's k-means from the initial `groups`: centroids (…, n, d), sizes (…, n), groups (…, N).
 
+    candidates (…, N, W): the centroids each token may join (local k-means), its own first; None: all.
     A centroid that loses all its tokens keeps its place (it may win tokens back) with size 0.
     """
+    barred = fallback = None
+    if candidates is not None:
+        barred, fallback = barred_centroids(candidates, n_groups), candidates[..., 0]
     centroids, sizes = group_means(x, groups, n_groups)
     for _ in range(iterations):
-        groups = torch.where(valid, nearest_groups(x, centroids, sizes, candidates), -1)
+        groups = torch.where(valid, nearest_groups(x, centroids, sizes, barred, fallback), -1)
         new_centroids, sizes = group_means(x, groups, n_groups)
         centroids = torch.where((sizes > 0).unsqueeze(-1), new_centroids, centroids)
     return centroids, sizes, groups

@@ -8,9 +8,9 @@ import torch
 from attnopt import costmodel
 from attnopt.variants import AgentConfig, TokenGrid, build_site_module, refusal, relative_error, spec_for
 from attnopt.variants.agent import AgentAttention, AgentLayout, stage_temperatures_cost
-from attnopt.variants.clustering import (bipartite_merge, first_max, group_means, index_add_rows, kmeans,
-                                         pooled_groups, pooled_runs_with_outliers, run_kmeans_with_outliers,
-                                         run_sums, split_outliers)
+from attnopt.variants.clustering import (barred_centroids, bipartite_merge, first_max, group_means, index_add_rows,
+                                         kmeans, nearest_groups, pooled_groups, pooled_runs_with_outliers,
+                                         run_kmeans_with_outliers, run_sums, split_outliers)
 from attnopt.variants.shortcut import ValueShortcut, shifted_values
 from attnopt.variants.two_stage import agent_bias, two_stage_attention
 
@@ -138,6 +138,35 @@ def test_local_kmeans_with_a_window_over_all_agents_is_global_kmeans():
     local = AgentAttention(AgentConfig(kmeans_window=100), site).agents(q, None)
     full = AgentAttention(AgentConfig(kmeans_window=None), site).agents(q, None)
     torch.testing.assert_close(local, full)
+
+
+def nearest_candidate_by_gathering(x, centroids, sizes, candidates):
+    """The local assignment written the direct way: each token's W candidate centroids gathered,
+    their distances reduced, empty ones barred, the first nearest (its first candidate if all empty)."""
+    chosen = torch.stack([torch.stack([centroids[b, candidates[b, i]] for i in range(x.shape[1])])
+                          for b in range(x.shape[0])])  # (R, N, W, d)
+    scores = (x.unsqueeze(-2) * chosen).sum(-1) - 0.5 * chosen.pow(2).sum(-1)
+    scores = scores.masked_fill(sizes.gather(-1, candidates.flatten(1)).view(candidates.shape) <= 0, float("-inf"))
+    return candidates.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_assignment_by_one_matmul_equals_gathering_each_tokens_candidates(seed):
+    """nearest_groups scores every token against every centroid and bars those outside its
+    candidates; it picks what gathering the candidates would, empty centroids and tokens whose
+    candidates are all empty included."""
+    generator = torch.Generator().manual_seed(seed)
+    n_rows, n_tokens, n_centroids, dim = 3, 40 + 7 * seed, 9, 6
+    window = [1, 3, 5, 9, 2, 4][seed]
+    dtype = torch.float64 if seed % 2 else torch.float32
+    x = torch.randn(n_rows, n_tokens, dim, generator=generator, dtype=dtype)
+    centroids = torch.randn(n_rows, n_centroids, dim, generator=generator, dtype=dtype)
+    sizes = torch.randint(0, 3, (n_rows, n_centroids), generator=generator).to(dtype)  # a third empty
+    candidates = torch.stack([torch.randperm(n_centroids, generator=generator)[:window]
+                              for _ in range(n_rows * n_tokens)]).view(n_rows, n_tokens, window)
+    expected = nearest_candidate_by_gathering(x, centroids, sizes, candidates)
+    actual = nearest_groups(x, centroids, sizes, barred_centroids(candidates, n_centroids), candidates[..., 0])
+    assert torch.equal(actual, expected)
 
 
 def test_bipartite_merge_joins_duplicates_first():
