@@ -127,15 +127,15 @@ def kmeans(n_tokens: Expr, iterations: int, window: int | None) -> CostFormula:
 
     Assignment is a matmul Q·Tᵀ (N·n·d multiply-adds) and an argmax over the n scores; local
     assignment (`window` candidate tokens per query, clustering.nearest_groups) also bars the
-    others in the scores (one masked fill) and picks a fallback, against an (N, n) mask of the
-    candidates built once.
+    others in the scores (one masked fill), takes the first maximum in four passes
+    (clustering.first_max) and a fallback, against an (n, N) mask of the candidates built once.
     """
     local = window is not None
     assignment = CostFormula(
         flops=2 * B * H * N * n_tokens * d,
-        elementwise_ops=(4 if local else 2) * B * H * N * n_tokens,
-        bytes_moved=dtype_bytes * B * H * N * (d + (5 if local else 3) * n_tokens),
-        kernel_calls=7 if local else 5,
+        elementwise_ops=(6 if local else 2) * B * H * N * n_tokens,
+        bytes_moved=dtype_bytes * B * H * N * (d + (6 if local else 3) * n_tokens),
+        kernel_calls=9 if local else 5,
     )
     per_iteration = assignment + pooling(n_tokens)
     total = CostFormula(*(iterations * term for term in per_iteration.terms))

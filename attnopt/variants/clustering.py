@@ -283,9 +283,10 @@ def group_means(x: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tuple[t
 
 
 def barred_centroids(candidates: torch.Tensor, n_centroids: int) -> torch.Tensor:
-    """(…, N, n) bool: True at the centroids outside each token's candidates (…, N, W) (local k-means)."""
-    allowed = torch.zeros(*candidates.shape[:-1], n_centroids, dtype=torch.bool, device=candidates.device)
-    return allowed.scatter_(-1, candidates, True).logical_not_()
+    """(…, n, N) bool: True where centroid c is not among token t's candidates (…, N, W) (local k-means)."""
+    allowed = torch.zeros(*candidates.shape[:-2], n_centroids, candidates.shape[-2], dtype=torch.bool,
+                          device=candidates.device)
+    return allowed.scatter_(-2, candidates.transpose(-1, -2), True).logical_not_()
 
 
 def nearest_groups(x: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor, barred: torch.Tensor | None = None,
@@ -293,19 +294,24 @@ def nearest_groups(x: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
     """Index of the nearest non-empty centroid (Euclidean) per token, among those not barred.
 
     One baddbmm of every token against every centroid, x·cᵀ − ‖c‖²/2 with −inf at empty
-    centroids; local k-means then bars the centroids outside each token's candidates (barred
-    (…, N, n), `barred_centroids`) — gathering each token's W candidate centroids instead would
-    write W times x's size (100+ MB a call at all-MiniLM-L6-v2's batch) for fewer multiply-adds.
-    A token whose allowed centroids are all empty takes fallback (…, N), its first candidate.
+    centroids. Local k-means then bars the centroids outside each token's candidates (barred
+    (…, n, N), `barred_centroids`) — gathering each token's W candidate centroids instead would
+    write W times x's size (100+ MB a call at all-MiniLM-L6-v2's batch) for fewer multiply-adds —
+    with the scores laid out (n, N), so the first nearest is `first_max` over the centroids,
+    vectorised over the tokens. A token whose allowed centroids are all empty (or whose scores
+    are not finite) takes fallback (…, N), its first candidate.
     """
-    bias = centroids.pow(2).sum(-1).mul(-0.5).masked_fill(sizes <= 0, float("-inf")).unsqueeze(-2)
+    bias = centroids.pow(2).sum(-1).mul(-0.5).masked_fill(sizes <= 0, float("-inf"))
     n_tokens, n_centroids, dim = x.shape[-2], centroids.shape[-2], x.shape[-1]
-    scores = torch.baddbmm(bias.reshape(-1, 1, n_centroids), x.reshape(-1, n_tokens, dim),
-                           centroids.reshape(-1, n_centroids, dim).transpose(-1, -2))
     if barred is None:
+        scores = torch.baddbmm(bias.reshape(-1, 1, n_centroids), x.reshape(-1, n_tokens, dim),
+                               centroids.reshape(-1, n_centroids, dim).transpose(-1, -2))
         return scores.argmax(-1).view(x.shape[:-1])
-    best, nearest = scores.masked_fill_(barred.reshape(scores.shape), float("-inf")).max(-1)
-    return torch.where(best == float("-inf"), fallback.reshape(nearest.shape), nearest).view(x.shape[:-1])
+    bias = bias.add_(0.0).reshape(-1, n_centroids, 1)  # no −0 score (first_max)
+    scores = torch.baddbmm(bias, centroids.reshape(-1, n_centroids, dim), x.reshape(-1, n_tokens, dim).transpose(-1, -2))
+    key, top = first_max(scores.masked_fill_(barred.reshape(scores.shape), float("-inf")))
+    nearest = torch.where(torch.isfinite(top.squeeze(-2)), n_centroids - key.long(), fallback.reshape(key.shape))
+    return nearest.view(x.shape[:-1])
 
 
 def kmeans(x: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor, n_groups: int, iterations: int,
