@@ -226,6 +226,15 @@ def _would_not_pay(formula: costmodel.CostFormula, info: SiteInfo, profile: cost
     return max(lower, costmodel.estimate_seconds(formula, info.shape, profile, info.dtype)), flops
 
 
+def _exact_output(capture: SiteCapture, info: SiteInfo) -> tuple[torch.Tensor, ...]:
+    """(the captured output,) where it is the exact attention a variant's calibration fits to —
+    plain softmax attention of the captured (q, k, v, mask) at the site's scale — so each candidate
+    need not compute it again; else ()."""
+    plain = (not capture.causal and capture.dropout_p == 0 and capture.softcap is None and not capture.sinks
+             and capture.scale == info.softmax_scale)
+    return (capture.output,) if plain else ()
+
+
 def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any,
              base: Candidate | None = None, calibration: Any = None) -> Evaluated:
     """Refuse `config` at the site, or build it from the capture, measure its error and price it.
@@ -254,7 +263,7 @@ def evaluate(config: Any, info: SiteInfo, capture: SiteCapture, device: Any,
                     f"{base.est_seconds * 1e3:.3g} ms), so it cannot help meet a budget."),
                 solve=lambda: costmodel.break_even_length(formula, info.shape, profile, info.dtype)))
     if reason is None:
-        example = (capture.q, capture.k, capture.v, capture.mask)
+        example = (capture.q, capture.k, capture.v, capture.mask) + _exact_output(capture, info)
         try:
             module = build_site_module(config, info, example)
             if info.causal and not capture.causal:

@@ -22,8 +22,10 @@ from attnopt.numerics import output_error
 
 from .site import SiteInfo
 
-Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
-"""(q, k, v, mask) captured at a site from the user's example inputs, in the canonical layout."""
+Example = tuple[torch.Tensor, ...]
+"""(q, k, v, mask) captured at a site from the user's example inputs, in the canonical layout,
+optionally followed by the site's exact output on them (what a calibration fits to, computed
+again when absent)."""
 
 
 @dataclasses.dataclass(frozen=True)

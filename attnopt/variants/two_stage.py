@@ -130,12 +130,13 @@ class TwoStageSiteAttention(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, example: tuple, scale: float) -> None:
-        """Fit the V shortcut against exact attention on example (q, k, v, mask) (closed form)."""
-        q, k, v, mask = example
+        """Fit the V shortcut against exact attention on example (q, k, v, mask[, exact output])
+        (closed form); the exact output is computed here unless the example carries it."""
+        q, k, v, mask = example[:4]
         if self.shortcut is None or q.shape[2] != k.shape[2]:
             return
         key_mask = per_key_mask(mask)
-        target = exact_attention(q, k, v, mask, scale=scale)
+        target = example[4] if len(example) > 4 else exact_attention(q, k, v, mask, scale=scale)
         rows = valid_queries(key_mask, q.shape[0], q.shape[1], q.shape[2], True, q.device)
         key_valid = None if key_mask is None else key_validity(key_mask)[:, :, 0, :]
         self.shortcut.fit(self.reduced(q, k, v, key_mask, scale), v, key_valid, target, rows)

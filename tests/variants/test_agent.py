@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attnopt import costmodel
+from attnopt.kernels import exact_attention
 from attnopt.variants import AgentConfig, TokenGrid, build_site_module, refusal, relative_error, spec_for
 from attnopt.variants.agent import AgentAttention, AgentLayout, stage_temperatures_cost
 from attnopt.variants.clustering import (barred_centroids, bipartite_merge, first_max, group_means, index_add_rows,
@@ -219,6 +220,21 @@ def test_calibrated_shortcut_recovers_a_previous_token_head():
     assert relative_error(plain, q, k, v, None, 40.0) > 0.8
     assert relative_error(shortcut, q, k, v, None, 40.0) < 0.3  # row 0 wraps to key 31: no offset has it
     assert shortcut.shortcut.weights[0, 1] > 0.9  # the weight of offset −1
+
+
+def test_a_given_exact_output_is_the_shortcuts_target():
+    """An example that carries the site's exact output (the planner passes the captured one) fits
+    the shortcut to it instead of computing it again: the same weights when it is the exact output,
+    other weights when it is something else."""
+    site = make_site(mask_kind="key_padding")
+    q, k, v = tensors(site)
+    mask = padding_mask(2, site.M, [48, 30])
+    exact = exact_attention(q, k, v, mask, scale=site.softmax_scale)
+    computed = build_site_module(AgentConfig(), site, example=(q, k, v, mask))
+    given = build_site_module(AgentConfig(), site, example=(q, k, v, mask, exact))
+    torch.testing.assert_close(given.shortcut.weights, computed.shortcut.weights, rtol=0, atol=0)
+    other = build_site_module(AgentConfig(), site, example=(q, k, v, mask, v.flip(2)))
+    assert not torch.allclose(other.shortcut.weights, computed.shortcut.weights)
 
 
 def test_refusals_name_the_reason():
