@@ -294,24 +294,24 @@ def nearest_groups(x: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
     """Index of the nearest non-empty centroid (Euclidean) per token, among those not barred.
 
     One baddbmm of every token against every centroid, x·cᵀ − ‖c‖²/2 with −inf at empty
-    centroids. Local k-means then bars the centroids outside each token's candidates (barred
-    (…, n, N), `barred_centroids`) — gathering each token's W candidate centroids instead would
-    write W times x's size (100+ MB a call at all-MiniLM-L6-v2's batch) for fewer multiply-adds —
-    with the scores laid out (n, N), so the first nearest is `first_max` over the centroids,
-    vectorised over the tokens. A token whose allowed centroids are all empty (or whose scores
-    are not finite) takes fallback (…, N), its first candidate.
+    centroids, laid out (n, N) so the first nearest is `first_max` over the centroids, vectorised
+    over the tokens (an argmax over a short last dim is several times slower on CPU). Local
+    k-means then bars the centroids outside each token's candidates (barred (…, n, N),
+    `barred_centroids`) — gathering each token's W candidate centroids instead would write W
+    times x's size (100+ MB a call at all-MiniLM-L6-v2's batch) for fewer multiply-adds. A token
+    whose allowed centroids are all empty (or whose scores are not finite) takes fallback (…, N),
+    its first candidate (without candidates: centroid 0).
     """
-    bias = centroids.pow(2).sum(-1).mul(-0.5).masked_fill(sizes <= 0, float("-inf"))
     n_tokens, n_centroids, dim = x.shape[-2], centroids.shape[-2], x.shape[-1]
-    if barred is None:
-        scores = torch.baddbmm(bias.reshape(-1, 1, n_centroids), x.reshape(-1, n_tokens, dim),
-                               centroids.reshape(-1, n_centroids, dim).transpose(-1, -2))
-        return scores.argmax(-1).view(x.shape[:-1])
-    bias = bias.add_(0.0).reshape(-1, n_centroids, 1)  # no −0 score (first_max)
+    bias = centroids.pow(2).sum(-1).mul(-0.5).add_(0.0)  # +0, never −0 (first_max)
+    bias = bias.masked_fill(sizes <= 0, float("-inf")).reshape(-1, n_centroids, 1)
     scores = torch.baddbmm(bias, centroids.reshape(-1, n_centroids, dim), x.reshape(-1, n_tokens, dim).transpose(-1, -2))
-    key, top = first_max(scores.masked_fill_(barred.reshape(scores.shape), float("-inf")))
-    nearest = torch.where(torch.isfinite(top.squeeze(-2)), n_centroids - key.long(), fallback.reshape(key.shape))
-    return nearest.view(x.shape[:-1])
+    if barred is not None:
+        scores.masked_fill_(barred.reshape(scores.shape), float("-inf"))
+    key, top = first_max(scores)
+    # a token with no finite score (a NaN in it) joins centroid 0 without candidates, as argmax put it
+    fallback = torch.zeros((), dtype=torch.long, device=x.device) if fallback is None else fallback.reshape(-1, n_tokens)
+    return torch.where(torch.isfinite(top.squeeze(-2)), n_centroids - key.long(), fallback).view(x.shape[:-1])
 
 
 def kmeans(x: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor, n_groups: int, iterations: int,
