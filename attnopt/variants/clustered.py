@@ -88,7 +88,7 @@ class ClusteredAttention(nn.Module):
         valid = valid_queries(key_mask, batch, n_heads, n_queries, self.site_info.is_self_attention, q.device)
         initial = pooled_groups(valid, n_clusters)
         centroids, sizes, _ = kmeans(queries, valid, initial, n_clusters, self.config.kmeans_iterations)
-        groups = nearest_groups(queries, centroids, sizes, None)
+        groups = nearest_groups(queries, centroids, sizes)
         # each centroid the mean of the valid queries it now holds (one it lost them all keeps its place)
         means, sizes = group_means(queries, torch.where(valid, groups, -1), n_clusters)
         return groups, torch.where((sizes > 0).unsqueeze(-1), means, centroids)

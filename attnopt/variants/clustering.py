@@ -322,7 +322,7 @@ def kmeans(x: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor, n_groups:
     A centroid that loses all its tokens keeps its place (it may win tokens back) with size 0.
     """
     barred = fallback = None
-    if candidates is not None:
+    if candidates is not None and iterations > 0:  # (as costmodel.kmeans prices it)
         barred, fallback = barred_centroids(candidates, n_groups), candidates[..., 0]
     centroids, sizes = group_means(x, groups, n_groups)
     for _ in range(iterations):
